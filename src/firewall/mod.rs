@@ -1,0 +1,2 @@
+//! The global firewall.
+pub mod rule;
