@@ -71,7 +71,9 @@ pub enum BindAddr {
 impl BindAddr {
     pub fn socket_addr(self) -> SocketAddr {
         match self {
-            BindAddr::AllInterfaces(port) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            BindAddr::AllInterfaces(port) => {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
+            }
             BindAddr::Socket(sa) => sa,
         }
     }
@@ -387,7 +389,9 @@ impl ParseField for ConfigDuration {
 /// `"250ms"`, `"5s"`, `"2m"`, `"1h"` (and combinations like `"1m30s"`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if text.trim() != text || text.is_empty() {
-        return Err(format!("{text:?} is not a duration like \"250ms\", \"5s\", \"2m\" or \"1h\""));
+        return Err(format!(
+            "{text:?} is not a duration like \"250ms\", \"5s\", \"2m\" or \"1h\""
+        ));
     }
     humantime::parse_duration(text)
         .map_err(|_| format!("{text:?} is not a duration like \"250ms\", \"5s\", \"2m\" or \"1h\""))
@@ -436,9 +440,8 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-            fail("", toml_message(text, &e))
-        })?;
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|e| fail("", toml_message(text, &e)))?;
         let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
@@ -448,9 +451,12 @@ impl Config {
         let base = source.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
-        let database = raw
-            .database
-            .ok_or_else(|| fail("database", "missing section [database] (database.path is required)".into()))?;
+        let database = raw.database.ok_or_else(|| {
+            fail(
+                "database",
+                "missing section [database] (database.path is required)".into(),
+            )
+        })?;
         let db_path = database
             .path
             .filter(|p| !p.as_os_str().is_empty())
@@ -546,7 +552,10 @@ impl Config {
             .transpose()?;
 
         let fw = raw.firewall;
-        let geoip_db = fw.geoip_db.filter(|p| !p.as_os_str().is_empty()).map(resolve);
+        let geoip_db = fw
+            .geoip_db
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(resolve);
         if !fw.blocked_countries.is_empty() && geoip_db.is_none() {
             return Err(fail(
                 "firewall.geoip_db",
@@ -579,10 +588,22 @@ impl Config {
 
         let defaults = ProxyConfig::default();
         let mut proxy = ProxyConfig {
-            connect_timeout: raw.proxy.connect_timeout.map_or(defaults.connect_timeout, |d| d.0 .0),
-            handshake_timeout: raw.proxy.handshake_timeout.map_or(defaults.handshake_timeout, |d| d.0 .0),
-            idle_timeout: raw.proxy.idle_timeout.map_or(defaults.idle_timeout, |d| d.0 .0),
-            shutdown_timeout: raw.proxy.shutdown_timeout.map_or(defaults.shutdown_timeout, |d| d.0 .0),
+            connect_timeout: raw
+                .proxy
+                .connect_timeout
+                .map_or(defaults.connect_timeout, |d| d.0 .0),
+            handshake_timeout: raw
+                .proxy
+                .handshake_timeout
+                .map_or(defaults.handshake_timeout, |d| d.0 .0),
+            idle_timeout: raw
+                .proxy
+                .idle_timeout
+                .map_or(defaults.idle_timeout, |d| d.0 .0),
+            shutdown_timeout: raw
+                .proxy
+                .shutdown_timeout
+                .map_or(defaults.shutdown_timeout, |d| d.0 .0),
         };
         for (key, value) in [
             ("proxy.connect_timeout", &mut proxy.connect_timeout),
@@ -694,14 +715,20 @@ level = "debug"
 "#;
         let config = parse(text).unwrap();
         assert_eq!(config.listeners[0].addr.bind, BindAddr::AllInterfaces(443));
-        assert_eq!(config.listeners[0].routes[0].hostname.as_str(), "metacrypt.example.net");
+        assert_eq!(
+            config.listeners[0].routes[0].hostname.as_str(),
+            "metacrypt.example.net"
+        );
         assert_eq!(config.listeners[1].addr.text, "[::1]:8443");
         assert_eq!(config.proxy.connect_timeout, Duration::from_millis(250));
         assert_eq!(config.proxy.idle_timeout, Duration::from_secs(120));
         assert_eq!(config.firewall.rules.len(), 4);
         assert_eq!(config.firewall.rules[3].value(), "KP");
         let grpc = config.grpc.unwrap();
-        assert_eq!(grpc.tls.unwrap().client_ca, Some(PathBuf::from("/etc/mc/certs/ca.pem")));
+        assert_eq!(
+            grpc.tls.unwrap().client_ca,
+            Some(PathBuf::from("/etc/mc/certs/ca.pem"))
+        );
     }
 
     #[test]
@@ -714,40 +741,101 @@ level = "debug"
             "listeners[1].routes[1].backend"
         );
         assert_eq!(
-            key_of(&listener("  hostname = \"bad host\"\n  backend = \"127.0.0.1:1\"")),
+            key_of(&listener(
+                "  hostname = \"bad host\"\n  backend = \"127.0.0.1:1\""
+            )),
             "listeners[1].routes[1].hostname"
         );
         assert_eq!(
-            key_of(&listener("  hostname = \"OK.test.\"\n  backend = \"127.0.0.1:1\"")),
+            key_of(&listener(
+                "  hostname = \"OK.test.\"\n  backend = \"127.0.0.1:1\""
+            )),
             "listeners[1].routes[1].hostname"
         );
         assert_eq!(
-            key_of(&listener("  hostname = \"x.test\"\n  backend = \"127.0.0.1:1\"\n  colour = 1")),
+            key_of(&listener(
+                "  hostname = \"x.test\"\n  backend = \"127.0.0.1:1\"\n  colour = 1"
+            )),
             "listeners[1].routes[1].colour"
         );
         assert_eq!(key_of("[database]\n"), "database.path");
         assert_eq!(key_of(""), "database");
         assert_eq!(key_of(&format!("{MINIMAL}bogus = 1\n")), "database.bogus");
         assert_eq!(key_of(&format!("bogus = 1\n{MINIMAL}")), "bogus");
-        assert_eq!(key_of(&format!("{MINIMAL}[[listeners]]\n")), "listeners[0].addr");
         assert_eq!(
-            key_of(&format!("{MINIMAL}[[listeners]]\naddr = \":1\"\n[[listeners]]\naddr = \":1\"\n")),
+            key_of(&format!("{MINIMAL}[[listeners]]\n")),
+            "listeners[0].addr"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[[listeners]]\naddr = \":1\"\n[[listeners]]\naddr = \":1\"\n"
+            )),
             "listeners[1].addr"
         );
-        assert_eq!(key_of(&format!("{MINIMAL}[[listeners]]\naddr = \"localhost:1\"\n")), "listeners[0].addr");
-        assert_eq!(key_of(&format!("{MINIMAL}[proxy]\nidle_timeout = \"5 parsecs\"\n")), "proxy.idle_timeout");
-        assert_eq!(key_of(&format!("{MINIMAL}[proxy]\nidle_timeout = \"0s\"\n")), "proxy.idle_timeout");
-        assert_eq!(key_of(&format!("{MINIMAL}[proxy]\nconnect_timeout = 5\n")), "proxy.connect_timeout");
-        assert_eq!(key_of(&format!("{MINIMAL}[firewall]\nblocked_ips = [\"1.2.3\"]\n")), "firewall.blocked_ips[0]");
-        assert_eq!(key_of(&format!("{MINIMAL}[firewall]\nblocked_cidrs = [\"10.0.0.0/8\", \"10.0.0.0/40\"]\n")), "firewall.blocked_cidrs[1]");
-        assert_eq!(key_of(&format!("{MINIMAL}[firewall]\nblocked_countries = [\"GBR\"]\ngeoip_db = \"x\"\n")), "firewall.blocked_countries[0]");
-        assert_eq!(key_of(&format!("{MINIMAL}[firewall]\nblocked_countries = [\"GB\"]\n")), "firewall.geoip_db");
-        assert_eq!(key_of(&format!("{MINIMAL}[firewall]\nrate_limit = -1\n")), "firewall.rate_limit");
-        assert_eq!(key_of(&format!("{MINIMAL}[grpc]\naddr = \"127.0.0.1:9443\"\n")), "grpc.tls_cert");
-        assert_eq!(key_of(&format!("{MINIMAL}[grpc]\naddr = \"127.0.0.1:9443\"\ntls_cert = \"a\"\n")), "grpc.tls_key");
-        assert_eq!(key_of(&format!("{MINIMAL}[grpc]\naddr = \"tcp://x\"\n")), "grpc.addr");
-        assert_eq!(key_of(&format!("{MINIMAL}[log]\nlevel = \"loud\"\n")), "log.level");
-        assert_eq!(key_of(&format!("{MINIMAL}[metrics]\naddr = \"x\"\n")), "metrics.addr");
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[[listeners]]\naddr = \"localhost:1\"\n")),
+            "listeners[0].addr"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[proxy]\nidle_timeout = \"5 parsecs\"\n")),
+            "proxy.idle_timeout"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[proxy]\nidle_timeout = \"0s\"\n")),
+            "proxy.idle_timeout"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[proxy]\nconnect_timeout = 5\n")),
+            "proxy.connect_timeout"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[firewall]\nblocked_ips = [\"1.2.3\"]\n")),
+            "firewall.blocked_ips[0]"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[firewall]\nblocked_cidrs = [\"10.0.0.0/8\", \"10.0.0.0/40\"]\n"
+            )),
+            "firewall.blocked_cidrs[1]"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[firewall]\nblocked_countries = [\"GBR\"]\ngeoip_db = \"x\"\n"
+            )),
+            "firewall.blocked_countries[0]"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[firewall]\nblocked_countries = [\"GB\"]\n"
+            )),
+            "firewall.geoip_db"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[firewall]\nrate_limit = -1\n")),
+            "firewall.rate_limit"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[grpc]\naddr = \"127.0.0.1:9443\"\n")),
+            "grpc.tls_cert"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[grpc]\naddr = \"127.0.0.1:9443\"\ntls_cert = \"a\"\n"
+            )),
+            "grpc.tls_key"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[grpc]\naddr = \"tcp://x\"\n")),
+            "grpc.addr"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[log]\nlevel = \"loud\"\n")),
+            "log.level"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[metrics]\naddr = \"x\"\n")),
+            "metrics.addr"
+        );
     }
 
     #[test]

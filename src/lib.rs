@@ -18,6 +18,13 @@
 //! - [`shutdown`]: signals, drain, force-close.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod firewall;
+pub mod hello;
+pub mod logging;
+pub mod proxy;
 pub mod routes;
+pub mod server;
+pub mod shutdown;
+pub mod store;

@@ -1,1 +1,326 @@
-fn main() {}
+//! CLI parsing → one function per subcommand; nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use mc_proxy::admin::cli::{self as admin_cli, ClientOverrides};
+use mc_proxy::config::{Config, DEFAULT_CONFIG_PATH};
+use mc_proxy::firewall::{GeoIp, RuleKind};
+use mc_proxy::{logging, server, store};
+
+#[derive(Parser)]
+#[command(name = "mc-proxy", about = "Layer 4 TLS SNI proxy and router")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArg {
+    /// Config file [env: MC_PROXY_CONFIG] [default: /srv/mc-proxy/mc-proxy.toml]
+    #[arg(
+        short,
+        long,
+        value_name = "PATH",
+        env = "MC_PROXY_CONFIG",
+        hide_env = true
+    )]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    }
+}
+
+/// Where the admin-API clients connect; overrides the config's [grpc].
+#[derive(Args, Clone)]
+struct AdminArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Admin API address: unix:PATH or IP:PORT
+    #[arg(long, value_name = "ADDR")]
+    addr: Option<String>,
+    /// CA certificate that verifies the server (TCP)
+    #[arg(long, value_name = "PATH")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate for mTLS (TCP)
+    #[arg(long, value_name = "PATH")]
+    client_cert: Option<PathBuf>,
+    /// Client key for mTLS (TCP)
+    #[arg(long, value_name = "PATH")]
+    client_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the proxy (foreground)
+    Server(ConfigArg),
+    /// Health of a running instance, via the admin API
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Consistent DB backup (VACUUM INTO); works while the server runs
+    Snapshot {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Output file [default: <db dir>/backups/mc-proxy-<UTC>.db]
+        #[arg(short, long, value_name = "PATH")]
+        output: Option<PathBuf>,
+    },
+    /// Validate the config (and open the GeoIP DB) and exit
+    Check(ConfigArg),
+    /// List, add or remove routes
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+    /// List, add or remove firewall rules
+    #[command(subcommand)]
+    Firewall(FirewallCommand),
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// List routes, sorted by listener and hostname
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only this listener (its addr as written in the config)
+        #[arg(long, value_name = "ADDR")]
+        listener: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a route, or update its backend if it exists
+    Add {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_name = "ADDR")]
+        listener: String,
+        #[arg(long, value_name = "HOST")]
+        hostname: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        backend: String,
+        /// Send a PROXY protocol v2 header to the backend
+        #[arg(long)]
+        send_proxy_protocol: bool,
+    },
+    /// Remove a route
+    Remove {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long, value_name = "ADDR")]
+        listener: String,
+        #[arg(long, value_name = "HOST")]
+        hostname: String,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct RuleArg {
+    /// An IP address
+    #[arg(long)]
+    ip: Option<String>,
+    /// A network, like 198.51.100.0/24
+    #[arg(long)]
+    cidr: Option<String>,
+    /// An ISO 3166-1 alpha-2 country code
+    #[arg(long)]
+    country: Option<String>,
+}
+
+impl RuleArg {
+    fn kind_value(self) -> (RuleKind, String) {
+        match (self.ip, self.cidr, self.country) {
+            (Some(ip), _, _) => (RuleKind::Ip, ip),
+            (_, Some(cidr), _) => (RuleKind::Cidr, cidr),
+            (_, _, Some(country)) => (RuleKind::Country, country),
+            // clap's group makes exactly one present.
+            (None, None, None) => (RuleKind::Ip, String::new()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum FirewallCommand {
+    /// List the firewall rules
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a blocking rule (idempotent)
+    Add {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        rule: RuleArg,
+    },
+    /// Remove a blocking rule
+    Remove {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        rule: RuleArg,
+    },
+}
+
+fn main() -> ExitCode {
+    let version = server::version();
+    let matches = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Command::Server(config) => cmd_server(&config),
+        Command::Check(config) => cmd_check(&config),
+        Command::Snapshot { config, output } => cmd_snapshot(&config, output),
+        Command::Status { admin, json } => with_admin(&admin, |t| admin_cli::status(t, json)),
+        Command::Routes(RoutesCommand::List {
+            admin,
+            listener,
+            json,
+        }) => with_admin(&admin, |t| admin_cli::routes_list(t, listener, json)),
+        Command::Routes(RoutesCommand::Add {
+            admin,
+            listener,
+            hostname,
+            backend,
+            send_proxy_protocol,
+        }) => with_admin(&admin, |t| {
+            admin_cli::routes_add(t, listener, hostname, backend, send_proxy_protocol)
+        }),
+        Command::Routes(RoutesCommand::Remove {
+            admin,
+            listener,
+            hostname,
+        }) => with_admin(&admin, |t| admin_cli::routes_remove(t, listener, hostname)),
+        Command::Firewall(FirewallCommand::List { admin, json }) => {
+            with_admin(&admin, |t| admin_cli::firewall_list(t, json))
+        }
+        Command::Firewall(FirewallCommand::Add { admin, rule }) => {
+            let (kind, value) = rule.kind_value();
+            with_admin(&admin, |t| admin_cli::firewall_add(t, kind, value))
+        }
+        Command::Firewall(FirewallCommand::Remove { admin, rule }) => {
+            let (kind, value) = rule.kind_value();
+            with_admin(&admin, |t| admin_cli::firewall_remove(t, kind, value))
+        }
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mc-proxy: {message}");
+    ExitCode::from(code)
+}
+
+fn load(config: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(&config.path()).map_err(|e| fail(2, e))
+}
+
+fn cmd_server(config: &ConfigArg) -> ExitCode {
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    logging::init(&config.log.level);
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    match server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "mc-proxy failed");
+            fail(e.exit_code, e)
+        }
+    }
+}
+
+fn cmd_check(config: &ConfigArg) -> ExitCode {
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Some(path) = &config.firewall.geoip_db {
+        if let Err(e) = GeoIp::open(path) {
+            return fail(
+                2,
+                format!("{}: firewall.geoip_db: {e}", config.source.display()),
+            );
+        }
+    }
+    let routes: usize = config.listeners.iter().map(|l| l.routes.len()).sum();
+    println!(
+        "{}: OK ({} listeners, {} routes, {} firewall rules)",
+        config.source.display(),
+        config.listeners.len(),
+        routes,
+        config.firewall.rules.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn cmd_snapshot(config: &ConfigArg, output: Option<PathBuf>) -> ExitCode {
+    let config = match load(config) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    match store::snapshot(&config.database.path, output.as_deref()) {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+/// Runs an admin-API client command: builds the target from the config's
+/// [grpc] and the flags (exit 2 if that fails), then runs `f` on a runtime.
+fn with_admin<F, Fut>(args: &AdminArgs, f: F) -> ExitCode
+where
+    F: FnOnce(admin_cli::ClientTarget) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
+    let overrides = ClientOverrides {
+        addr: args.addr.clone(),
+        ca_cert: args.ca_cert.clone(),
+        client_cert: args.client_cert.clone(),
+        client_key: args.client_key.clone(),
+    };
+    // The config is only needed when a flag does not say where to connect.
+    let config = if args.addr.is_some() {
+        Config::load(&args.config.path()).ok()
+    } else {
+        match load(&args.config) {
+            Ok(config) => Some(config),
+            Err(code) => return code,
+        }
+    };
+    let target = match admin_cli::client_target(config.as_ref(), &args.config.path(), &overrides) {
+        Ok(target) => target,
+        Err(message) => return fail(2, message),
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(f(target))
+}

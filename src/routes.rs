@@ -51,9 +51,8 @@ impl Hostname {
             return Err(HostnameError::TooLong);
         }
         let lower = trimmed.to_ascii_lowercase();
-        let mut labels = lower.split('.').enumerate().peekable();
         let label_count = lower.split('.').count();
-        while let Some((index, label)) = labels.next() {
+        for (index, label) in lower.split('.').enumerate() {
             if label.is_empty() {
                 return Err(HostnameError::EmptyLabel);
             }
@@ -364,8 +363,18 @@ mod tests {
             assert_eq!(Backend::parse(input).unwrap().to_string(), shown);
         }
         for bad in [
-            "", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:65536", ":80", "::1:80", "[::1]", "a:b",
-            "a:+80", "host name:80", "*.x.y:80", "[zz]:80",
+            "",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            ":80",
+            "::1:80",
+            "[::1]",
+            "a:b",
+            "a:+80",
+            "host name:80",
+            "*.x.y:80",
+            "[zz]:80",
         ] {
             assert!(Backend::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -133,7 +133,9 @@ mod tests {
     #[test]
     fn rules_normalise() {
         assert_eq!(
-            Rule::parse(RuleKind::Ip, "::ffff:192.0.2.7").unwrap().value(),
+            Rule::parse(RuleKind::Ip, "::ffff:192.0.2.7")
+                .unwrap()
+                .value(),
             "192.0.2.7"
         );
         assert_eq!(
@@ -142,10 +144,7 @@ mod tests {
                 .value(),
             "198.51.100.0/24"
         );
-        assert_eq!(
-            Rule::parse(RuleKind::Country, "kp").unwrap().value(),
-            "KP"
-        );
+        assert_eq!(Rule::parse(RuleKind::Country, "kp").unwrap().value(), "KP");
     }
 
     #[test]

@@ -1,0 +1,28 @@
+# mc-proxy — developer entry points. `make help` lists them.
+CARGO ?= cargo
+
+.PHONY: all mc-proxy devserver test lint fmt bench help
+
+all: lint test mc-proxy ## lint, test, release build
+
+mc-proxy: ## release build: target/release/mc-proxy
+	$(CARGO) build --release --locked
+
+devserver: ## run mc-proxy locally on 127.0.0.1:8443 with a demo backend (creates ./srv/)
+	$(CARGO) build --locked
+	./scripts/devserver.sh
+
+test: ## every test: unit, integration (real binary on loopback), fuzz corpus replay
+	$(CARGO) test --locked --all-targets -- --test-threads=2
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+help:
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+include mk/packaging.mk

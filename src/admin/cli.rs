@@ -1,0 +1,583 @@
+//! The `status`, `routes` and `firewall` subcommands: admin API clients.
+//!
+//! Owns: building the [`ClientTarget`] from the config's `[grpc]` section and
+//! the command-line overrides, one call per command, and what is printed.
+//! Human output is aligned columns; `--json` is one JSON document on stdout.
+//! Every failure is one line on stderr and an exit status (SPEC §2): 1 when
+//! the server is unreachable or refused the call (`NOT_FOUND: ...`), 2 when
+//! the client's own settings are unusable.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+pub use super::client::ClientTarget;
+use super::client::{self, code_name, ClientError};
+use super::proto;
+use super::proto::proxy_admin_service_client::ProxyAdminServiceClient;
+use crate::config::{AdminAddr, ClientTls, Config, GrpcConfig};
+use crate::firewall::rule::RuleKind;
+
+/// Command-line flags that override the config's `[grpc]` section.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOverrides {
+    /// `--addr`: `unix:PATH` or `IP:PORT`.
+    pub addr: Option<String>,
+    /// `--ca-cert`
+    pub ca_cert: Option<PathBuf>,
+    /// `--client-cert`
+    pub client_cert: Option<PathBuf>,
+    /// `--client-key`
+    pub client_key: Option<PathBuf>,
+}
+
+/// Where the CLI finds the server: the config's `[grpc]` section with the
+/// flags applied over it. `config` may be `None` only when `--addr` is
+/// given (the file is then optional). Without a `[grpc]` section and
+/// without `--addr`, the admin API is not configured. Every `Err` is a
+/// usage or configuration error (exit status 2).
+pub fn client_target(
+    config: Option<&Config>,
+    config_path: &Path,
+    overrides: &ClientOverrides,
+) -> Result<ClientTarget, String> {
+    let grpc: Option<&GrpcConfig> = config.and_then(|c| c.grpc.as_ref());
+    let addr = match (&overrides.addr, grpc) {
+        (Some(text), _) => AdminAddr::parse(text).map_err(|e| format!("--addr: {e}"))?,
+        (None, Some(grpc)) => grpc.addr.clone(),
+        (None, None) => {
+            return Err(format!(
+                "admin API not configured: no [grpc] section in {} (or pass --addr)",
+                config_path.display()
+            ))
+        }
+    };
+    let tls = grpc.map(|g| g.client.clone()).unwrap_or_default();
+    Ok(ClientTarget {
+        addr,
+        tls: ClientTls {
+            ca_cert: overrides.ca_cert.clone().or(tls.ca_cert),
+            client_cert: overrides.client_cert.clone().or(tls.client_cert),
+            client_key: overrides.client_key.clone().or(tls.client_key),
+        },
+    })
+}
+
+// ---- commands -------------------------------------------------------------
+
+/// `mc-proxy status [--json]`
+pub async fn status(target: ClientTarget, json: bool) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    match client.get_status(proto::GetStatusRequest {}).await {
+        Ok(response) => {
+            let status = response.into_inner();
+            let text = if json {
+                to_json(&StatusJson::from(&status))
+            } else {
+                render_status(&status, SystemTime::now())
+            };
+            emit(&text)
+        }
+        Err(status) => refused(&target, &status),
+    }
+}
+
+/// `mc-proxy routes list [--listener ADDR] [--json]`
+pub async fn routes_list(target: ClientTarget, listener: Option<String>, json: bool) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = proto::ListRoutesRequest {
+        listener_addr: listener.unwrap_or_default(),
+    };
+    match client.list_routes(request).await {
+        Ok(response) => {
+            let routes = response.into_inner().routes;
+            let text = if json {
+                to_json(&routes.iter().map(RouteJson::from).collect::<Vec<_>>())
+            } else {
+                render_routes(&routes)
+            };
+            emit(&text)
+        }
+        Err(status) => refused(&target, &status),
+    }
+}
+
+/// `mc-proxy routes add --listener ADDR --hostname HOST --backend HOST:PORT`;
+/// prints `created` or `updated`.
+pub async fn routes_add(
+    target: ClientTarget,
+    listener: String,
+    hostname: String,
+    backend: String,
+    send_proxy_protocol: bool,
+) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = proto::AddRouteRequest {
+        route: Some(proto::Route {
+            listener_addr: listener,
+            hostname,
+            backend,
+            send_proxy_protocol,
+        }),
+    };
+    match client.add_route(request).await {
+        Ok(response) => emit(if response.into_inner().created {
+            "created\n"
+        } else {
+            "updated\n"
+        }),
+        Err(status) => refused(&target, &status),
+    }
+}
+
+/// `mc-proxy routes remove --listener ADDR --hostname HOST`
+pub async fn routes_remove(target: ClientTarget, listener: String, hostname: String) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = proto::RemoveRouteRequest {
+        listener_addr: listener,
+        hostname,
+    };
+    match client.remove_route(request).await {
+        Ok(_) => emit("removed\n"),
+        Err(status) => refused(&target, &status),
+    }
+}
+
+/// `mc-proxy firewall list [--json]`
+pub async fn firewall_list(target: ClientTarget, json: bool) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    match client
+        .list_firewall_rules(proto::ListFirewallRulesRequest {})
+        .await
+    {
+        Ok(response) => {
+            let rules = response.into_inner().rules;
+            let text = if json {
+                to_json(&rules.iter().map(RuleJson::from).collect::<Vec<_>>())
+            } else {
+                render_rules(&rules)
+            };
+            emit(&text)
+        }
+        Err(status) => refused(&target, &status),
+    }
+}
+
+/// `mc-proxy firewall add (--ip IP | --cidr CIDR | --country CC)`
+pub async fn firewall_add(target: ClientTarget, kind: RuleKind, value: String) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = proto::AddFirewallRuleRequest {
+        rule: Some(wire_rule(kind, value)),
+    };
+    match client.add_firewall_rule(request).await {
+        Ok(_) => emit("added\n"),
+        Err(status) => refused(&target, &status),
+    }
+}
+
+/// `mc-proxy firewall remove (--ip IP | --cidr CIDR | --country CC)`
+pub async fn firewall_remove(target: ClientTarget, kind: RuleKind, value: String) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = proto::RemoveFirewallRuleRequest {
+        rule: Some(wire_rule(kind, value)),
+    };
+    match client.remove_firewall_rule(request).await {
+        Ok(_) => emit("removed\n"),
+        Err(status) => refused(&target, &status),
+    }
+}
+
+// ---- plumbing -------------------------------------------------------------
+
+async fn connect(target: &ClientTarget) -> Result<ProxyAdminServiceClient<Channel>, ExitCode> {
+    client::connect(&target.addr, &target.tls)
+        .await
+        .map_err(|err: ClientError| fail(err.exit_code(), &err.to_string()))
+}
+
+/// A call that failed: the server's refusal as `CODE: message`, or, when
+/// the connection itself failed (a refused client certificate shows up
+/// here with TLS 1.3), an unreachable server.
+fn refused(target: &ClientTarget, status: &Status) -> ExitCode {
+    let transport_failed = std::error::Error::source(status).is_some()
+        && matches!(status.code(), Code::Unavailable | Code::Unknown);
+    if transport_failed || status.code() == Code::Unavailable {
+        let reason = match std::error::Error::source(status) {
+            Some(source) => client::error_chain(source),
+            None => one_line(status.message()),
+        };
+        return fail(
+            1,
+            &format!("cannot reach admin API at {}: {reason}", target.addr),
+        );
+    }
+    fail(
+        1,
+        &format!(
+            "{}: {}",
+            code_name(status.code()),
+            one_line(status.message())
+        ),
+    )
+}
+
+fn fail(code: u8, line: &str) -> ExitCode {
+    let _ = writeln!(io::stderr().lock(), "mc-proxy: {}", one_line(line));
+    ExitCode::from(code)
+}
+
+/// Writes `text` to stdout; a closed stdout is a runtime failure, not a panic.
+fn emit(text: &str) -> ExitCode {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => ExitCode::from(1),
+        Err(err) => fail(1, &format!("cannot write to stdout: {err}")),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+fn wire_rule(kind: RuleKind, value: String) -> proto::FirewallRule {
+    let r#type = match kind {
+        RuleKind::Ip => proto::FirewallRuleType::Ip,
+        RuleKind::Cidr => proto::FirewallRuleType::Cidr,
+        RuleKind::Country => proto::FirewallRuleType::Country,
+    };
+    proto::FirewallRule {
+        r#type: r#type.into(),
+        value,
+    }
+}
+
+fn rule_type_name(r#type: i32) -> &'static str {
+    match proto::FirewallRuleType::try_from(r#type) {
+        Ok(proto::FirewallRuleType::Ip) => "ip",
+        Ok(proto::FirewallRuleType::Cidr) => "cidr",
+        Ok(proto::FirewallRuleType::Country) => "country",
+        _ => "unspecified",
+    }
+}
+
+fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> Option<(SystemTime, String)> {
+    let time = SystemTime::try_from(*timestamp?).ok()?;
+    Some((time, humantime::format_rfc3339_seconds(time).to_string()))
+}
+
+// ---- JSON -----------------------------------------------------------------
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    // Plain structs of strings and numbers: serialisation cannot fail.
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+#[derive(Debug, Serialize)]
+struct StatusJson {
+    version: String,
+    started_at: Option<String>,
+    total_connections: i64,
+    active_connections: i64,
+    blocked_connections: i64,
+    listeners: Vec<ListenerJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct ListenerJson {
+    addr: String,
+    route_count: i32,
+    active_connections: i64,
+    total_connections: i64,
+}
+
+impl From<&proto::GetStatusResponse> for StatusJson {
+    fn from(status: &proto::GetStatusResponse) -> Self {
+        StatusJson {
+            version: status.version.clone(),
+            started_at: rfc3339(status.started_at.as_ref()).map(|(_, text)| text),
+            total_connections: status.total_connections,
+            active_connections: status.active_connections,
+            blocked_connections: status.blocked_connections,
+            listeners: status
+                .listeners
+                .iter()
+                .map(|l| ListenerJson {
+                    addr: l.addr.clone(),
+                    route_count: l.route_count,
+                    active_connections: l.active_connections,
+                    total_connections: l.total_connections,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RouteJson {
+    listener_addr: String,
+    hostname: String,
+    backend: String,
+    send_proxy_protocol: bool,
+}
+
+impl From<&proto::Route> for RouteJson {
+    fn from(route: &proto::Route) -> Self {
+        RouteJson {
+            listener_addr: route.listener_addr.clone(),
+            hostname: route.hostname.clone(),
+            backend: route.backend.clone(),
+            send_proxy_protocol: route.send_proxy_protocol,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RuleJson {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    value: String,
+}
+
+impl From<&proto::FirewallRule> for RuleJson {
+    fn from(rule: &proto::FirewallRule) -> Self {
+        RuleJson {
+            kind: rule_type_name(rule.r#type),
+            value: rule.value.clone(),
+        }
+    }
+}
+
+// ---- human output ---------------------------------------------------------
+
+/// Rows under a header, each column padded to its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let last = row.len().saturating_sub(1);
+        for (i, cell) in row.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn render_status(status: &proto::GetStatusResponse, now: SystemTime) -> String {
+    let mut out = format!("version      {}\n", status.version);
+    if let Some((started, text)) = rfc3339(status.started_at.as_ref()) {
+        let up = now.duration_since(started).unwrap_or_default();
+        let up = humantime::format_duration(Duration::from_secs(up.as_secs()));
+        out.push_str(&format!("started      {text} (up {up})\n"));
+    }
+    out.push_str(&format!(
+        "connections  total {}, active {}, blocked {}\n",
+        status.total_connections, status.active_connections, status.blocked_connections
+    ));
+    if !status.listeners.is_empty() {
+        out.push('\n');
+        let rows: Vec<Vec<String>> = status
+            .listeners
+            .iter()
+            .map(|l| {
+                vec![
+                    l.addr.clone(),
+                    l.route_count.to_string(),
+                    l.active_connections.to_string(),
+                    l.total_connections.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["LISTENER", "ROUTES", "ACTIVE", "TOTAL"], &rows));
+    }
+    out
+}
+
+fn render_routes(routes: &[proto::Route]) -> String {
+    // The PROXY-protocol column appears only when some route uses it.
+    let proxy_column = routes.iter().any(|r| r.send_proxy_protocol);
+    let rows: Vec<Vec<String>> = routes
+        .iter()
+        .map(|r| {
+            let mut row = vec![
+                r.listener_addr.clone(),
+                r.hostname.clone(),
+                r.backend.clone(),
+            ];
+            if proxy_column {
+                row.push(if r.send_proxy_protocol { "yes" } else { "no" }.into());
+            }
+            row
+        })
+        .collect();
+    if proxy_column {
+        table(
+            &["LISTENER", "HOSTNAME", "BACKEND", "SEND_PROXY_PROTOCOL"],
+            &rows,
+        )
+    } else {
+        table(&["LISTENER", "HOSTNAME", "BACKEND"], &rows)
+    }
+}
+
+fn render_rules(rules: &[proto::FirewallRule]) -> String {
+    let rows: Vec<Vec<String>> = rules
+        .iter()
+        .map(|r| vec![rule_type_name(r.r#type).to_string(), r.value.clone()])
+        .collect();
+    table(&["TYPE", "VALUE"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(listener: &str, host: &str, backend: &str, pp: bool) -> proto::Route {
+        proto::Route {
+            listener_addr: listener.into(),
+            hostname: host.into(),
+            backend: backend.into(),
+            send_proxy_protocol: pp,
+        }
+    }
+
+    #[test]
+    fn routes_table_is_aligned() {
+        let text = render_routes(&[
+            route(":443", "a.example.net", "127.0.0.1:1", false),
+            route("127.0.0.1:8443", "b.test", "backend.internal:443", false),
+        ]);
+        assert_eq!(
+            text,
+            "LISTENER        HOSTNAME       BACKEND\n\
+             :443            a.example.net  127.0.0.1:1\n\
+             127.0.0.1:8443  b.test         backend.internal:443\n"
+        );
+        assert!(render_routes(&[route(":443", "a.test", "1.2.3.4:5", true)])
+            .contains("SEND_PROXY_PROTOCOL"));
+    }
+
+    #[test]
+    fn status_json_has_the_documented_keys() {
+        let status = proto::GetStatusResponse {
+            version: "mc-proxy 0.1.0".into(),
+            started_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5,
+            }),
+            listeners: vec![proto::ListenerStatus {
+                addr: ":443".into(),
+                route_count: 2,
+                active_connections: 1,
+                total_connections: 9,
+            }],
+            total_connections: 9,
+            active_connections: 1,
+            blocked_connections: 3,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&to_json(&StatusJson::from(&status))).unwrap();
+        assert_eq!(value["started_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(value["blocked_connections"], 3);
+        assert_eq!(value["listeners"][0]["route_count"], 2);
+        assert_eq!(value["listeners"][0]["addr"], ":443");
+        let human = render_status(
+            &status,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_003_662),
+        );
+        assert!(human.contains("(up 1h 1m 1s)"), "{human}");
+        assert!(human.contains(":443      2       1       9"), "{human}");
+    }
+
+    #[test]
+    fn rule_json_uses_lower_case_types() {
+        let rule = wire_rule(RuleKind::Country, "KP".into());
+        assert_eq!(
+            to_json(&vec![RuleJson::from(&rule)]),
+            "[\n  {\n    \"type\": \"country\",\n    \"value\": \"KP\"\n  }\n]\n"
+        );
+    }
+
+    #[test]
+    fn client_target_from_config_and_flags() {
+        let path = Path::new("/etc/x.toml");
+        let parse = |text: &str| Config::parse(text, path).unwrap();
+        let none = ClientOverrides::default();
+
+        let bare = parse("[database]\npath = \"/x.db\"\n");
+        let err = client_target(Some(&bare), path, &none).unwrap_err();
+        assert!(err.starts_with("admin API not configured"), "{err}");
+        assert!(err.contains("/etc/x.toml"), "{err}");
+        // --addr alone is enough, with or without a config.
+        let flags = ClientOverrides {
+            addr: Some("unix:/run/a.sock".into()),
+            ..ClientOverrides::default()
+        };
+        assert!(client_target(Some(&bare), path, &flags).is_ok());
+        assert!(client_target(None, path, &flags).is_ok());
+        let bad = ClientOverrides {
+            addr: Some("nowhere".into()),
+            ..ClientOverrides::default()
+        };
+        assert!(client_target(None, path, &bad)
+            .unwrap_err()
+            .starts_with("--addr: "));
+
+        let with_grpc = parse(
+            "[database]\npath = \"/x.db\"\n[grpc]\naddr = \"unix:/run/a.sock\"\nca_cert = \"/ca.pem\"\n",
+        );
+        let target = client_target(Some(&with_grpc), path, &none).unwrap();
+        assert_eq!(target.addr.to_string(), "unix:/run/a.sock");
+        let flags = ClientOverrides {
+            addr: Some("127.0.0.1:9443".into()),
+            client_cert: Some("/cli.pem".into()),
+            ..ClientOverrides::default()
+        };
+        let target = client_target(Some(&with_grpc), path, &flags).unwrap();
+        assert_eq!(target.addr.to_string(), "127.0.0.1:9443");
+        assert_eq!(target.tls.ca_cert.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(
+            target.tls.client_cert.as_deref(),
+            Some(Path::new("/cli.pem"))
+        );
+    }
+}

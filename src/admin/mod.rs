@@ -1,0 +1,32 @@
+//! The gRPC admin API (`mc_proxy.v1.ProxyAdminService`, SPEC §4.3): the
+//! service, its transports, and the client the CLI uses.
+//!
+//! - [`service`]: the handlers. Every input is validated here (errors name the
+//!   field); every change goes through the [`Store`](crate::store::Store),
+//!   which writes SQLite before the in-memory tables.
+//! - [`server`]: transports. `unix:PATH` (mode 0660, stale socket replaced) or
+//!   TCP with TLS 1.3 and optional mTLS. There is no plaintext TCP path.
+//!   Health and reflection are served beside the admin service.
+//! - [`client`]: connects the CLI to a running server over either transport.
+//! - [`cli`]: the `status`, `routes` and `firewall` subcommands: call, print,
+//!   return an exit status.
+//!
+//! Never touches a connection in flight: route and rule changes affect the
+//! next connection only.
+
+pub mod cli;
+pub mod client;
+pub mod server;
+pub mod service;
+
+pub use server::{serve, AdminError, AdminServer};
+pub use service::AdminState;
+
+/// Code generated from `proto/mc_proxy/v1/admin.proto` by `build.rs`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("mc_proxy.v1");
+
+    /// The encoded descriptor set (with imports) that server reflection serves.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("admin_descriptor");
+}

@@ -1,0 +1,436 @@
+//! The `ProxyAdminService` handlers.
+//!
+//! Owns: turning wire messages into validated values (`Hostname`, `Backend`,
+//! `Rule`) and store results into status codes. Bad input is
+//! `INVALID_ARGUMENT` naming the field; an unknown listener or removing
+//! something absent is `NOT_FOUND`; a storage failure is `INTERNAL` (the
+//! detail goes to the log, not the client). Never `ALREADY_EXISTS`.
+//!
+//! Never writes a table itself: every change goes through the store, which
+//! commits to SQLite before it touches memory.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use tracing::{error, info};
+
+use super::proto;
+use super::proto::proxy_admin_service_server::ProxyAdminService;
+use crate::firewall::rule::{Rule, RuleKind};
+use crate::firewall::Firewall;
+use crate::proxy::stats::Stats;
+use crate::routes::{Backend, Hostname, Routes, Target};
+use crate::store::{Store, StoreError};
+
+/// Everything the admin service reads or changes.
+#[derive(Clone)]
+pub struct AdminState {
+    pub routes: Arc<Routes>,
+    pub store: Store,
+    pub firewall: Arc<Firewall>,
+    pub stats: Arc<Stats>,
+    /// `mc-proxy X.Y.Z[ (git description)]`, as printed by `--version`.
+    pub version: String,
+}
+
+/// The `mc_proxy.v1.ProxyAdminService` implementation.
+#[derive(Clone)]
+pub struct AdminService {
+    state: AdminState,
+}
+
+impl AdminService {
+    pub fn new(state: AdminState) -> Self {
+        AdminService { state }
+    }
+}
+
+/// Longest piece of client input echoed back in an error message or a log
+/// line; a status message travels in an HTTP/2 header.
+const MAX_ECHO_CHARS: usize = 80;
+
+/// `text` quoted for a message, cut to [`MAX_ECHO_CHARS`].
+fn quoted(text: &str) -> String {
+    if text.chars().count() <= MAX_ECHO_CHARS {
+        format!("{text:?}")
+    } else {
+        let cut: String = text.chars().take(MAX_ECHO_CHARS).collect();
+        format!("{cut:?}...")
+    }
+}
+
+fn invalid(field: &str, problem: impl fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {problem}"))
+}
+
+fn listener_not_found(addr: &str) -> Status {
+    Status::not_found(format!("listener {} not found", quoted(addr)))
+}
+
+fn parse_listener(field: &str, addr: &str) -> Result<(), Status> {
+    if addr.is_empty() {
+        return Err(invalid(
+            field,
+            "required (a listener addr as written in the config, like \":443\")",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_hostname(field: &str, text: &str) -> Result<Hostname, Status> {
+    Hostname::parse(text).map_err(|e| invalid(field, format_args!("{}: {e}", quoted(text))))
+}
+
+fn parse_backend(field: &str, text: &str) -> Result<Backend, Status> {
+    Backend::parse(text).map_err(|e| invalid(field, format_args!("{}: {e}", quoted(text))))
+}
+
+/// Validates a wire `FirewallRule`; `field` is the message's name (`rule`).
+fn parse_rule(field: &str, rule: Option<proto::FirewallRule>) -> Result<Rule, Status> {
+    let rule = rule.ok_or_else(|| invalid(field, "required"))?;
+    let kind = match proto::FirewallRuleType::try_from(rule.r#type) {
+        Ok(proto::FirewallRuleType::Ip) => RuleKind::Ip,
+        Ok(proto::FirewallRuleType::Cidr) => RuleKind::Cidr,
+        Ok(proto::FirewallRuleType::Country) => RuleKind::Country,
+        Ok(proto::FirewallRuleType::Unspecified) => {
+            return Err(invalid(
+                &format!("{field}.type"),
+                "required: FIREWALL_RULE_TYPE_IP, _CIDR or _COUNTRY",
+            ))
+        }
+        Err(_) => {
+            return Err(invalid(
+                &format!("{field}.type"),
+                format_args!("unknown value {}", rule.r#type),
+            ))
+        }
+    };
+    let value = truncate_for_parse(&rule.value);
+    Rule::parse(kind, value).map_err(|e| invalid(&format!("{field}.value"), e))
+}
+
+/// Rule errors echo the value; a valid rule value is never this long.
+fn truncate_for_parse(text: &str) -> &str {
+    match text.char_indices().nth(MAX_ECHO_CHARS) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
+fn rule_type(kind: RuleKind) -> proto::FirewallRuleType {
+    match kind {
+        RuleKind::Ip => proto::FirewallRuleType::Ip,
+        RuleKind::Cidr => proto::FirewallRuleType::Cidr,
+        RuleKind::Country => proto::FirewallRuleType::Country,
+    }
+}
+
+/// Maps a store failure that is not a plain "not found" to `INTERNAL`,
+/// logging the detail the client does not get.
+fn storage_failure(method: &'static str, err: StoreError) -> Status {
+    error!(method, error = %err, "admin change failed in storage; nothing was applied");
+    Status::internal("storage failure: the change was not applied (details in the server log)")
+}
+
+/// Logs a mutating call's outcome at info, with its code if it failed.
+fn log_result<T>(
+    method: &'static str,
+    fields: fmt::Arguments<'_>,
+    result: &Result<T, Status>,
+    ok: &str,
+) {
+    match result {
+        Ok(_) => info!(method, result = ok, "admin: {fields}"),
+        Err(status) => info!(
+            method,
+            result = super::client::code_name(status.code()),
+            error = status.message(),
+            "admin: {fields}"
+        ),
+    }
+}
+
+fn saturating_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+impl AdminService {
+    fn routes_of(&self, listener_addr: &str) -> Result<Vec<proto::Route>, Status> {
+        let mut listeners: Vec<_> = if listener_addr.is_empty() {
+            self.state.routes.listeners().iter().collect()
+        } else {
+            vec![self
+                .state
+                .routes
+                .listener(listener_addr)
+                .ok_or_else(|| listener_not_found(listener_addr))?]
+        };
+        listeners.sort_by(|a, b| a.addr().cmp(b.addr()));
+        let mut out = Vec::new();
+        for listener in listeners {
+            for (hostname, target) in listener.snapshot().sorted() {
+                out.push(proto::Route {
+                    listener_addr: listener.addr().to_string(),
+                    hostname: hostname.to_string(),
+                    backend: target.backend.to_string(),
+                    send_proxy_protocol: target.send_proxy_protocol,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn add_route_inner(&self, route: Option<proto::Route>) -> Result<bool, Status> {
+        let route = route.ok_or_else(|| invalid("route", "required"))?;
+        parse_listener("route.listener_addr", &route.listener_addr)?;
+        let hostname = parse_hostname("route.hostname", &route.hostname)?;
+        let backend = parse_backend("route.backend", &route.backend)?;
+        if self.state.routes.listener(&route.listener_addr).is_none() {
+            return Err(listener_not_found(&route.listener_addr));
+        }
+        let target = Target {
+            backend,
+            send_proxy_protocol: route.send_proxy_protocol,
+        };
+        match self
+            .state
+            .store
+            .upsert_route(&route.listener_addr, hostname, target)
+            .await
+        {
+            Ok(created) => Ok(created),
+            Err(StoreError::UnknownListener(_)) => Err(listener_not_found(&route.listener_addr)),
+            Err(err) => Err(storage_failure("AddRoute", err)),
+        }
+    }
+
+    async fn remove_route_inner(&self, listener_addr: &str, hostname: &str) -> Result<(), Status> {
+        parse_listener("listener_addr", listener_addr)?;
+        let hostname = parse_hostname("hostname", hostname)?;
+        if self.state.routes.listener(listener_addr).is_none() {
+            return Err(listener_not_found(listener_addr));
+        }
+        let shown = hostname.to_string();
+        match self.state.store.remove_route(listener_addr, hostname).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::UnknownListener(_)) => Err(listener_not_found(listener_addr)),
+            Err(StoreError::NotFound(_)) => Err(Status::not_found(format!(
+                "route {shown:?} not found on listener {}",
+                quoted(listener_addr)
+            ))),
+            Err(err) => Err(storage_failure("RemoveRoute", err)),
+        }
+    }
+
+    async fn add_rule_inner(&self, rule: Option<proto::FirewallRule>) -> Result<bool, Status> {
+        let rule = parse_rule("rule", rule)?;
+        self.state
+            .store
+            .add_rule(rule)
+            .await
+            .map_err(|err| storage_failure("AddFirewallRule", err))
+    }
+
+    async fn remove_rule_inner(&self, rule: Option<proto::FirewallRule>) -> Result<(), Status> {
+        let rule = parse_rule("rule", rule)?;
+        match self.state.store.remove_rule(rule).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::NotFound(_)) => {
+                Err(Status::not_found(format!("firewall rule {rule} not found")))
+            }
+            Err(err) => Err(storage_failure("RemoveFirewallRule", err)),
+        }
+    }
+}
+
+/// How a wire rule is shown in a log line, valid or not.
+fn rule_for_log(rule: &Option<proto::FirewallRule>) -> String {
+    match rule {
+        None => "(none)".to_string(),
+        Some(rule) => format!(
+            "type={} value={}",
+            proto::FirewallRuleType::try_from(rule.r#type)
+                .map(|t| t.as_str_name())
+                .unwrap_or("?"),
+            quoted(&rule.value)
+        ),
+    }
+}
+
+#[tonic::async_trait]
+impl ProxyAdminService for AdminService {
+    async fn get_status(
+        &self,
+        _request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &self.state.stats;
+        let listeners = self
+            .state
+            .routes
+            .listeners()
+            .iter()
+            .map(|listener| {
+                let counters = stats.listener(listener.addr());
+                proto::ListenerStatus {
+                    addr: listener.addr().to_string(),
+                    route_count: saturating_i32(listener.snapshot().len()),
+                    active_connections: counters.map_or(0, |c| c.active_connections.load(Relaxed)),
+                    total_connections: counters.map_or(0, |c| c.total_connections.load(Relaxed)),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::GetStatusResponse {
+            version: self.state.version.clone(),
+            started_at: Some(prost_types::Timestamp::from(stats.started_at)),
+            listeners,
+            total_connections: stats.total_connections.load(Relaxed),
+            active_connections: stats.active_connections.load(Relaxed),
+            blocked_connections: stats.blocked_connections.load(Relaxed),
+        }))
+    }
+
+    async fn list_routes(
+        &self,
+        request: Request<proto::ListRoutesRequest>,
+    ) -> Result<Response<proto::ListRoutesResponse>, Status> {
+        let routes = self.routes_of(&request.get_ref().listener_addr)?;
+        Ok(Response::new(proto::ListRoutesResponse { routes }))
+    }
+
+    async fn add_route(
+        &self,
+        request: Request<proto::AddRouteRequest>,
+    ) -> Result<Response<proto::AddRouteResponse>, Status> {
+        let route = request.into_inner().route;
+        let result = self.add_route_inner(route.clone()).await;
+        let outcome = match &result {
+            Ok(true) => "created",
+            _ => "updated",
+        };
+        let shown = route.unwrap_or_default();
+        log_result(
+            "AddRoute",
+            format_args!(
+                "listener={} hostname={} backend={} send_proxy_protocol={}",
+                quoted(&shown.listener_addr),
+                quoted(&shown.hostname),
+                quoted(&shown.backend),
+                shown.send_proxy_protocol
+            ),
+            &result,
+            outcome,
+        );
+        result.map(|created| Response::new(proto::AddRouteResponse { created }))
+    }
+
+    async fn remove_route(
+        &self,
+        request: Request<proto::RemoveRouteRequest>,
+    ) -> Result<Response<proto::RemoveRouteResponse>, Status> {
+        let request = request.into_inner();
+        let result = self
+            .remove_route_inner(&request.listener_addr, &request.hostname)
+            .await;
+        log_result(
+            "RemoveRoute",
+            format_args!(
+                "listener={} hostname={}",
+                quoted(&request.listener_addr),
+                quoted(&request.hostname)
+            ),
+            &result,
+            "removed",
+        );
+        result.map(|()| Response::new(proto::RemoveRouteResponse {}))
+    }
+
+    async fn list_firewall_rules(
+        &self,
+        _request: Request<proto::ListFirewallRulesRequest>,
+    ) -> Result<Response<proto::ListFirewallRulesResponse>, Status> {
+        let set = self.state.firewall.rules();
+        let mut rules = set.rules().to_vec();
+        // IPs, then CIDRs, then countries, each in value order.
+        rules.sort();
+        let rules = rules
+            .iter()
+            .map(|rule| proto::FirewallRule {
+                r#type: rule_type(rule.kind()).into(),
+                value: rule.value(),
+            })
+            .collect();
+        Ok(Response::new(proto::ListFirewallRulesResponse { rules }))
+    }
+
+    async fn add_firewall_rule(
+        &self,
+        request: Request<proto::AddFirewallRuleRequest>,
+    ) -> Result<Response<proto::AddFirewallRuleResponse>, Status> {
+        let rule = request.into_inner().rule;
+        let result = self.add_rule_inner(rule.clone()).await;
+        let outcome = match &result {
+            Ok(true) => "added",
+            _ => "already_present",
+        };
+        log_result(
+            "AddFirewallRule",
+            format_args!("{}", rule_for_log(&rule)),
+            &result,
+            outcome,
+        );
+        result.map(|_| Response::new(proto::AddFirewallRuleResponse {}))
+    }
+
+    async fn remove_firewall_rule(
+        &self,
+        request: Request<proto::RemoveFirewallRuleRequest>,
+    ) -> Result<Response<proto::RemoveFirewallRuleResponse>, Status> {
+        let rule = request.into_inner().rule;
+        let result = self.remove_rule_inner(rule.clone()).await;
+        log_result(
+            "RemoveFirewallRule",
+            format_args!("{}", rule_for_log(&rule)),
+            &result,
+            "removed",
+        );
+        result.map(|()| Response::new(proto::RemoveFirewallRuleResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_input_is_cut_in_messages() {
+        let long = "a".repeat(500);
+        assert!(quoted(&long).len() < 100);
+        assert_eq!(quoted("x"), "\"x\"");
+        assert_eq!(truncate_for_parse(&long).len(), MAX_ECHO_CHARS);
+        assert_eq!(truncate_for_parse("é"), "é");
+    }
+
+    #[test]
+    fn unspecified_and_unknown_rule_types_name_the_field() {
+        for r#type in [0, 99] {
+            let err = parse_rule(
+                "rule",
+                Some(proto::FirewallRule {
+                    r#type,
+                    value: "1.2.3.4".into(),
+                }),
+            )
+            .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(
+                err.message().starts_with("rule.type: "),
+                "{}",
+                err.message()
+            );
+        }
+        let err = parse_rule("rule", None).unwrap_err();
+        assert_eq!(err.message(), "rule: required");
+    }
+}

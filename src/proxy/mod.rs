@@ -1,0 +1,122 @@
+//! Listening sockets, accept loops and the per-connection pipeline.
+//!
+//! Owns: binding (dual stack for `":PORT"`), the accept loop (which never dies
+//! and never spins on EMFILE and friends), and spawning one task per
+//! connection ([`conn`]), whose relay lives in [`relay`].
+
+pub mod conn;
+pub mod relay;
+pub mod stats;
+mod sys;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::config::{BindAddr, ListenAddr, ProxyConfig};
+use crate::firewall::Firewall;
+use crate::routes::ListenerRoutes;
+use crate::shutdown::{DrainGuard, Phase, Watcher};
+use stats::{ActiveGuard, ListenerStats, Stats};
+
+/// Pending connections the kernel queues for us.
+const BACKLOG: i32 = 4096;
+
+/// Everything one listener's connections share.
+pub struct Listener {
+    pub routes: Arc<ListenerRoutes>,
+    pub firewall: Arc<Firewall>,
+    pub stats: Arc<Stats>,
+    pub listener_stats: Arc<ListenerStats>,
+    pub timeouts: ProxyConfig,
+}
+
+/// Binds a listening socket. `":PORT"` is one dual-stack IPv6 socket that
+/// also accepts IPv4 (as mapped addresses, judged as IPv4 by the firewall).
+pub fn bind(addr: &ListenAddr) -> io::Result<std::net::TcpListener> {
+    let sockaddr = addr.bind.socket_addr();
+    let socket = Socket::new(
+        Domain::for_address(sockaddr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    match addr.bind {
+        BindAddr::AllInterfaces(_) => socket.set_only_v6(false)?,
+        BindAddr::Socket(SocketAddr::V6(_)) => socket.set_only_v6(true)?,
+        BindAddr::Socket(SocketAddr::V4(_)) => {}
+    }
+    socket.bind(&sockaddr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Accepts until the server starts draining, then drops the listening socket
+/// (new connections are refused at once).
+pub async fn accept_loop(
+    socket: TcpListener,
+    listener: Arc<Listener>,
+    mut shutdown: Watcher,
+    drain: DrainGuard,
+) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.reached(Phase::Draining) => break,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d;
+                // they are IPv4 clients everywhere (firewall, logs).
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                let active = ActiveGuard::accept(&listener.stats, &listener.listener_stats);
+                let listener = listener.clone();
+                let watcher = shutdown.clone();
+                let guard = drain.clone();
+                tokio::spawn(async move {
+                    conn::handle(stream, peer, listener, watcher).await;
+                    drop(active);
+                    drop(guard);
+                });
+            }
+            Err(e) if is_per_connection(&e) => {
+                // The peer gave up between SYN and accept: nothing to do.
+                tracing::debug!(listener = %listener.routes.addr(), error = %e, "accept");
+            }
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: the pending connection stays
+                // queued; wait for resources instead of spinning.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                tracing::warn!(
+                    listener = %listener.routes.addr(),
+                    error = %e,
+                    backoff_ms = backoff.as_millis() as u64,
+                    "accept failed; backing off"
+                );
+                tokio::select! {
+                    () = shutdown.reached(Phase::Draining) => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+            }
+        }
+    }
+    tracing::debug!(listener = %listener.routes.addr(), "listening socket closed");
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || matches!(e.raw_os_error(), Some(libc::EPROTO) | Some(libc::EPERM))
+}

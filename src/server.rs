@@ -1,0 +1,228 @@
+//! `mc-proxy server`: opens the store, builds the tables, binds the
+//! listeners and the admin API, serves until a signal, then drains.
+//!
+//! Start order matters: the DB is opened (and seeded on first run) before any
+//! socket is bound, so the first connection already sees the DB's routes; the
+//! readiness notification goes out only when every listener is bound.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::admin;
+use crate::config::Config;
+use crate::firewall::Firewall;
+use crate::proxy::{self, stats::Stats, Listener};
+use crate::routes::{ListenerRoutes, Routes};
+use crate::shutdown::{self, Shutdown};
+use crate::store::{self, Store};
+
+/// How often the GeoIP file is checked for replacement.
+const GEOIP_POLL: Duration = Duration::from_secs(1);
+
+/// A startup failure: the message (one line) and the exit status.
+#[derive(Debug)]
+pub struct ServerError {
+    pub exit_code: u8,
+    pub message: String,
+}
+
+impl ServerError {
+    fn config(message: String) -> Self {
+        ServerError {
+            exit_code: 2,
+            message,
+        }
+    }
+
+    fn runtime(message: String) -> Self {
+        ServerError {
+            exit_code: 1,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The version: the crate version, plus `git describe` when built from a
+/// checkout. `--version` and `GetStatus.version` print it as `mc-proxy VERSION`.
+pub fn version() -> String {
+    match option_env!("MC_PROXY_GIT_DESCRIBE") {
+        Some(describe) if !describe.is_empty() => {
+            format!("{} ({describe})", env!("CARGO_PKG_VERSION"))
+        }
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Runs the server to completion on its own runtime.
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mc-proxy")
+        .build()
+        .map_err(|e| ServerError::runtime(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<(), ServerError> {
+    let source = config.source.display().to_string();
+
+    // 1. The store: the truth for routes and rules (seeded on first run).
+    let db_path = config.database.path.clone();
+    let opened = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || store::open(&config))
+            .await
+            .map_err(|e| ServerError::runtime(format!("store: {e}")))?
+            .map_err(|e| {
+                ServerError::runtime(format!("database.path {}: {e}", db_path.display()))
+            })?
+    };
+    let loaded = opened.state;
+
+    // 2. The in-memory tables.
+    let firewall = Firewall::new(&config.firewall, &loaded.rules)
+        .map_err(|e| ServerError::config(format!("{source}: firewall.geoip_db: {e}")))?;
+    let firewall = Arc::new(firewall);
+    let routes = Arc::new(Routes::new(
+        loaded
+            .listeners
+            .into_iter()
+            .map(|(addr, map)| Arc::new(ListenerRoutes::new(addr, map)))
+            .collect(),
+    ));
+    let stats = Arc::new(Stats::new(
+        config.listeners.iter().map(|l| l.addr.text.clone()),
+    ));
+
+    // 3. Listening sockets: all bound before anything is served.
+    let mut sockets = Vec::with_capacity(config.listeners.len());
+    for (index, listener) in config.listeners.iter().enumerate() {
+        let socket = proxy::bind(&listener.addr)
+            .and_then(TcpListener::from_std)
+            .map_err(|e| {
+                ServerError::runtime(format!(
+                    "{source}: listeners[{index}].addr: cannot listen on {:?}: {e}",
+                    listener.addr.text
+                ))
+            })?;
+        sockets.push(socket);
+    }
+
+    // 4. Writers: the store thread applies admin changes to the tables.
+    let store = Store::start(
+        opened.conn,
+        routes.clone(),
+        loaded.rules.clone(),
+        Box::new({
+            let firewall = firewall.clone();
+            move |rules| firewall.replace_rules(rules)
+        }),
+    );
+
+    let mut shutdown = Shutdown::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    // 5. The admin API.
+    let admin = match &config.grpc {
+        Some(grpc) => {
+            let state = admin::server::AdminState {
+                routes: routes.clone(),
+                store: store.clone(),
+                firewall: firewall.clone(),
+                stats: stats.clone(),
+                version: format!("mc-proxy {}", version()),
+            };
+            let mut stop = stop_rx.clone();
+            let handle = admin::server::serve(grpc, state, async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })
+            .await
+            .map_err(|e| ServerError::runtime(format!("{source}: {e}")))?;
+            Some(handle)
+        }
+        None => None,
+    };
+
+    // 6. Serve.
+    for ((socket, listener), listener_stats) in sockets
+        .into_iter()
+        .zip(routes.listeners())
+        .zip(stats.listeners.iter())
+    {
+        let listener = Arc::new(Listener {
+            routes: listener.clone(),
+            firewall: firewall.clone(),
+            stats: stats.clone(),
+            listener_stats: listener_stats.clone(),
+            timeouts: config.proxy.clone(),
+        });
+        tokio::spawn(proxy::accept_loop(
+            socket,
+            listener,
+            shutdown.watcher(),
+            shutdown.guard(),
+        ));
+    }
+    firewall.spawn_geoip_watcher(GEOIP_POLL, stop_rx.clone());
+    tokio::spawn(reload_on_hangup(firewall.clone()));
+
+    tracing::info!(
+        version = %version(),
+        config = %source,
+        listeners = config.listeners.len(),
+        routes = routes.listeners().iter().map(|l| l.snapshot().len()).sum::<usize>(),
+        firewall_rules = firewall.rules().len(),
+        admin = config.grpc.as_ref().map(|g| g.addr.to_string()).as_deref(),
+        "mc-proxy started"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    // 7. Stop: close listeners at once, drain, force, exit.
+    let signal = shutdown::terminate_signal().await;
+    let active = stats
+        .active_connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        signal,
+        active_connections = active,
+        shutdown_timeout_ms = config.proxy.shutdown_timeout.as_millis() as u64,
+        "shutting down: listeners closed, draining"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    tokio::spawn(async {
+        let second = shutdown::terminate_signal().await;
+        tracing::warn!(signal = second, "second signal: exiting at once");
+        std::process::exit(0);
+    });
+    let forced = shutdown.drain(config.proxy.shutdown_timeout).await;
+    let _ = stop_tx.send(true);
+    if let Some(handle) = admin {
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+    }
+    store.close();
+    tracing::info!(forced, "mc-proxy stopped");
+    Ok(())
+}
+
+async fn reload_on_hangup(firewall: Arc<Firewall>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let firewall = firewall.clone();
+        let result = tokio::task::spawn_blocking(move || firewall.reload_geoip()).await;
+        if let Ok(Ok(true)) = result {
+            tracing::info!("SIGHUP: GeoIP database reloaded");
+        }
+    }
+}

@@ -1,0 +1,1111 @@
+//! The gRPC admin API over its real transports: unix socket and TLS/mTLS
+//! TCP, health, reflection, and every status code the service returns.
+//! The proxy itself is not running; the service works on the same route
+//! tables, store and firewall it would.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mc_proxy::admin::cli::{self, ClientTarget};
+use mc_proxy::admin::client;
+use mc_proxy::admin::proto::proxy_admin_service_client::ProxyAdminServiceClient;
+use mc_proxy::admin::proto::{self, FirewallRuleType};
+use mc_proxy::admin::{serve, AdminError, AdminServer, AdminState};
+use mc_proxy::config::{AdminAddr, ClientTls, Config, GrpcConfig, ServerTls};
+use mc_proxy::firewall::{Firewall, Rule};
+use mc_proxy::proxy::stats::Stats;
+use mc_proxy::routes::{ListenerRoutes, Routes};
+use mc_proxy::store::{self, Store};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::Code;
+
+// ---- harness --------------------------------------------------------------
+
+const LISTENERS: [&str; 2] = [":443", "127.0.0.1:8443"];
+
+/// What the server would hand the admin API, built from a real config, a
+/// real DB file and the real store.
+struct Harness {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    state: AdminState,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("mc-proxy.db");
+        let source = dir.path().join("mc-proxy.toml");
+        let mut toml = format!("[database]\npath = {:?}\n", db.display().to_string());
+        for addr in LISTENERS {
+            toml.push_str(&format!("\n[[listeners]]\naddr = {addr:?}\n"));
+        }
+        std::fs::write(&source, &toml).unwrap();
+        let config = Config::load(&source).unwrap();
+        let opened = store::open(&config).unwrap();
+        let routes = Arc::new(Routes::new(
+            opened
+                .state
+                .listeners
+                .into_iter()
+                .map(|(addr, map)| Arc::new(ListenerRoutes::new(addr, map)))
+                .collect(),
+        ));
+        let firewall = Arc::new(Firewall::new(&config.firewall, &opened.state.rules).unwrap());
+        let on_rules = {
+            let firewall = firewall.clone();
+            Box::new(move |rules: &[Rule]| firewall.replace_rules(rules))
+        };
+        let store = Store::start(opened.conn, routes.clone(), opened.state.rules, on_rules);
+        let stats = Arc::new(Stats::new(LISTENERS.iter().map(|s| s.to_string())));
+        Harness {
+            dir,
+            db,
+            state: AdminState {
+                routes,
+                store,
+                firewall,
+                stats,
+                version: "mc-proxy 0.0.0-test".into(),
+            },
+        }
+    }
+
+    /// Makes every later insert into, update of or delete from the route
+    /// and rule tables fail, through a second connection to the DB file.
+    fn inject_storage_failure(&self) {
+        let conn = rusqlite::Connection::open(&self.db).unwrap();
+        for table in ["routes", "firewall_rules"] {
+            for event in ["INSERT", "UPDATE", "DELETE"] {
+                conn.execute_batch(&format!(
+                    "CREATE TRIGGER fail_{table}_{event} BEFORE {event} ON {table} \
+                     BEGIN SELECT RAISE(ABORT, 'injected'); END;"
+                ))
+                .unwrap();
+            }
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A server and the switch that stops it.
+struct Running {
+    server: Option<AdminServer>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Running {
+    async fn start(config: &GrpcConfig, state: AdminState) -> Result<Running, AdminError> {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = serve(config, state, async move {
+            let _ = stopped.await;
+        })
+        .await?;
+        Ok(Running {
+            server: Some(server),
+            stop: Some(stop),
+        })
+    }
+
+    fn addr(&self) -> AdminAddr {
+        self.server.as_ref().unwrap().local_addr().clone()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        // An `AdminServer` is a future that resolves once it has stopped.
+        tokio::time::timeout(Duration::from_secs(10), self.server.take().unwrap())
+            .await
+            .expect("admin server did not stop");
+    }
+}
+
+fn unix_config(path: &Path) -> GrpcConfig {
+    GrpcConfig {
+        addr: AdminAddr::Unix(path.to_path_buf()),
+        tls: None,
+        client: ClientTls::default(),
+    }
+}
+
+async fn unix_server(h: &Harness) -> (Running, ProxyAdminServiceClient<Channel>) {
+    let running = Running::start(&unix_config(&h.path("admin.sock")), h.state.clone())
+        .await
+        .unwrap();
+    let client = client::connect(&running.addr(), &ClientTls::default())
+        .await
+        .unwrap();
+    (running, client)
+}
+
+fn route(listener: &str, hostname: &str, backend: &str) -> proto::Route {
+    proto::Route {
+        listener_addr: listener.into(),
+        hostname: hostname.into(),
+        backend: backend.into(),
+        send_proxy_protocol: false,
+    }
+}
+
+fn add(r: proto::Route) -> proto::AddRouteRequest {
+    proto::AddRouteRequest { route: Some(r) }
+}
+
+fn rule(kind: FirewallRuleType, value: &str) -> Option<proto::FirewallRule> {
+    Some(proto::FirewallRule {
+        r#type: kind.into(),
+        value: value.into(),
+    })
+}
+
+async fn list_all(client: &mut ProxyAdminServiceClient<Channel>) -> Vec<(String, String, String)> {
+    client
+        .list_routes(proto::ListRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .routes
+        .into_iter()
+        .map(|r| (r.listener_addr, r.hostname, r.backend))
+        .collect()
+}
+
+// ---- certificates ---------------------------------------------------------
+
+struct Pki {
+    ca_pem: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    /// A client signed by a CA the server does not trust.
+    rogue_cert: PathBuf,
+    rogue_key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+        KeyPair,
+    };
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let leaf = |sans: Vec<String>,
+                usage: ExtendedKeyUsagePurpose,
+                issuer: &CertifiedIssuer<'_, KeyPair>| {
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let good_ca = ca("mc-proxy test CA");
+    let rogue_ca = ca("someone else's CA");
+    let (server_cert, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &good_ca,
+    );
+    let (client_cert, client_key) = leaf(
+        vec!["admin-cli".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &good_ca,
+    );
+    let (rogue_cert, rogue_key) = leaf(
+        vec!["admin-cli".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &rogue_ca,
+    );
+    Pki {
+        ca_pem: write("ca.pem", good_ca.pem()),
+        server_cert: write("server.pem", server_cert),
+        server_key: write("server.key", server_key),
+        client_cert: write("client.pem", client_cert),
+        client_key: write("client.key", client_key),
+        rogue_cert: write("rogue.pem", rogue_cert),
+        rogue_key: write("rogue.key", rogue_key),
+    }
+}
+
+fn tcp_config(pki: &Pki, mtls: bool) -> GrpcConfig {
+    GrpcConfig {
+        addr: AdminAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        tls: Some(ServerTls {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: mtls.then(|| pki.ca_pem.clone()),
+        }),
+        client: ClientTls::default(),
+    }
+}
+
+/// Connects and makes one call; with TLS 1.3 a refused client certificate
+/// may only show on the first call.
+async fn status_over(addr: &AdminAddr, tls: &ClientTls) -> Result<String, String> {
+    let mut client = client::connect(addr, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .map(|r| r.into_inner().version)
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+// ---- transports -----------------------------------------------------------
+
+#[tokio::test]
+async fn unix_socket_is_0660_replaces_a_stale_socket_and_is_removed_on_stop() {
+    let h = Harness::new().await;
+    let path = h.path("run/admin.sock");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // A socket left behind by a killed server: bound, then its listener gone.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+
+    let running = Running::start(&unix_config(&path), h.state.clone())
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    assert_eq!(
+        status_over(&running.addr(), &ClientTls::default()).await,
+        Ok("mc-proxy 0.0.0-test".to_string())
+    );
+
+    // A second server must not steal a live socket.
+    let err = Running::start(&unix_config(&path), h.state.clone())
+        .await
+        .err()
+        .expect("second server started on a live socket");
+    assert!(matches!(err, AdminError::SocketInUse { .. }), "{err}");
+
+    running.stop().await;
+    assert!(!path.exists(), "socket file left behind");
+}
+
+#[tokio::test]
+async fn unix_socket_parent_directory_is_created() {
+    let h = Harness::new().await;
+    let path = h.path("a/b/admin.sock");
+    let running = Running::start(&unix_config(&path), h.state.clone())
+        .await
+        .unwrap();
+    assert!(path.exists());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn unix_socket_with_a_path_near_the_length_limit_is_0660() {
+    let h = Harness::new().await;
+    // 104 bytes: fits a socket address, a staging name beside it does not.
+    let base = h.dir.path().display().to_string().len();
+    let path = h.path(&format!("{}.sock", "s".repeat(104 - base - 6)));
+    assert_eq!(path.as_os_str().len(), 104);
+    let running = Running::start(&unix_config(&path), h.state.clone())
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "socket mode {mode:o}");
+    assert!(status_over(&running.addr(), &ClientTls::default())
+        .await
+        .is_ok());
+    running.stop().await;
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn unix_socket_path_holding_a_regular_file_is_refused_and_kept() {
+    let h = Harness::new().await;
+    let path = h.path("admin.sock");
+    std::fs::write(&path, "operator data").unwrap();
+    let err = Running::start(&unix_config(&path), h.state.clone())
+        .await
+        .err()
+        .expect("started over a regular file");
+    assert!(err.to_string().starts_with("grpc.addr: "), "{err}");
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "operator data");
+
+    let dir = h.path("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    assert!(Running::start(&unix_config(&dir), h.state.clone())
+        .await
+        .is_err());
+    assert!(dir.is_dir());
+}
+
+#[tokio::test]
+async fn tcp_bind_failure_is_reported_before_serving() {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = tcp_config(&pki, false);
+    config.addr = AdminAddr::Tcp(taken.local_addr().unwrap());
+    let err = Running::start(&config, h.state.clone())
+        .await
+        .err()
+        .expect("bound a taken port");
+    assert!(
+        err.to_string()
+            .starts_with("grpc.addr: cannot bind 127.0.0.1:"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_without_tls_is_refused() {
+    let h = Harness::new().await;
+    let config = GrpcConfig {
+        addr: AdminAddr::Tcp("127.0.0.1:0".parse().unwrap()),
+        tls: None,
+        client: ClientTls::default(),
+    };
+    assert!(matches!(
+        Running::start(&config, h.state.clone()).await.err(),
+        Some(AdminError::TlsRequired)
+    ));
+}
+
+#[tokio::test]
+async fn unreadable_server_key_names_the_field() {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let mut config = tcp_config(&pki, false);
+    config.tls.as_mut().unwrap().key = h.path("missing.key");
+    let err = Running::start(&config, h.state.clone())
+        .await
+        .err()
+        .expect("started without a key");
+    assert!(err.to_string().starts_with("grpc.tls_key: "), "{err}");
+}
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_the_admin_service() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let h = Harness::new().await;
+    let (running, _) = unix_server(&h).await;
+    let channel = client::channel(&running.addr(), &ClientTls::default())
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "mc_proxy.v1.ProxyAdminService"] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(response.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // A Watch stream never ends by itself; stopping must not wait for it.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let path = h.path("admin.sock");
+    running.stop().await;
+    assert!(!path.exists(), "socket file left behind");
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_the_admin_service() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let h = Harness::new().await;
+    let (running, _) = unix_server(&h).await;
+    let channel = client::channel(&running.addr(), &ClientTls::default())
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol("mc_proxy.v1.ProxyAdminService".into()),
+    ]
+    .map(|message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    });
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["mc_proxy.v1.ProxyAdminService", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} not in {names:?}"
+        );
+    }
+
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no file descriptor for the service");
+    };
+    // The admin proto and the Timestamp it imports, so clients can decode.
+    assert!(!files.file_descriptor_proto.is_empty());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let running = Running::start(&tcp_config(&pki, false), h.state.clone())
+        .await
+        .unwrap();
+    let tls = ClientTls {
+        ca_cert: Some(pki.ca_pem.clone()),
+        ..ClientTls::default()
+    };
+    assert_eq!(
+        status_over(&running.addr(), &tls).await,
+        Ok("mc-proxy 0.0.0-test".to_string())
+    );
+    // A client that does not trust the server's CA gives up.
+    let wrong = ClientTls {
+        ca_cert: Some(pki.rogue_cert.clone()),
+        ..ClientTls::default()
+    };
+    assert!(status_over(&running.addr(), &wrong).await.is_err());
+    let AdminAddr::Tcp(addr) = running.addr() else {
+        unreachable!()
+    };
+    running.stop().await;
+    // Stopped means the port is closed, not just ignored.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let running = Running::start(&tcp_config(&pki, true), h.state.clone())
+        .await
+        .unwrap();
+    let addr = running.addr();
+
+    let good = ClientTls {
+        ca_cert: Some(pki.ca_pem.clone()),
+        client_cert: Some(pki.client_cert.clone()),
+        client_key: Some(pki.client_key.clone()),
+    };
+    assert_eq!(
+        status_over(&addr, &good).await,
+        Ok("mc-proxy 0.0.0-test".to_string())
+    );
+
+    let no_cert = ClientTls {
+        ca_cert: Some(pki.ca_pem.clone()),
+        ..ClientTls::default()
+    };
+    let refused = status_over(&addr, &no_cert).await;
+    assert!(refused.is_err(), "client without a certificate was served");
+
+    let rogue = ClientTls {
+        ca_cert: Some(pki.ca_pem.clone()),
+        client_cert: Some(pki.rogue_cert.clone()),
+        client_key: Some(pki.rogue_key.clone()),
+    };
+    let refused = status_over(&addr, &rogue).await;
+    assert!(
+        refused.is_err(),
+        "client with another CA's certificate was served"
+    );
+
+    // What the CLI says about it: the connection failed, not a call.
+    let target = ClientTarget {
+        addr: addr.clone(),
+        tls: no_cert,
+    };
+    assert_eq!(cli::status(target.clone(), false).await, ExitCode::from(1));
+
+    // The refusals did not disturb the server.
+    assert!(status_over(&addr, &good).await.is_ok());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn tls_1_2_clients_are_refused() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let running = Running::start(&tcp_config(&pki, true), h.state.clone())
+        .await
+        .unwrap();
+    let AdminAddr::Tcp(addr) = running.addr() else {
+        unreachable!()
+    };
+
+    let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(&pki.ca_pem).unwrap())
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_file(&pki.client_cert).unwrap()],
+            PrivateKeyDer::from_pem_file(&pki.client_key).unwrap(),
+        )
+        .unwrap();
+        let mut config = config;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+                .await
+        }
+    };
+    static TLS12_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    assert!(connect(TLS12_ONLY).await.is_err());
+    let tls13 = connect(TLS13_ONLY).await.unwrap();
+    assert_eq!(tls13.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(tls13);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_does_not_block_other_clients() {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let running = Running::start(&tcp_config(&pki, false), h.state.clone())
+        .await
+        .unwrap();
+    let AdminAddr::Tcp(addr) = running.addr() else {
+        unreachable!()
+    };
+    // Connected, says nothing; and one that sends garbage.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut garbage = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"GET / HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let tls = ClientTls {
+        ca_cert: Some(pki.ca_pem.clone()),
+        ..ClientTls::default()
+    };
+    let served = tokio::time::timeout(Duration::from_secs(5), status_over(&running.addr(), &tls))
+        .await
+        .expect("a silent client blocked the server");
+    assert!(served.is_ok(), "{served:?}");
+    running.stop().await;
+}
+
+// ---- calls and status codes -----------------------------------------------
+
+#[tokio::test]
+async fn add_route_upserts_and_normalises_hostnames() {
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+
+    let first = client
+        .add_route(add(route(":443", "a.example.net", "127.0.0.1:1001")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    let second = client
+        .add_route(add(route(":443", "A.Example.NET.", "127.0.0.1:1002")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !second.created,
+        "mixed-case, trailing-dot name was a new route"
+    );
+    assert_eq!(
+        list_all(&mut client).await,
+        vec![(
+            ":443".into(),
+            "a.example.net".into(),
+            "127.0.0.1:1002".into()
+        )]
+    );
+    // The live table, not just the listing, has the new backend.
+    let live = h
+        .state
+        .routes
+        .listener(":443")
+        .unwrap()
+        .lookup("a.example.net");
+    assert_eq!(live.unwrap().backend.to_string(), "127.0.0.1:1002");
+
+    client
+        .remove_route(proto::RemoveRouteRequest {
+            listener_addr: ":443".into(),
+            hostname: "A.EXAMPLE.net.".into(),
+        })
+        .await
+        .unwrap();
+    assert!(list_all(&mut client).await.is_empty());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn list_routes_is_sorted_by_listener_then_hostname_and_filters() {
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+    for (listener, host) in [
+        ("127.0.0.1:8443", "b.test"),
+        (":443", "z.test"),
+        ("127.0.0.1:8443", "a.test"),
+        (":443", "m.test"),
+    ] {
+        client
+            .add_route(add(route(listener, host, "[::1]:9000")))
+            .await
+            .unwrap();
+    }
+    let all: Vec<(String, String)> = list_all(&mut client)
+        .await
+        .into_iter()
+        .map(|(l, h, _)| (l, h))
+        .collect();
+    // Listener addrs sort as text: "127..." before ":443".
+    let expected = [
+        ("127.0.0.1:8443", "a.test"),
+        ("127.0.0.1:8443", "b.test"),
+        (":443", "m.test"),
+        (":443", "z.test"),
+    ];
+    assert_eq!(
+        all,
+        expected
+            .map(|(l, h)| (l.to_string(), h.to_string()))
+            .to_vec()
+    );
+    let one = client
+        .list_routes(proto::ListRoutesRequest {
+            listener_addr: "127.0.0.1:8443".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(one.len(), 2);
+    assert_eq!(one[0].backend, "[::1]:9000");
+
+    let status = client
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let counts: Vec<(String, i32)> = status
+        .listeners
+        .into_iter()
+        .map(|l| (l.addr, l.route_count))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![(":443".to_string(), 2), ("127.0.0.1:8443".to_string(), 2)]
+    );
+    assert!(status.started_at.is_some());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+
+    let cases = [
+        (route(":443", "", "127.0.0.1:1"), "route.hostname: "),
+        (route(":443", "a b.test", "127.0.0.1:1"), "route.hostname: "),
+        (route(":443", "a..test", "127.0.0.1:1"), "route.hostname: "),
+        (route(":443", "a.test", "127.0.0.1"), "route.backend: "),
+        (
+            route(":443", "a.test", "backend.internal"),
+            "route.backend: ",
+        ),
+        (route(":443", "a.test", "127.0.0.1:0"), "route.backend: "),
+        (
+            route(":443", "a.test", "127.0.0.1:70000"),
+            "route.backend: ",
+        ),
+        (route(":443", "a.test", ""), "route.backend: "),
+        (route("", "a.test", "127.0.0.1:1"), "route.listener_addr: "),
+    ];
+    for (bad, field) in cases {
+        let shown = format!("{bad:?}");
+        let err = client.add_route(add(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{shown}: {}",
+            err.message()
+        );
+    }
+    let err = client
+        .add_route(proto::AddRouteRequest { route: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("route: "), "{}", err.message());
+
+    let err = client
+        .remove_route(proto::RemoveRouteRequest {
+            listener_addr: ":443".into(),
+            hostname: "bad host".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("hostname: "), "{}", err.message());
+
+    let rule_cases = [
+        (rule(FirewallRuleType::Ip, "1.2.3"), "rule.value: "),
+        (rule(FirewallRuleType::Ip, "10.0.0.0/8"), "rule.value: "),
+        (rule(FirewallRuleType::Cidr, "10.0.0.0/33"), "rule.value: "),
+        (rule(FirewallRuleType::Cidr, "not-a-net"), "rule.value: "),
+        (rule(FirewallRuleType::Country, "KPX"), "rule.value: "),
+        (rule(FirewallRuleType::Country, "1A"), "rule.value: "),
+        (
+            rule(FirewallRuleType::Unspecified, "1.2.3.4"),
+            "rule.type: ",
+        ),
+        (
+            Some(proto::FirewallRule {
+                r#type: 42,
+                value: "1.2.3.4".into(),
+            }),
+            "rule.type: ",
+        ),
+        (None, "rule: "),
+    ];
+    for (bad, field) in rule_cases {
+        let shown = format!("{bad:?}");
+        let err = client
+            .add_firewall_rule(proto::AddFirewallRuleRequest { rule: bad.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{shown}: {}",
+            err.message()
+        );
+        let err = client
+            .remove_firewall_rule(proto::RemoveFirewallRuleRequest { rule: bad })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
+    }
+    // Nothing was changed by any of it.
+    assert!(list_all(&mut client).await.is_empty());
+    assert!(h.state.firewall.rules().rules().is_empty());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_listener_and_absent_entries_are_not_found() {
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+
+    let err = client
+        .add_route(add(route(":9", "a.test", "127.0.0.1:1")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(err.message(), "listener \":9\" not found");
+
+    let err = client
+        .remove_route(proto::RemoveRouteRequest {
+            listener_addr: ":9".into(),
+            hostname: "a.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = client
+        .list_routes(proto::ListRoutesRequest {
+            listener_addr: ":9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = client
+        .remove_route(proto::RemoveRouteRequest {
+            listener_addr: ":443".into(),
+            hostname: "absent.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let err = client
+        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
+            rule: rule(FirewallRuleType::Ip, "192.0.2.7"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+    for (kind, value) in [
+        (FirewallRuleType::Country, "kp"),
+        (FirewallRuleType::Cidr, "198.51.100.7/24"),
+        (FirewallRuleType::Ip, "::ffff:192.0.2.7"),
+        (FirewallRuleType::Ip, "192.0.2.7"),
+        (FirewallRuleType::Country, "KP"),
+    ] {
+        client
+            .add_firewall_rule(proto::AddFirewallRuleRequest {
+                rule: rule(kind, value),
+            })
+            .await
+            .unwrap();
+    }
+    let listed: Vec<(FirewallRuleType, String)> = client
+        .list_firewall_rules(proto::ListFirewallRulesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .rules
+        .into_iter()
+        .map(|r| (r.r#type(), r.value))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (FirewallRuleType::Ip, "192.0.2.7".to_string()),
+            (FirewallRuleType::Cidr, "198.51.100.0/24".to_string()),
+            (FirewallRuleType::Country, "KP".to_string()),
+        ]
+    );
+    client
+        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
+            rule: rule(FirewallRuleType::Country, "kp"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.state.firewall.rules().rules().len(), 2);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+    client
+        .add_route(add(route(":443", "kept.test", "127.0.0.1:1")))
+        .await
+        .unwrap();
+    client
+        .add_firewall_rule(proto::AddFirewallRuleRequest {
+            rule: rule(FirewallRuleType::Ip, "192.0.2.1"),
+        })
+        .await
+        .unwrap();
+    let before = list_all(&mut client).await;
+
+    h.inject_storage_failure();
+    let err = client
+        .add_route(add(route(":443", "new.test", "127.0.0.1:2")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        !err.message().contains("injected"),
+        "storage detail leaked: {}",
+        err.message()
+    );
+    let err = client
+        .add_route(add(route(":443", "kept.test", "127.0.0.1:3")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let err = client
+        .add_firewall_rule(proto::AddFirewallRuleRequest {
+            rule: rule(FirewallRuleType::Ip, "192.0.2.2"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+
+    let err = client
+        .remove_route(proto::RemoveRouteRequest {
+            listener_addr: ":443".into(),
+            hostname: "kept.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let err = client
+        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
+            rule: rule(FirewallRuleType::Ip, "192.0.2.1"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+
+    assert_eq!(list_all(&mut client).await, before);
+    assert_eq!(
+        h.state
+            .routes
+            .listener(":443")
+            .unwrap()
+            .lookup("kept.test")
+            .unwrap()
+            .backend
+            .to_string(),
+        "127.0.0.1:1"
+    );
+    assert!(h
+        .state
+        .routes
+        .listener(":443")
+        .unwrap()
+        .lookup("new.test")
+        .is_none());
+    assert_eq!(h.state.firewall.rules().rules().len(), 1);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn get_status_reports_live_counters() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let h = Harness::new().await;
+    let (running, mut client) = unix_server(&h).await;
+    h.state.stats.total_connections.fetch_add(7, Relaxed);
+    h.state.stats.blocked_connections.fetch_add(2, Relaxed);
+    h.state.stats.listeners[1]
+        .total_connections
+        .fetch_add(5, Relaxed);
+    h.state.stats.listeners[1]
+        .active_connections
+        .fetch_add(1, Relaxed);
+    let status = client
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.version, "mc-proxy 0.0.0-test");
+    assert_eq!(status.total_connections, 7);
+    assert_eq!(status.blocked_connections, 2);
+    assert_eq!(status.listeners[1].addr, "127.0.0.1:8443");
+    assert_eq!(status.listeners[1].total_connections, 5);
+    assert_eq!(status.listeners[1].active_connections, 1);
+    running.stop().await;
+}
+
+// ---- the CLI side ---------------------------------------------------------
+
+#[tokio::test]
+async fn cli_commands_return_documented_exit_statuses() {
+    let h = Harness::new().await;
+    let (running, _) = unix_server(&h).await;
+    let target = ClientTarget {
+        addr: running.addr(),
+        tls: ClientTls::default(),
+    };
+    assert_eq!(
+        cli::routes_add(
+            target.clone(),
+            ":443".into(),
+            "a.test".into(),
+            "127.0.0.1:1".into(),
+            false
+        )
+        .await,
+        ExitCode::SUCCESS
+    );
+    assert_eq!(
+        cli::routes_list(target.clone(), None, true).await,
+        ExitCode::SUCCESS
+    );
+    assert_eq!(cli::status(target.clone(), false).await, ExitCode::SUCCESS);
+    assert_eq!(
+        cli::routes_remove(target.clone(), ":9".into(), "a.test".into()).await,
+        ExitCode::from(1)
+    );
+    assert_eq!(
+        cli::firewall_add(
+            target.clone(),
+            mc_proxy::firewall::rule::RuleKind::Country,
+            "K1".into()
+        )
+        .await,
+        ExitCode::from(1)
+    );
+    running.stop().await;
+
+    // Nobody listening any more.
+    assert_eq!(cli::status(target.clone(), true).await, ExitCode::from(1));
+    let err = client::connect(&target.addr, &target.tls)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with(&format!("cannot reach admin API at {}: ", target.addr)),
+        "{err}"
+    );
+
+    // TCP without a CA to verify the server with is a configuration error.
+    let tcp = ClientTarget {
+        addr: AdminAddr::Tcp("127.0.0.1:1".parse().unwrap()),
+        tls: ClientTls::default(),
+    };
+    assert_eq!(cli::status(tcp, false).await, ExitCode::from(2));
+}

@@ -1,0 +1,488 @@
+//! Shared parts for the integration tests: a test PKI (rcgen), real TLS and
+//! raw TCP backends on loopback, the real `mc-proxy` binary started on a
+//! config in a temp dir, and hand-built ClientHellos.
+#![allow(dead_code)]
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mc-proxy");
+
+pub fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+// ---- PKI -----------------------------------------------------------------
+
+pub struct Pki {
+    pub ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_der: Vec<u8>,
+}
+
+impl Leaf {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    /// Writes `NAME.pem` and `NAME.key` into `dir`.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.cert_pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        (cert, key)
+    }
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        install_crypto();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Pki {
+            ca_pem: cert.pem(),
+            ca_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    pub fn leaf(&self, names: &[&str]) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            chain: vec![cert.der().clone()],
+            key_der: key.serialize_der(),
+        }
+    }
+
+    pub fn write_ca(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+
+    pub fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {
+        let leaf = self.leaf(names);
+        Arc::new(
+            ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(leaf.chain.clone(), leaf.key())
+                .unwrap(),
+        )
+    }
+
+    pub fn roots(&self) -> RootCertStore {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        roots
+    }
+
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        Arc::new(
+            ClientConfig::builder()
+                .with_root_certificates(self.roots())
+                .with_no_client_auth(),
+        )
+    }
+}
+
+// ---- backends --------------------------------------------------------------
+
+/// A TLS backend that says who it is: after the handshake it writes
+/// `backend=NAME\n`, then echoes everything it reads until EOF.
+pub struct TlsBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+pub async fn tls_backend(pki: &Pki, name: &str, hostnames: &[&str]) -> TlsBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(pki.server_config(hostnames));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let label = name.to_string();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            let label = label.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                if tls
+                    .write_all(format!("backend={label}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tls.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    TlsBackend {
+        addr,
+        name: name.to_string(),
+        accepted,
+    }
+}
+
+/// A raw TCP backend that records every byte of each connection until the
+/// client's FIN, then optionally replies and closes.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub received: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+pub async fn raw_backend(reply: &'static [u8]) -> RawBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let (tx, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let _ = stream.read_to_end(&mut all).await;
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+                let _ = tx.send(all);
+            });
+        }
+    });
+    RawBackend {
+        addr,
+        accepted,
+        received,
+    }
+}
+
+// ---- clients ---------------------------------------------------------------
+
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<ClientConfig>,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// Connects through the proxy with TLS and returns the backend's name line.
+pub async fn who(addr: SocketAddr, sni: &str, pki: &Pki) -> io::Result<String> {
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tls_connect(addr, sni, pki.client_config()),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tls connect"))??;
+    let line = read_line(&mut tls).await?;
+    Ok(line.trim_start_matches("backend=").to_string())
+}
+
+pub async fn read_line<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut byte))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "read_line"))??;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "eof before newline",
+            ));
+        }
+        if byte[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(byte[0]);
+    }
+}
+
+/// Reads until EOF (or error) within `limit`; returns what was read and how
+/// the read ended.
+pub async fn read_all(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, io::Result<()>) {
+    let mut all = Vec::new();
+    let result = match tokio::time::timeout(limit, stream.read_to_end(&mut all)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no EOF in time")),
+    };
+    (all, result)
+}
+
+// ---- the binary ------------------------------------------------------------
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proxy {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Proxy {
+    /// Writes `toml` to `DIR/mc-proxy.toml`, starts `mc-proxy server` on it
+    /// and waits until it logs that it started.
+    pub fn start(dir: &Path, toml: &str) -> Proxy {
+        let config = dir.join("mc-proxy.toml");
+        std::fs::write(&config, toml).unwrap();
+        Proxy::start_existing(dir, &config)
+    }
+
+    pub fn start_existing(dir: &Path, config: &Path) -> Proxy {
+        let log = dir.join(format!("proxy-{}.log", unique()));
+        let child = Command::new(BIN)
+            .args(["server", "-c"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut proxy = Proxy {
+            child,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if proxy.log_text().contains("mc-proxy started") {
+                return proxy;
+            }
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!(
+                    "mc-proxy exited with {status} at start:\n{}",
+                    proxy.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("mc-proxy did not start:\n{}", proxy.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Log lines of closed connections.
+    pub fn conn_lines(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("connection closed"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits until a connection log line containing every needle appears.
+    pub fn wait_log(&self, needles: &[&str], limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(line) = self
+                .log_text()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return line.to_string();
+            }
+            if Instant::now() > deadline {
+                panic!("no log line with {needles:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> usize {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Runs the binary with `args`; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("MC_PROXY_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---- hand-built ClientHellos ---------------------------------------------------
+
+/// A minimal but well-formed TLS 1.3 ClientHello handshake message (type,
+/// length, body) with the given SNI and `padding` bytes of padding extension.
+pub fn hello_message(sni: Option<&str>, padding: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&[0x03, 0x03]);
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(32);
+    body.extend_from_slice(&[9u8; 32]);
+    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
+    body.extend_from_slice(&[0x01, 0x00]);
+    let mut extensions = Vec::new();
+    if let Some(name) = sni {
+        let name = name.as_bytes();
+        let mut data = Vec::new();
+        data.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+        data.push(0);
+        data.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        data.extend_from_slice(name);
+        extensions.extend_from_slice(&[0x00, 0x00]);
+        extensions.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        extensions.extend_from_slice(&data);
+    }
+    // supported_versions: TLS 1.3
+    extensions.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+    if padding > 0 {
+        extensions.extend_from_slice(&[0x00, 0x15]);
+        extensions.extend_from_slice(&(padding as u16).to_be_bytes());
+        extensions.extend(std::iter::repeat_n(0u8, padding));
+    }
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    let mut message = vec![0x01];
+    message.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    message.extend_from_slice(&body);
+    message
+}
+
+/// Frames a handshake message into TLS records of at most `size` bytes each.
+pub fn records(message: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for chunk in message.chunks(size) {
+        out.extend_from_slice(&[0x16, 0x03, 0x01]);
+        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+/// A one-record ClientHello.
+pub fn client_hello(sni: Option<&str>) -> Vec<u8> {
+    records(&hello_message(sni, 0), 16384)
+}
+
+/// Whether a blocking read on `stream` sees a reset (as opposed to a FIN).
+pub fn saw_reset(result: &io::Result<()>) -> bool {
+    matches!(result, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
+}
+
+/// Reads from a std stream until EOF; for tests on blocking sockets.
+pub fn std_read_all(stream: &mut std::net::TcpStream) -> (Vec<u8>, io::Result<()>) {
+    let mut all = Vec::new();
+    let result = stream.read_to_end(&mut all).map(|_| ());
+    (all, result)
+}
