@@ -13,7 +13,7 @@ devserver: ## run mc-proxy locally on 127.0.0.1:8443 with a demo backend (create
 	./scripts/devserver.sh
 
 test: ## every test: unit, integration (real binary on loopback), fuzz corpus replay
-	$(CARGO) test --locked --all-targets -- --test-threads=2
+	$(CARGO) test --locked --lib --bins --tests -- --test-threads=2
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
