@@ -1,10 +1,13 @@
 //! The relay: full duplex, half-close aware, idle-timed, force-closable.
 //!
 //! Readiness-driven: a direction waits for its source to be readable and only
-//! then borrows a stack buffer for one read-and-write, so an idle connection
-//! holds no buffer at all. Bytes that the destination cannot take at once are
-//! the only thing copied to the heap, and reading stops until they are
-//! written (no unbounded buffering: a stalled peer stalls its source).
+//! then takes what it needs to move the bytes, so an idle connection holds no
+//! buffer and no pipe at all. On Linux the bytes go socket → pipe → socket
+//! with `splice(2)` (never entering user space) through a pipe borrowed from
+//! a bounded process-wide pool ([`zero_copy`]); elsewhere, or when splicing
+//! is refused or no pipe can be had, one read-and-write goes through a stack
+//! buffer. Either way a direction moves everything it read before reading
+//! more (no unbounded buffering: a stalled peer stalls its source).
 //!
 //! A FIN from one side is passed on as a FIN (`shutdown(Write)`); the other
 //! direction keeps flowing. A reset or write error on one side resets the
@@ -75,7 +78,18 @@ pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
     idle: Duration,
+    shutdown: Watcher,
+) -> RelayResult {
+    relay_with(client, backend, idle, shutdown, true).await
+}
+
+/// [`relay`], with splicing allowed or not (tests pin the copy path with it).
+async fn relay_with(
+    client: TcpStream,
+    backend: TcpStream,
+    idle: Duration,
     mut shutdown: Watcher,
+    splice: bool,
 ) -> RelayResult {
     let activity = Activity {
         origin: Instant::now(),
@@ -83,8 +97,8 @@ pub async fn relay(
     };
     let up_bytes = AtomicU64::new(0);
     let down_bytes = AtomicU64::new(0);
-    let up = pump(&client, &backend, &activity, &up_bytes);
-    let down = pump(&backend, &client, &activity, &down_bytes);
+    let up = pump(&client, &backend, &activity, &up_bytes, splice);
+    let down = pump(&backend, &client, &activity, &down_bytes, splice);
     tokio::pin!(up, down);
     let mut up_done = false;
     let mut down_done = false;
@@ -147,53 +161,265 @@ fn finish(result: PumpEnd, source: &TcpStream, destination: &TcpStream) -> Optio
     }
 }
 
+/// Passes a FIN on (half close); the other direction keeps flowing.
+fn pass_fin(to: &TcpStream) -> PumpEnd {
+    match sys::shutdown_write(to) {
+        Ok(()) => PumpEnd::Eof,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => PumpEnd::Eof,
+        Err(e) => PumpEnd::WriteError(e),
+    }
+}
+
+/// One direction: waits until `from` is readable, then moves what it has to
+/// `to` — through a pooled pipe with `splice(2)` on Linux, or through a
+/// stack buffer where splicing is unavailable or no pipe can be had.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     activity: &Activity,
     counter: &AtomicU64,
+    splice: bool,
 ) -> PumpEnd {
     loop {
         if let Err(e) = from.readable().await {
             return PumpEnd::ReadError(e);
         }
-        // The buffer lives only inside this block, never across an await, so
-        // an idle connection's future holds none.
-        let leftover = {
-            let mut buffer = [0u8; CHUNK];
-            let read = match from.try_read(&mut buffer) {
-                Ok(0) => {
-                    // FIN: pass it on; the other direction keeps flowing.
-                    return match sys::shutdown_write(to) {
-                        Ok(()) => PumpEnd::Eof,
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => PumpEnd::Eof,
-                        Err(e) => PumpEnd::WriteError(e),
-                    };
+        #[cfg(target_os = "linux")]
+        if splice {
+            match zero_copy::round(from, to, activity, counter).await {
+                zero_copy::Round::Idle => continue,
+                zero_copy::Round::End(end) => return end,
+                zero_copy::Round::Copy => {}
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = splice;
+        if let Some(end) = copy_round(from, to, activity, counter).await {
+            return end;
+        }
+    }
+}
+
+/// The Linux fast path: socket → pipe → socket with `splice(2)`, so relayed
+/// bytes never enter user space.
+///
+/// A direction takes a pipe from a process-wide pool when its source becomes
+/// readable and gives it back as soon as the source has nothing more and the
+/// pipe is empty again, so an idle connection holds no pipe (and no file
+/// descriptors beyond its two sockets). At most [`PIPES_MAX`] pipes exist at
+/// once; when none can be had (the cap, or `EMFILE`), that round is copied
+/// instead. If the kernel refuses splice on these sockets (`EINVAL`,
+/// `ENOSYS`, `EPERM` from a seccomp filter, ...), the process switches to the
+/// copy path for good.
+#[cfg(target_os = "linux")]
+mod zero_copy {
+    use std::io;
+    use std::os::fd::AsFd;
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
+
+    use super::{pass_fin, sys, Activity, PumpEnd};
+
+    /// Bytes asked of one splice: the default pipe capacity (16 pages).
+    const PIPE_CHUNK: usize = 64 * 1024;
+    /// Pipes that may exist at once (two descriptors each): a cap on what
+    /// bulk transfers can take from the file-descriptor budget.
+    pub const PIPES_MAX: usize = 1024;
+    /// Empty pipes kept for reuse; more than this are closed when returned.
+    const POOL_MAX: usize = 64;
+
+    static IDLE: Mutex<Vec<sys::Pipe>> = Mutex::new(Vec::new());
+    static LIVE: AtomicUsize = AtomicUsize::new(0);
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    static SPLICED: AtomicU64 = AtomicU64::new(0);
+
+    /// Bytes moved by splice since the process started.
+    #[cfg(test)]
+    pub fn spliced_bytes() -> u64 {
+        SPLICED.load(Ordering::Relaxed)
+    }
+
+    /// A pipe borrowed from the pool, with the bytes it holds. Dropped empty,
+    /// it goes back to the pool; dropped holding bytes (the relay ended
+    /// mid-transfer), it is closed, so no connection's bytes can reach
+    /// another.
+    struct Lease {
+        pipe: Option<sys::Pipe>,
+        held: usize,
+    }
+
+    impl Lease {
+        fn take() -> Option<Lease> {
+            let pooled = IDLE.lock().ok().and_then(|mut idle| idle.pop());
+            let pipe = match pooled {
+                Some(pipe) => pipe,
+                None => {
+                    if LIVE.fetch_add(1, Ordering::Relaxed) >= PIPES_MAX {
+                        LIVE.fetch_sub(1, Ordering::Relaxed);
+                        return None;
+                    }
+                    match sys::pipe() {
+                        Ok(pipe) => pipe,
+                        Err(e) => {
+                            LIVE.fetch_sub(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "no pipe for splice; copying");
+                            return None;
+                        }
+                    }
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return PumpEnd::ReadError(e),
             };
-            activity.touch();
-            counter.fetch_add(read as u64, Ordering::Relaxed);
-            let mut written = 0;
-            while written < read {
-                match to.try_write(&buffer[written..read]) {
-                    Ok(n) => written += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return PumpEnd::WriteError(e),
+            Some(Lease {
+                pipe: Some(pipe),
+                held: 0,
+            })
+        }
+    }
+
+    impl Drop for Lease {
+        fn drop(&mut self) {
+            let Some(pipe) = self.pipe.take() else { return };
+            if self.held == 0 {
+                if let Ok(mut idle) = IDLE.lock() {
+                    if idle.len() < POOL_MAX {
+                        idle.push(pipe);
+                        return;
+                    }
                 }
             }
-            (written < read).then(|| buffer[written..read].to_vec())
+            drop(pipe);
+            LIVE.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    pub enum Round {
+        /// The source has nothing more for now; the pipe went back.
+        Idle,
+        /// This direction is finished.
+        End(PumpEnd),
+        /// Splicing is not possible right now: copy this round.
+        Copy,
+    }
+
+    fn refused(e: &io::Error) -> bool {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
+        )
+    }
+
+    /// Splices until the source would block, ends, or fails.
+    pub async fn round(
+        from: &TcpStream,
+        to: &TcpStream,
+        activity: &Activity,
+        counter: &AtomicU64,
+    ) -> Round {
+        if UNSUPPORTED.load(Ordering::Relaxed) {
+            return Round::Copy;
+        }
+        let Some(mut lease) = Lease::take() else {
+            return Round::Copy;
         };
-        if let Some(rest) = leftover {
-            if let Err(e) = write_all(to, &rest, activity).await {
-                return PumpEnd::WriteError(e);
+        loop {
+            // Fill: the pipe is empty here, so 0 means end of stream.
+            let filled = {
+                let Some(pipe) = lease.pipe.as_ref() else {
+                    return Round::Copy;
+                };
+                from.try_io(Interest::READABLE, || {
+                    sys::splice(from.as_fd(), pipe.write.as_fd(), PIPE_CHUNK)
+                })
+            };
+            let n = match filled {
+                Ok(0) => return Round::End(pass_fin(to)),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Round::Idle,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if refused(&e) => {
+                    if !UNSUPPORTED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "splice refused; relaying by copy from now on");
+                    }
+                    return Round::Copy;
+                }
+                Err(e) => return Round::End(PumpEnd::ReadError(e)),
+            };
+            lease.held = n;
+            activity.touch();
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            // Drain: everything in the pipe goes out before more is read, so
+            // a stalled destination stalls its source.
+            while lease.held > 0 {
+                let drained = {
+                    let Some(pipe) = lease.pipe.as_ref() else {
+                        return Round::Copy;
+                    };
+                    to.try_io(Interest::WRITABLE, || {
+                        sys::splice(pipe.read.as_fd(), to.as_fd(), lease.held)
+                    })
+                };
+                match drained {
+                    Ok(m) => {
+                        lease.held -= m.min(lease.held);
+                        SPLICED.fetch_add(m as u64, Ordering::Relaxed);
+                        activity.touch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = to.writable().await {
+                            return Round::End(PumpEnd::WriteError(e));
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Round::End(PumpEnd::WriteError(e)),
+                }
             }
         }
     }
+}
+
+/// One round of the portable path: borrows a stack buffer for one read and
+/// its writes. `None` means keep going.
+async fn copy_round(
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+    counter: &AtomicU64,
+) -> Option<PumpEnd> {
+    // The buffer lives only inside this block, never across an await, so an
+    // idle connection's future holds none.
+    let leftover = {
+        let mut buffer = [0u8; CHUNK];
+        let read = match from.try_read(&mut buffer) {
+            Ok(0) => {
+                // FIN: pass it on; the other direction keeps flowing.
+                return Some(pass_fin(to));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return None,
+            Err(e) => return Some(PumpEnd::ReadError(e)),
+        };
+        activity.touch();
+        counter.fetch_add(read as u64, Ordering::Relaxed);
+        let mut written = 0;
+        while written < read {
+            match to.try_write(&buffer[written..read]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(PumpEnd::WriteError(e)),
+            }
+        }
+        (written < read).then(|| buffer[written..read].to_vec())
+    };
+    if let Some(rest) = leftover {
+        if let Err(e) = write_all(to, &rest, activity).await {
+            return Some(PumpEnd::WriteError(e));
+        }
+    }
+    None
 }
 
 async fn write_all(to: &TcpStream, mut data: &[u8], activity: &Activity) -> io::Result<()> {
@@ -210,4 +436,134 @@ async fn write_all(to: &TcpStream, mut data: &[u8], activity: &Activity) -> io::
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{relay_with, RelayEnd};
+    use crate::shutdown::Shutdown;
+
+    /// A connected loopback pair: (our end, the relay's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (ours.expect("connect"), theirs.expect("accept").0)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// Sends `up` from the client and `down` from the backend at the same
+    /// time through a relay, half-closing each side after its bytes, and
+    /// returns what each side received and the relay's result.
+    async fn relay_both_ways(up: Vec<u8>, down: Vec<u8>, splice: bool) -> super::RelayResult {
+        let (mut client, client_side) = pair().await;
+        let (mut backend, backend_side) = pair().await;
+        let shutdown = Shutdown::new();
+        let relay = tokio::spawn(relay_with(
+            client_side,
+            backend_side,
+            Duration::from_secs(30),
+            shutdown.watcher(),
+            splice,
+        ));
+        let (up_len, down_len) = (up.len(), down.len());
+        let client_task = tokio::spawn(async move {
+            let (mut read, mut write) = client.split();
+            let send = async {
+                write.write_all(&up).await.expect("client write");
+                write.shutdown().await.expect("client fin");
+            };
+            let mut got = Vec::new();
+            let receive = read.read_to_end(&mut got);
+            let ((), received) = tokio::join!(send, receive);
+            received.expect("client read");
+            got
+        });
+        let backend_task = tokio::spawn(async move {
+            let (mut read, mut write) = backend.split();
+            let send = async {
+                write.write_all(&down).await.expect("backend write");
+                write.shutdown().await.expect("backend fin");
+            };
+            let mut got = Vec::new();
+            let receive = read.read_to_end(&mut got);
+            let ((), received) = tokio::join!(send, receive);
+            received.expect("backend read");
+            got
+        });
+        let at_client = client_task.await.expect("client task");
+        let at_backend = backend_task.await.expect("backend task");
+        let result = relay.await.expect("relay task");
+        assert_eq!(at_backend.len(), up_len, "bytes at the backend");
+        assert_eq!(at_client.len(), down_len, "bytes at the client");
+        assert!(at_backend == pattern(up_len, 1), "backend got other bytes");
+        assert!(at_client == pattern(down_len, 2), "client got other bytes");
+        result
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splice_relay_moves_eight_mib_each_way_intact_through_pipes() {
+        let before = super::zero_copy::spliced_bytes();
+        let size = 8 << 20;
+        let result = relay_both_ways(pattern(size, 1), pattern(size, 2), true).await;
+        assert_eq!((result.up, result.down), (size as u64, size as u64));
+        assert_eq!(result.end, RelayEnd::Closed);
+        assert!(result.error.is_none(), "{:?}", result.error);
+        // Other tests may splice at the same time, but never subtract.
+        let spliced = super::zero_copy::spliced_bytes() - before;
+        assert!(
+            spliced >= 2 * size as u64,
+            "only {spliced} bytes went through splice"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copy_fallback_moves_eight_mib_each_way_intact() {
+        let size = 8 << 20;
+        let result = relay_both_ways(pattern(size, 1), pattern(size, 2), false).await;
+        assert_eq!((result.up, result.down), (size as u64, size as u64));
+        assert_eq!(result.end, RelayEnd::Closed);
+        assert!(result.error.is_none(), "{:?}", result.error);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipe_left_holding_bytes_is_closed_not_reused() {
+        // The backend never reads, so bytes pile up in the kernel's socket
+        // buffers and in the pipe, and the relay ends on its idle timeout
+        // with the pipe still holding bytes.
+        let (mut client, client_side) = pair().await;
+        let (_backend, backend_side) = pair().await;
+        let shutdown = Shutdown::new();
+        let relay = tokio::spawn(relay_with(
+            client_side,
+            backend_side,
+            Duration::from_secs(1),
+            shutdown.watcher(),
+            true,
+        ));
+        let flood = pattern(4 << 20, 7);
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&flood)).await;
+        let result = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("relay ends on its idle timeout")
+            .expect("relay task");
+        assert_eq!(result.end, RelayEnd::Idle);
+        assert!(result.up > 0, "some bytes were relayed before the stall");
+        // Relays after it get exactly their own bytes: the stale ones were
+        // not handed on with a pooled pipe.
+        for _ in 0..4 {
+            let result = relay_both_ways(pattern(256 << 10, 1), pattern(256 << 10, 2), true).await;
+            assert_eq!(result.end, RelayEnd::Closed);
+        }
+    }
 }

@@ -24,3 +24,63 @@ pub fn reset(stream: TcpStream) {
 pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).shutdown(Shutdown::Write)
 }
+
+/// A kernel pipe, both ends non-blocking and close-on-exec: the in-kernel
+/// buffer that [`splice`] moves socket pages through without copying them to
+/// user space. Closing happens when the [`OwnedFd`]s drop.
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: std::os::fd::OwnedFd,
+    pub write: std::os::fd::OwnedFd,
+}
+
+/// Creates a [`Pipe`] (`pipe2(O_NONBLOCK | O_CLOEXEC)`).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn pipe() -> io::Result<Pipe> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid, writable array of two c_ints, which is what
+    // pipe2(2) writes into; it reads nothing else from our memory.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open, new, and owned
+    // by nobody else; each is wrapped exactly once and closed on drop.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(Pipe { read, write })
+}
+
+/// Moves up to `len` bytes from `from` to `to` inside the kernel
+/// (`splice(2)` with `SPLICE_F_MOVE | SPLICE_F_NONBLOCK`); one of the two
+/// must be a pipe. `Ok(0)` from a socket into an empty pipe is end of stream.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn splice(
+    from: std::os::fd::BorrowedFd<'_>,
+    to: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: both descriptors are borrowed, so they stay open for the whole
+    // call; null offsets are what splice(2) requires for pipes and sockets
+    // (it then uses and updates the file position, which sockets and pipes
+    // don't have). No user memory is read or written.
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
