@@ -184,9 +184,12 @@ async fn pump(
         if let Err(e) = from.readable().await {
             return PumpEnd::ReadError(e);
         }
+        // The rounds are boxed: their state (a pipe lease, a pending write)
+        // exists only while bytes move, so an idle connection's future holds
+        // just the readiness wait, not room for them.
         #[cfg(target_os = "linux")]
         if splice {
-            match zero_copy::round(from, to, activity, counter).await {
+            match Box::pin(zero_copy::round(from, to, activity, counter)).await {
                 zero_copy::Round::Idle => continue,
                 zero_copy::Round::End(end) => return end,
                 zero_copy::Round::Copy => {}
@@ -194,7 +197,7 @@ async fn pump(
         }
         #[cfg(not(target_os = "linux"))]
         let _ = splice;
-        if let Some(end) = copy_round(from, to, activity, counter).await {
+        if let Some(end) = Box::pin(copy_round(from, to, activity, counter)).await {
             return end;
         }
     }
