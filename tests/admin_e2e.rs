@@ -388,8 +388,19 @@ async fn an_established_connection_survives_remove_route_and_update() {
     assert!(line.contains("sni=a.test"), "{line}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_over_mtls_reaches_the_binary_and_a_foreign_certificate_does_not() {
+/// A server with a TCP admin API that requires client certificates from
+/// `pki`, its config holding a good client certificate for the CLI, and
+/// files for a client certificate from `rogue` (another CA).
+struct Mtls {
+    _dir: tempfile::TempDir,
+    proxy: Proxy,
+    admin_port: u16,
+    listener: String,
+    rogue_args: Vec<String>,
+    rogue_ca: String,
+}
+
+fn mtls_server() -> Mtls {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = Pki::new("admin CA");
@@ -398,8 +409,9 @@ async fn cli_over_mtls_reaches_the_binary_and_a_foreign_certificate_does_not() {
     let (server_cert, server_key) = pki.leaf(&["127.0.0.1"]).write(d, "server");
     let (client_cert, client_key) = pki.leaf(&["admin-cli"]).write(d, "client");
     let (rogue_cert, rogue_key) = rogue.leaf(&["admin-cli"]).write(d, "rogue");
+    let rogue_ca = rogue.write_ca(d, "rogue-ca");
     let admin_port = free_port();
-    let port = free_port();
+    let listener = format!("127.0.0.1:{}", free_port());
     let toml = format!(
         "[database]\npath = \"{db}\"\n\n[grpc]\naddr = \"127.0.0.1:{admin_port}\"\n\
          tls_cert = \"{sc}\"\ntls_key = \"{sk}\"\nclient_ca = \"{ca}\"\n\
@@ -410,63 +422,83 @@ async fn cli_over_mtls_reaches_the_binary_and_a_foreign_certificate_does_not() {
         ca = ca.display(),
         cc = client_cert.display(),
         ck = client_key.display(),
-        listener = listener_toml(&format!("127.0.0.1:{port}"), &[]),
+        listener = listener_toml(&listener, &[]),
     );
     let proxy = Proxy::start(d, &toml);
+    Mtls {
+        _dir: dir,
+        proxy,
+        admin_port,
+        listener,
+        rogue_args: vec![
+            "--client-cert".into(),
+            rogue_cert.display().to_string(),
+            "--client-key".into(),
+            rogue_key.display().to_string(),
+        ],
+        rogue_ca: rogue_ca.display().to_string(),
+    }
+}
 
-    let (code, out, err) = proxy.cli(&[
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_over_mtls_reaches_the_binary_and_a_foreign_certificate_does_not() {
+    let m = mtls_server();
+    let (code, out, err) = m.proxy.cli(&[
         "routes",
         "add",
         "--listener",
-        &format!("127.0.0.1:{port}"),
+        &m.listener,
         "--hostname",
         "m.test",
         "--backend",
         "127.0.0.1:9",
     ]);
     assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
-    let (code, out, _) = proxy.cli(&["status", "--json"]);
+    let (code, out, _) = m.proxy.cli(&["status", "--json"]);
     assert_eq!(code, 0);
     assert_eq!(json(&out)["listeners"][0]["route_count"], 1);
 
-    let rogue_args = [
-        "--client-cert",
-        rogue_cert.to_str().unwrap(),
-        "--client-key",
-        rogue_key.to_str().unwrap(),
-    ];
-    let mut args = vec!["routes", "add", "--listener"];
-    let listener = format!("127.0.0.1:{port}");
-    args.extend([
-        listener.as_str(),
+    let mut args = vec![
+        "routes",
+        "add",
+        "--listener",
+        &m.listener,
         "--hostname",
         "r.test",
         "--backend",
         "127.0.0.1:9",
-    ]);
-    args.extend(rogue_args);
-    // Regression: with TLS 1.3 the refusal of the client certificate
-    // arrives after the handshake, and the CLI sometimes saw the call
-    // cancelled and printed `CANCELLED: operation was canceled`, as if the
-    // server had answered. It must say it could not reach the server, every
-    // time.
+    ];
+    args.extend(m.rogue_args.iter().map(String::as_str));
+    let (code, out, err) = m.proxy.cli(&args);
+    assert_eq!(code, 1, "{out}{err}");
+    // The refused client changed nothing.
+    assert_eq!(db_routes(&m.proxy.db()).len(), 1);
+    // A CLI that does not trust the server's CA refuses it in turn.
+    let (code, _, err) = m.proxy.cli(&["status", "--ca-cert", &m.rogue_ca]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach admin API"), "{err}");
+}
+
+/// Regression: with TLS 1.3 the server refuses a client certificate after
+/// the handshake, and the CLI often saw its call cancelled and printed
+/// `CANCELLED: operation was canceled`, as if the server had answered. It
+/// must say it could not reach the server, naming the address, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_with_a_refused_client_certificate_says_unreachable_naming_the_address() {
+    let m = mtls_server();
+    let mut args = vec!["status"];
+    args.extend(m.rogue_args.iter().map(String::as_str));
+    let prefix = format!(
+        "mc-proxy: cannot reach admin API at 127.0.0.1:{}: ",
+        m.admin_port
+    );
     for _ in 0..10 {
-        let (code, out, err) = proxy.cli(&args);
+        let (code, out, err) = m.proxy.cli(&args);
         assert_eq!(code, 1, "{out}{err}");
-        assert!(
-            err.starts_with(&format!(
-                "mc-proxy: cannot reach admin API at 127.0.0.1:{admin_port}: "
-            )),
-            "{err}"
-        );
+        assert!(out.is_empty(), "{out}");
+        assert!(err.starts_with(&prefix), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
-    // The refused client changed nothing.
-    assert_eq!(db_routes(&proxy.db()).len(), 1);
-    // A CLI that does not trust the server's CA refuses it in turn.
-    let rogue_ca = rogue.write_ca(d, "rogue-ca");
-    let (code, _, err) = proxy.cli(&["status", "--ca-cert", rogue_ca.to_str().unwrap()]);
-    assert_eq!(code, 1, "{err}");
 }
 
 /// SPEC §4.2: a crash at any point loses no acknowledged change.
