@@ -584,6 +584,11 @@ async fn no_acknowledged_add_route_is_lost_when_the_server_is_killed_mid_burst()
         .into_iter()
         .map(|r| (r.hostname, r.backend))
         .collect();
+    eprintln!(
+        "{CALLS} AddRoute calls from {CLIENTS} clients: {} acknowledged before the kill, {} listed after the restart",
+        acked.len(),
+        listed.len()
+    );
     let lost: Vec<&String> = acked.keys().filter(|h| !listed.contains_key(*h)).collect();
     assert!(lost.is_empty(), "acknowledged, then lost: {lost:?}");
     // At most one call per client was in flight: committed but unanswered
