@@ -120,6 +120,50 @@ async fn cidr_blocks_addresses_inside_it_only() {
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 }
 
+/// On a dual-stack listener (`:PORT`) an IPv4 client arrives as
+/// `::ffff:a.b.c.d`; IPv4 rules must still match it, and IPv6 rules match
+/// IPv6 clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let proxy = Proxy::start(
+        dir.path(),
+        &admin_config(
+            dir.path(),
+            &format!(
+                "{}[firewall]\nblocked_ips = [\"127.0.0.2\"]\nblocked_cidrs = [\"127.0.0.0/30\", \"::1/128\"]\n",
+                listener_toml(&format!(":{port}"), &[("a.test", a.addr)])
+            ),
+        ),
+    );
+    let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    assert_reset("127.0.0.2", addr(port)).await;
+    assert_reset("127.0.0.3", addr(port)).await;
+    assert_reset("::1", v6).await;
+    assert_eq!(
+        who_from("127.0.0.9", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    proxy.wait_log(
+        &["client=127.0.0.2:", "outcome=blocked:ip"],
+        Duration::from_secs(5),
+    );
+    proxy.wait_log(
+        &["client=127.0.0.3:", "outcome=blocked:cidr"],
+        Duration::from_secs(5),
+    );
+    proxy.wait_log(
+        &["client=[::1]:", "outcome=blocked:cidr"],
+        Duration::from_secs(5),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits() {
     let dir = tempfile::tempdir().unwrap();
