@@ -388,6 +388,95 @@ async fn an_established_connection_survives_remove_route_and_update() {
     assert!(line.contains("sni=a.test"), "{line}");
 }
 
+/// SPEC §4.2: if the DB write fails, memory is unchanged and the caller
+/// gets INTERNAL. The failure is injected into the running server's DB
+/// file through a second connection (triggers that abort every write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
+    let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
+    let port = free_port();
+    let l = format!("127.0.0.1:{port}");
+    let proxy = Proxy::start(
+        dir.path(),
+        &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
+    );
+    let inject = |sql: &str| {
+        let conn = rusqlite::Connection::open(proxy.db()).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch(sql).unwrap();
+    };
+    let mut create = String::new();
+    let mut drop_all = String::new();
+    for table in ["routes", "firewall_rules"] {
+        for event in ["INSERT", "UPDATE", "DELETE"] {
+            create.push_str(&format!(
+                "CREATE TRIGGER fail_{table}_{event} BEFORE {event} ON {table} \
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;"
+            ));
+            drop_all.push_str(&format!("DROP TRIGGER fail_{table}_{event};"));
+        }
+    }
+    inject(&create);
+
+    let (b_addr, a_addr) = (b.addr.to_string(), a.addr.to_string());
+    for args in [
+        vec![
+            "routes",
+            "add",
+            "--listener",
+            &l,
+            "--hostname",
+            "a.test",
+            "--backend",
+            &b_addr,
+        ],
+        vec![
+            "routes",
+            "add",
+            "--listener",
+            &l,
+            "--hostname",
+            "b.test",
+            "--backend",
+            &b_addr,
+        ],
+        vec!["routes", "remove", "--listener", &l, "--hostname", "a.test"],
+        vec!["firewall", "add", "--ip", "127.0.0.1"],
+    ] {
+        let (code, out, err) = proxy.cli(&args);
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(err.starts_with("mc-proxy: INTERNAL: "), "{args:?}: {err}");
+    }
+    // Nothing changed, in memory or on disk.
+    assert_eq!(who(addr(port), "a.test", &pki).await.unwrap(), "A");
+    assert!(who(addr(port), "b.test", &pki).await.is_err());
+    assert_eq!(
+        db_routes(&proxy.db()),
+        vec![(l.clone(), "a.test".to_string(), a_addr)]
+    );
+    let (_, out, _) = proxy.cli(&["routes", "list", "--json"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 1);
+    assert!(db_rules(&proxy.db()).is_empty());
+
+    // Once the DB takes writes again, so does the server.
+    inject(&drop_all);
+    let (code, out, err) = proxy.cli(&[
+        "routes",
+        "add",
+        "--listener",
+        &l,
+        "--hostname",
+        "a.test",
+        "--backend",
+        &b_addr,
+    ]);
+    assert_eq!((code, out.as_str()), (0, "updated\n"), "{err}");
+    assert_eq!(who(addr(port), "a.test", &pki).await.unwrap(), "B");
+}
+
 /// A server with a TCP admin API that requires client certificates from
 /// `pki`, its config holding a good client certificate for the CLI, and
 /// files for a client certificate from `rogue` (another CA).

@@ -39,11 +39,15 @@ fn setup(dir: &Path, port: u16, backend: SocketAddr, firewall: &str) -> String {
     )
 }
 
-fn blocked_count(proxy: &Proxy) -> i64 {
+/// `(total_connections, blocked_connections)` from `mc-proxy status --json`.
+fn counts(proxy: &Proxy) -> (i64, i64) {
     let (code, out, err) = proxy.cli(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    status["blocked_connections"].as_i64().unwrap()
+    (
+        status["total_connections"].as_i64().unwrap(),
+        status["blocked_connections"].as_i64().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +89,8 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
-    assert_eq!(blocked_count(&proxy), 2);
+    // Blocked connections are counted, in the total too.
+    assert_eq!(counts(&proxy), (3, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
