@@ -230,15 +230,16 @@ fn refused(target: &ClientTarget, status: &Status) -> ExitCode {
     let transport_failed = std::error::Error::source(status).is_some()
         && matches!(status.code(), Code::Unavailable | Code::Unknown);
     if transport_failed || matches!(status.code(), Code::Unavailable | Code::Cancelled) {
-        let reason = match std::error::Error::source(status) {
+        let mut reason = match std::error::Error::source(status) {
             Some(source) => client::error_chain(source),
-            None if status.code() == Code::Cancelled => format!(
-                "the server closed the connection during the call ({}); \
-                 over mTLS, check the client certificate",
-                one_line(status.message())
-            ),
             None => one_line(status.message()),
         };
+        if status.code() == Code::Cancelled {
+            reason = format!(
+                "the server closed the connection during the call ({reason}); \
+                 over mTLS, check the client certificate"
+            );
+        }
         return fail(
             1,
             &format!("cannot reach admin API at {}: {reason}", target.addr),
