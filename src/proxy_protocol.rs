@@ -654,6 +654,38 @@ mod tests {
         }
     }
 
+    /// The promises the fuzz target checks, for one input.
+    fn check_promises(data: &[u8]) {
+        match parse(data) {
+            Ok(Parse::Done(header)) => {
+                assert!(header.len <= data.len());
+                assert_eq!(check_all_prefixes(&data[..header.len]), header);
+            }
+            Ok(Parse::NeedMore) => {
+                assert!(data.len() < V2_MAX_LEN);
+                for cut in 0..data.len() {
+                    assert_eq!(parse(&data[..cut]), Ok(Parse::NeedMore));
+                }
+            }
+            Err(reject) => {
+                let longer = [data, b" 1\r\n\x16\x03\x01"].concat();
+                assert_eq!(parse(&longer), Err(reject));
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_corpus_replays_keep_the_promises() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/proxy_protocol");
+        let mut count = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            check_promises(&std::fs::read(&path).unwrap());
+            count += 1;
+        }
+        assert!(count >= 10, "only {count} corpus files in {dir}");
+    }
+
     #[test]
     fn encode_v2_matches_the_spec_example_bytes() {
         let mut out = Vec::new();
