@@ -457,6 +457,7 @@ async fn backend_reset_mid_stream_resets_the_client_and_counts_the_bytes() {
         &["connection closed", "reset.test"],
         Duration::from_secs(10),
     );
+    eprintln!("{line}");
     assert!(line.contains(&format!("down={SENT}")), "{line}");
     assert!(line.contains(&format!("up={hello_len}")), "{line}");
     assert!(line.contains("backend→client"), "{line}");
