@@ -698,14 +698,7 @@ async fn geoip_file_deleted_at_runtime_keeps_the_old_data_and_logs_an_error() {
         let listen = setup.listen;
         let config = pki.client_config();
         async move {
-            // The reset may come before connect() even returns.
-            let end = match connect_from(blocked, listen).await {
-                Ok(mut stream) => {
-                    let _ = stream.write_all(&client_hello(Some("ok.test"))).await;
-                    read_all(&mut stream, Duration::from_secs(10)).await.1
-                }
-                Err(e) => Err(e),
-            };
+            let (_, end) = hello_from(blocked, listen, "ok.test").await;
             assert!(saw_reset(&end), "{label}: KP client not reset: {end:?}");
             // The SE client completes a TLS handshake with the backend.
             let stream = connect_from(allowed, listen).await.unwrap();

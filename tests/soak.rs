@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,18 +112,9 @@ fn start_traffic(
         let (counts, stop) = (counts.clone(), stop.clone());
         tasks.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let result = async {
-                    let mut stream = connect_from(IpAddr::V4(BLOCKED_SOURCE), listen).await?;
-                    let _ = stream.write_all(&client_hello(Some("hs.test"))).await;
-                    Ok::<_, std::io::Error>(read_all(&mut stream, Duration::from_secs(10)).await)
-                }
-                .await;
+                let result = hello_from(IpAddr::V4(BLOCKED_SOURCE), listen, "hs.test").await;
                 match result {
-                    // The reset may come before connect() even returns.
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                        counts.blocked_reset.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok((bytes, end)) if bytes.is_empty() && saw_reset(&end) => {
+                    (bytes, end) if bytes.is_empty() && saw_reset(&end) => {
                         counts.blocked_reset.fetch_add(1, Ordering::Relaxed);
                     }
                     other => {
@@ -244,14 +235,16 @@ async fn slowloris(listen: SocketAddr, hello: &[u8]) -> Result<(), String> {
 /// Every 100 ms one change through the admin API: add a route, remove an
 /// old one, add or remove a firewall rule (on TEST-NET addresses, never
 /// the loopback clients). Returns the routes the acknowledged changes
-/// leave: listener → hostname → backend.
+/// leave (hostname → backend on `listener`) and the churned rules that
+/// they leave.
 async fn churn(
     admin_addr: AdminAddr,
     listener: String,
     counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
     mut routes: BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
+) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    let mut rules = BTreeSet::new();
     let mut admin = client::connect(&admin_addr, &ClientTls::default())
         .await
         .unwrap();
@@ -295,26 +288,26 @@ async fn churn(
                 }
             }
             _ => {
+                // Add one rule, and four ticks later remove it again.
+                let adding = n % 8 == 3;
+                let value = format!("198.51.100.{}", if adding { n } else { n - 4 } % 200);
                 let rule = Some(proto::FirewallRule {
                     r#type: FirewallRuleType::Ip.into(),
-                    value: format!("198.51.100.{}", n % 200),
+                    value: value.clone(),
                 });
-                if n % 8 == 3 {
+                if adding {
                     admin
                         .add_firewall_rule(proto::AddFirewallRuleRequest { rule })
                         .await
-                        .map(|_| ())
+                        .map(|_| {
+                            rules.insert(value);
+                        })
                 } else {
                     admin
                         .remove_firewall_rule(proto::RemoveFirewallRuleRequest { rule })
                         .await
-                        .map(|_| ())
-                        .or_else(|e| {
-                            if e.code() == tonic::Code::NotFound {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
+                        .map(|_| {
+                            rules.remove(&value);
                         })
                 }
             }
@@ -327,7 +320,7 @@ async fn churn(
             }
         };
     }
-    routes
+    (routes, rules)
 }
 
 /// Waits until the proxy holds no client connection (GetStatus), then a
@@ -371,6 +364,22 @@ fn db_routes(db: &std::path::Path, listener: &str) -> BTreeMap<String, String> {
         .query_map([listener], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap()
         .collect::<Result<BTreeMap<_, _>, _>>()
+        .unwrap();
+    rows
+}
+
+/// The churned firewall rules (IPs in 198.51.100.0/24) in the DB file.
+fn db_churned_rules(db: &std::path::Path) -> BTreeSet<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT value FROM firewall_rules WHERE type = 'ip' AND value LIKE '198.51.100.%'")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<BTreeSet<String>, _>>()
         .unwrap();
     rows
 }
@@ -442,12 +451,13 @@ async fn soak_mixed_traffic_with_admin_churn() {
         peak_fds = peak_fds.max(now.fds);
     }
     stop.store(true, Ordering::Relaxed);
-    let expected_routes = churner.await.unwrap();
+    let (expected_routes, expected_rules) = churner.await.unwrap();
     while traffic.join_next().await.is_some() {}
     let ran = started.elapsed();
     wait_at_rest(&admin_addr).await;
     let after = proc_figures(pid);
     let on_disk = db_routes(&db, &listener);
+    let rules_on_disk = db_churned_rules(&db);
 
     // Good clients: the proxy's own log must show no relay error for them.
     let log = proxy.log_text();
@@ -475,7 +485,7 @@ async fn soak_mixed_traffic_with_admin_churn() {
          long streams: {} ok, {} failed, {} bytes echoed\n\
          slowloris: {} cut by the handshake timeout, {} not cut\n\
          blocked sources: {} reset, {} not reset\n\
-         admin changes: {} acknowledged, {} failed; routes in DB {} = expected {}\n\
+         admin changes: {} acknowledged, {} failed; routes in DB {} = expected {}; churned rules in DB {} = expected {}\n\
          proxy log: {good_relayed} good connections relayed, {} with an error",
         before.fds,
         after.fds,
@@ -495,6 +505,8 @@ async fn soak_mixed_traffic_with_admin_churn() {
         Counts::get(&c.admin_failures),
         on_disk.len(),
         expected_routes.len(),
+        rules_on_disk.len(),
+        expected_rules.len(),
         good_errors.len(),
     );
     eprintln!("{report}");
@@ -517,6 +529,10 @@ async fn soak_mixed_traffic_with_admin_churn() {
     assert!(
         Counts::get(&c.slowloris_cut) > 0 && Counts::get(&c.blocked_reset) > 0,
         "{report}"
+    );
+    assert_eq!(
+        rules_on_disk, expected_rules,
+        "acknowledged rule changes missing: {report}"
     );
     assert_eq!(
         on_disk, expected_routes,

@@ -634,3 +634,22 @@ pub async fn connect_from(source: std::net::IpAddr, to: SocketAddr) -> io::Resul
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(to).await
 }
+
+/// Connects from `source`, sends a ClientHello for `sni` and reads to the
+/// end: the bytes received and how it ended. A reset seen by the connect or
+/// by the write is that end too (the kernel reports a reset once, to
+/// whichever call comes first; later reads just see EOF).
+pub async fn hello_from(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    sni: &str,
+) -> (Vec<u8>, io::Result<()>) {
+    let mut stream = match connect_from(source, to).await {
+        Ok(stream) => stream,
+        Err(e) => return (Vec::new(), Err(e)),
+    };
+    if let Err(e) = stream.write_all(&client_hello(Some(sni))).await {
+        return (Vec::new(), Err(e));
+    }
+    read_all(&mut stream, Duration::from_secs(10)).await
+}
