@@ -2,6 +2,7 @@
 CARGO ?= cargo
 
 .PHONY: all mc-proxy devserver test lint fmt bench help
+.PHONY: soak fuzz-replay fuzz-build
 
 all: lint test mc-proxy ## lint, test, release build
 
@@ -21,6 +22,16 @@ lint: ## rustfmt check and clippy with warnings as errors
 
 fmt:
 	$(CARGO) fmt --all
+
+SOAK_SECS ?= 600
+soak: ## 10-minute soak (SOAK_SECS=600): mixed traffic + admin churn on a release build; prints the figures
+	SOAK_SECS=$(SOAK_SECS) $(CARGO) test --locked --release --test soak -- --ignored --nocapture
+
+fuzz-replay: ## replay the committed fuzz corpora through the parsers (stable; also part of make test)
+	$(CARGO) test --locked --test fuzz_corpus
+
+fuzz-build: ## build the cargo-fuzz targets (needs a nightly toolchain and cargo-fuzz)
+	cd fuzz && $(CARGO) +nightly fuzz build -O
 
 help:
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'

@@ -76,6 +76,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 async fn serve(config: Config) -> Result<(), ServerError> {
     let source = config.source.display().to_string();
 
+    // 0. The GeoIP file first: a config error must stop the start before
+    // the store is created or seeded from this config. The rules come from
+    // the store below.
+    let firewall = Firewall::new(&config.firewall, &[])
+        .map_err(|e| ServerError::config(format!("{source}: firewall.geoip_db: {e}")))?;
+
     // 1. The store: the truth for routes and rules (seeded on first run).
     let db_path = config.database.path.clone();
     let opened = {
@@ -90,8 +96,7 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     let loaded = opened.state;
 
     // 2. The in-memory tables.
-    let firewall = Firewall::new(&config.firewall, &loaded.rules)
-        .map_err(|e| ServerError::config(format!("{source}: firewall.geoip_db: {e}")))?;
+    firewall.replace_rules(&loaded.rules);
     let firewall = Arc::new(firewall);
     let routes = Arc::new(Routes::new(
         loaded

@@ -20,12 +20,12 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
 use tracing::{debug, error, info, warn};
@@ -286,9 +286,20 @@ async fn serve_unix(
     info!(addr = %format!("unix:{}", path.display()), "admin API listening");
 
     let path_owned = path.to_path_buf();
+    // Our own accept loop, not `UnixListenerStream`: tonic skips an accept
+    // error and polls again at once, so at the descriptor limit (EMFILE) it
+    // would spin a core. This one backs off.
+    let (stop_accepting, accepting_stopped) = oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_accepting.send(());
+    };
+    let (streams, incoming) = mpsc::channel::<io::Result<UnixStream>>(16);
     let task = tokio::spawn(async move {
-        let incoming = UnixListenerStream::new(listener);
-        serve_bounded(router, incoming, shutdown).await;
+        let accept_loop = tokio::spawn(accept_unix(listener, streams, accepting_stopped));
+        serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
+        accept_loop.abort();
+        let _ = accept_loop.await;
         match std::fs::symlink_metadata(&path_owned) {
             Ok(m) if (m.dev(), m.ino()) == identity => {
                 if let Err(err) = std::fs::remove_file(&path_owned) {
@@ -303,6 +314,53 @@ async fn serve_unix(
         local_addr: AdminAddr::Unix(path.to_path_buf()),
         task,
     })
+}
+
+/// Longest wait between retries when `accept` fails for lack of resources.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The next wait after a failed `accept`: 10 ms, doubling up to
+/// [`MAX_ACCEPT_BACKOFF`].
+fn next_backoff(backoff: Duration) -> Duration {
+    (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF)
+}
+
+/// Accepts unix-socket clients and hands them to the gRPC server. On an
+/// accept error (EMFILE, ENFILE, ENOMEM...) it waits, doubling the wait up to
+/// [`MAX_ACCEPT_BACKOFF`], instead of retrying at once.
+async fn accept_unix(
+    listener: UnixListener,
+    streams: mpsc::Sender<io::Result<UnixStream>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    if streams.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    backoff = next_backoff(backoff);
+                    warn!(
+                        error = %err,
+                        backoff_ms = backoff.as_millis() as u64,
+                        "admin API accept failed; backing off"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = streams.closed() => return,
+                        _ = &mut stop => return,
+                    }
+                }
+            },
+            () = streams.closed() => return,
+            _ = &mut stop => return,
+        }
+    }
 }
 
 /// `sun_path` is 108 bytes on Linux, with a terminating NUL.
@@ -462,20 +520,27 @@ async fn accept_tls(
     mut stop: oneshot::Receiver<()>,
 ) {
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let mut backoff = Duration::ZERO;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %err, "admin API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff = next_backoff(backoff);
+                    warn!(
+                        error = %err,
+                        backoff_ms = backoff.as_millis() as u64,
+                        "admin API accept failed; backing off"
+                    );
+                    tokio::time::sleep(backoff).await;
                     continue;
                 }
             },
             () = streams.closed() => return,
             _ = &mut stop => return,
         };
+        backoff = Duration::ZERO;
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             debug!(%peer, "admin API: too many TLS handshakes in progress; dropping connection");
             continue;

@@ -146,6 +146,8 @@ pub async fn tls_backend(pki: &Pki, name: &str, hostnames: &[&str]) -> TlsBacken
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
+            // Without it, small echoes wait ~40 ms for delayed ACKs (Nagle).
+            let _ = stream.set_nodelay(true);
             let acceptor = acceptor.clone();
             let label = label.clone();
             tokio::spawn(async move {
@@ -485,4 +487,350 @@ pub fn std_read_all(stream: &mut std::net::TcpStream) -> (Vec<u8>, io::Result<()
     let mut all = Vec::new();
     let result = stream.read_to_end(&mut all).map(|_| ());
     (all, result)
+}
+
+// ---- end-to-end helpers: sources, admin API, DB on disk -------------------
+
+/// A TCP connection to `addr` from the loopback address `source`
+/// (127.0.0.2, ...), so firewall rules can tell test clients apart.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> io::Result<TcpStream> {
+    let source: std::net::IpAddr = source
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// Like [`who`], from the loopback address `source`.
+pub async fn who_from(source: &str, addr: SocketAddr, sni: &str, pki: &Pki) -> io::Result<String> {
+    let name = ServerName::try_from(sni.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let handshake = async {
+        let tcp = connect_from(source, addr).await?;
+        TlsConnector::from(pki.client_config())
+            .connect(name, tcp)
+            .await
+    };
+    let mut tls = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tls connect"))??;
+    let line = read_line(&mut tls).await?;
+    Ok(line.trim_start_matches("backend=").to_string())
+}
+
+/// Connects from `source` and, without sending anything, reads until the
+/// connection ends: what a client the firewall refuses sees (zero bytes, a
+/// reset).
+pub async fn refused_from(source: &str, addr: SocketAddr) -> (Vec<u8>, io::Result<()>) {
+    match connect_from(source, addr).await {
+        Ok(mut stream) => read_all(&mut stream, Duration::from_secs(10)).await,
+        Err(e) => (Vec::new(), Err(e)),
+    }
+}
+
+/// Asserts that a connection from `source` is reset before a byte arrives.
+pub async fn assert_reset(source: &str, addr: SocketAddr) {
+    let (bytes, result) = refused_from(source, addr).await;
+    assert!(bytes.is_empty(), "{source} got {} bytes", bytes.len());
+    assert!(
+        saw_reset(&result),
+        "{source}: expected a connection reset, got {result:?}"
+    );
+}
+
+/// `[database]` in `dir` and a unix-socket `[grpc]` section, then `body`.
+pub fn admin_config(dir: &Path, body: &str) -> String {
+    format!(
+        "[database]\npath = \"{}\"\n\n[grpc]\naddr = \"unix:{}\"\n\n{body}",
+        dir.join("mc-proxy.db").display(),
+        dir.join("admin.sock").display()
+    )
+}
+
+/// A `[[listeners]]` block with `(hostname, backend)` routes.
+pub fn listener_toml(addr: &str, routes: &[(&str, SocketAddr)]) -> String {
+    let mut out = format!("[[listeners]]\naddr = \"{addr}\"\n");
+    for (host, backend) in routes {
+        out.push_str(&format!(
+            "  [[listeners.routes]]\n  hostname = \"{host}\"\n  backend = \"{backend}\"\n"
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+impl Proxy {
+    /// Runs a CLI subcommand against this server's config: `args` then
+    /// `-c CONFIG`.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let config = self.config.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-c", config.as_str()]);
+        run_cli(&all)
+    }
+
+    /// The database file named by the config (`DIR/mc-proxy.db`).
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("mc-proxy.db")
+    }
+
+    /// The admin socket of [`admin_config`].
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    /// SIGTERM, then waits for exit 0.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(20));
+        assert!(
+            matches!(status, Some(s) if s.success()),
+            "mc-proxy did not exit 0 on SIGTERM: {status:?}\n{}",
+            self.log_text()
+        );
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until at least `n` log lines contain `needle`.
+    pub fn wait_count(&self, needle: &str, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.count_log(needle) < n {
+            if Instant::now() > deadline {
+                panic!(
+                    "fewer than {n} log lines with {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `(listener, hostname, backend)` rows of the routes table, read straight
+/// from the DB file (read-only, so a running server is not disturbed).
+pub fn db_routes(db: &Path) -> Vec<(String, String, String)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT l.addr, r.hostname, r.backend FROM routes r \
+             JOIN listeners l ON l.id = r.listener_id ORDER BY l.addr, r.hostname",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// `(type, value)` rows of the firewall_rules table, read-only.
+pub fn db_rules(db: &Path) -> Vec<(String, String)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT type, value FROM firewall_rules ORDER BY type, value")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// The admin API of a server started on [`admin_config`].
+pub async fn admin_client(
+    socket: &Path,
+) -> mc_proxy::admin::proto::proxy_admin_service_client::ProxyAdminServiceClient<
+    tonic::transport::Channel,
+> {
+    mc_proxy::admin::client::connect(
+        &mc_proxy::config::AdminAddr::Unix(socket.to_path_buf()),
+        &mc_proxy::config::ClientTls::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// `mode & 0o777` of a file.
+pub fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+// ---- process figures and limits (hardening, soak) ---------------------------
+
+/// A process's figures from /proc: CPU time (user + system), resident set,
+/// open descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcFigures {
+    pub cpu: Duration,
+    pub rss_kib: u64,
+    pub fds: usize,
+}
+
+/// Clock ticks per second for /proc/PID/stat (`getconf CLK_TCK`, 100 if
+/// that fails).
+pub fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// User + system CPU time of process `pid` so far (/proc/PID/stat fields
+/// 14 and 15, after the parenthesised command name).
+pub fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state): utime is field 14, stime field 15.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 1000 / clock_ticks())
+}
+
+/// VmRSS of process `pid` in KiB.
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Open descriptors of process `pid`.
+pub fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+pub fn proc_figures(pid: u32) -> ProcFigures {
+    ProcFigures {
+        cpu: proc_cpu(pid),
+        rss_kib: proc_rss_kib(pid),
+        fds: proc_fds(pid),
+    }
+}
+
+/// Sets process `pid`'s descriptor limit (soft and hard) with `prlimit`.
+pub fn set_nofile(pid: u32, limit: u64) {
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit (util-linux) is needed");
+    assert!(
+        status.success(),
+        "prlimit --pid {pid} --nofile={limit} failed"
+    );
+}
+
+/// Process `pid`'s descriptor limits (soft, hard) from /proc/PID/limits.
+pub fn nofile_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let mut values = line.split_whitespace().skip(3).map(|v| {
+        if v == "unlimited" {
+            u64::MAX
+        } else {
+            v.parse().unwrap()
+        }
+    });
+    (values.next().unwrap(), values.next().unwrap())
+}
+
+/// Raises process `pid`'s soft descriptor limit to at least `want` when it
+/// is lower (never above its hard limit: raising that needs
+/// CAP_SYS_RESOURCE). Panics if the hard limit is below `want`.
+pub fn raise_nofile(pid: u32, want: u64) {
+    let (soft, hard) = nofile_limits(pid);
+    assert!(
+        hard >= want,
+        "this test needs {want} descriptors; the hard limit is {hard}"
+    );
+    if soft < want {
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={want}:{hard}"))
+            .status()
+            .expect("prlimit (util-linux) is needed");
+        assert!(
+            status.success(),
+            "prlimit --pid {pid} --nofile={want}:{hard} failed"
+        );
+    }
+}
+
+/// Raises this test process's soft descriptor limit to at least `want`.
+pub fn ensure_own_nofile(want: u64) {
+    raise_nofile(std::process::id(), want);
+}
+
+/// A GeoIP (Country-shaped) database mapping each network to its ISO code.
+pub fn geoip_db(entries: &[(&str, &str)]) -> Vec<u8> {
+    use mmdb_writer::{Value, Writer};
+    let mut writer = Writer::new("GeoLite2-Country");
+    for (net, iso) in entries {
+        let country = Value::map([
+            ("geoname_id", Value::from(1_u32)),
+            ("iso_code", Value::from(*iso)),
+            ("names", Value::map([("en", Value::from(*iso))])),
+        ]);
+        writer
+            .insert_value(
+                net.parse::<ipnet::IpNet>().unwrap(),
+                Value::map([("country", country)]),
+            )
+            .unwrap();
+    }
+    writer.to_bytes().unwrap()
+}
+
+/// Connects from a chosen loopback source address (127.0.0.0/8).
+pub async fn connect_from_ip(source: std::net::IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(to).await
+}
+
+/// Connects from `source`, sends a ClientHello for `sni` and reads to the
+/// end: the bytes received and how it ended. A reset seen by the connect or
+/// by the write is that end too (the kernel reports a reset once, to
+/// whichever call comes first; later reads just see EOF).
+pub async fn hello_from(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    sni: &str,
+) -> (Vec<u8>, io::Result<()>) {
+    let mut stream = match connect_from_ip(source, to).await {
+        Ok(stream) => stream,
+        Err(e) => return (Vec::new(), Err(e)),
+    };
+    if let Err(e) = stream.write_all(&client_hello(Some(sni))).await {
+        return (Vec::new(), Err(e));
+    }
+    read_all(&mut stream, Duration::from_secs(10)).await
 }

@@ -1,0 +1,76 @@
+//! Fuzzes the config loader: arbitrary bytes → `Config::parse` → an error or
+//! a validated `Config`, never a panic. Beyond that it checks what the loader
+//! promises: an error is one non-empty line naming the file; a `Config` has
+//! a database path resolved against the config's directory, unique listener
+//! addresses, unique hostnames per listener, and hostnames and backends that
+//! parse back to themselves from their display form.
+#![no_main]
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+
+// Included by path (like the hello target) so the fuzz build needs only the
+// config loader's own dependencies, not the whole server's.
+#[allow(dead_code)]
+#[path = "../../src/config.rs"]
+mod config;
+#[allow(dead_code)]
+#[path = "../../src/routes.rs"]
+mod routes;
+#[allow(dead_code)]
+#[path = "../../src/firewall/rule.rs"]
+pub mod rule;
+mod firewall {
+    pub use super::rule;
+}
+
+use config::Config;
+use routes::{Backend, Hostname};
+
+const SOURCE: &str = "/etc/mc-proxy/mc-proxy.toml";
+
+fuzz_target!(|data: &[u8]| {
+    // The loader reads the file as UTF-8 text; invalid UTF-8 is an error
+    // before parsing, so feed it the lossy text to reach the parser anyway.
+    let text = String::from_utf8_lossy(data);
+    let source = Path::new(SOURCE);
+    match Config::parse(&text, source) {
+        Err(err) => {
+            let line = err.to_string();
+            assert!(
+                line.starts_with(SOURCE),
+                "error does not name the file: {line}"
+            );
+            assert!(!err.message.is_empty(), "empty error message");
+            assert!(!line.contains('\n'), "error is not one line: {line:?}");
+        }
+        Ok(config) => {
+            assert_eq!(config.source, source);
+            assert!(
+                config.database.path.is_absolute(),
+                "{:?}",
+                config.database.path
+            );
+            if let Some(tls) = config.grpc.as_ref().and_then(|g| g.tls.as_ref()) {
+                assert!(tls.cert.is_absolute() && tls.key.is_absolute());
+            }
+            let mut binds = HashSet::new();
+            for listener in &config.listeners {
+                assert!(binds.insert(listener.addr.bind), "duplicate listener");
+                let mut names = HashSet::new();
+                for route in &listener.routes {
+                    assert!(names.insert(route.hostname.clone()), "duplicate hostname");
+                    let shown = route.hostname.to_string();
+                    assert_eq!(Hostname::parse(&shown).ok().as_ref(), Some(&route.hostname));
+                    let shown = route.backend.to_string();
+                    assert_eq!(Backend::parse(&shown).ok().as_ref(), Some(&route.backend));
+                }
+            }
+            // Same text, same answer.
+            let again = Config::parse(&text, source).expect("second parse failed");
+            assert_eq!(format!("{config:?}"), format!("{again:?}"));
+        }
+    }
+});

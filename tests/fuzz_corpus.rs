@@ -1,0 +1,130 @@
+//! Replays every file of the committed fuzz corpora (`fuzz/corpus/TARGET/`)
+//! through the parser its fuzz target feeds, on stable, deterministically:
+//! whatever the fuzzers once found interesting must still parse or be
+//! refused cleanly, never panic. A failing file is named in the message.
+//!
+//! Adding a target is one line in the `replay!` list at the bottom.
+
+use std::path::{Path, PathBuf};
+
+use mc_proxy::config::Config;
+use mc_proxy::hello::{self, Parse};
+use mc_proxy::proxy_protocol;
+
+/// The files of `fuzz/corpus/NAME`, sorted (the corpus must exist and be
+/// non-empty: a missing corpus is a failure, not a pass).
+fn corpus(name: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(name);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{}: empty corpus", dir.display());
+    files
+}
+
+/// Runs `check` on every file of the corpus; reports every file that
+/// panicked, by name.
+fn replay(name: &str, check: fn(&[u8])) {
+    let files = corpus(name);
+    let mut failed = Vec::new();
+    for path in &files {
+        let data = std::fs::read(path).unwrap();
+        if std::panic::catch_unwind(|| check(&data)).is_err() {
+            failed.push(path.display().to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} {name} corpus files panicked:\n{}",
+        failed.len(),
+        files.len(),
+        failed.join("\n")
+    );
+}
+
+/// The hello reader: an answer for every input, consistent with itself.
+fn check_hello(data: &[u8]) {
+    match hello::parse(data) {
+        Ok(Parse::Done(found)) => {
+            assert!(found.record_len <= data.len());
+            let records = &data[..found.record_len];
+            assert_eq!(hello::parse(records), Ok(Parse::Done(found.clone())));
+            assert_eq!(
+                hello::parse(&records[..records.len() - 1]),
+                Ok(Parse::NeedMore)
+            );
+        }
+        Ok(Parse::NeedMore) => {
+            assert_eq!(hello::parse(&data[..data.len() / 2]), Ok(Parse::NeedMore));
+        }
+        Err(_) => {}
+    }
+}
+
+/// The config loader: a validated config or a one-line error naming the
+/// file, never a panic.
+fn check_config(data: &[u8]) {
+    let source = Path::new("/etc/mc-proxy/mc-proxy.toml");
+    let text = String::from_utf8_lossy(data);
+    match Config::parse(&text, source) {
+        Ok(config) => assert!(config.database.path.is_absolute()),
+        Err(err) => {
+            let line = err.to_string();
+            assert!(line.starts_with("/etc/mc-proxy/mc-proxy.toml"), "{line}");
+            assert!(!line.contains('\n'), "{line:?}");
+        }
+    }
+}
+
+/// The PROXY protocol reader: a finished header's answer does not depend on
+/// what follows it and every strict prefix needs more; a rejection stays a
+/// rejection whatever follows.
+fn check_proxy_protocol(data: &[u8]) {
+    match proxy_protocol::parse(data) {
+        Ok(proxy_protocol::Parse::Done(header)) => {
+            assert!(header.len <= data.len());
+            let exact = &data[..header.len];
+            assert_eq!(
+                proxy_protocol::parse(exact),
+                Ok(proxy_protocol::Parse::Done(header))
+            );
+            assert_eq!(
+                proxy_protocol::parse(&exact[..exact.len() - 1]),
+                Ok(proxy_protocol::Parse::NeedMore)
+            );
+        }
+        Ok(proxy_protocol::Parse::NeedMore) => {
+            assert_eq!(
+                proxy_protocol::parse(&data[..data.len() / 2]),
+                Ok(proxy_protocol::Parse::NeedMore)
+            );
+        }
+        Err(reject) => {
+            let mut longer = data.to_vec();
+            longer.extend_from_slice(b" 1\r\n\x16\x03\x01");
+            assert_eq!(proxy_protocol::parse(&longer), Err(reject));
+        }
+    }
+}
+
+macro_rules! replay {
+    ($($target:ident => $check:expr;)*) => {
+        $(
+            #[test]
+            fn $target() {
+                replay(stringify!($target), $check);
+            }
+        )*
+    };
+}
+
+replay! {
+    hello => check_hello;
+    config => check_config;
+    proxy_protocol => check_proxy_protocol;
+}
