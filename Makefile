@@ -28,8 +28,8 @@ BENCH_ARGS ?=
 # End-to-end tool flags, e.g. E2E_ARGS='--phases idle --idle 100,1000,9900'.
 E2E_ARGS ?=
 
-bench: ## micro-benchmarks (hello, routes, firewall) and the loopback end-to-end run through target/release/mc-proxy
-	$(CARGO) bench --locked --bench hello --bench routes --bench firewall -- $(BENCH_ARGS)
+bench: ## micro-benchmarks (hello, routes, firewall, edge) and the loopback end-to-end run through target/release/mc-proxy
+	$(CARGO) bench --locked --bench hello --bench routes --bench firewall --bench edge -- $(BENCH_ARGS)
 	$(CARGO) build --release --locked
 	$(CARGO) run --release --locked --example mc-proxy-bench -- --bin target/release/mc-proxy $(E2E_ARGS)
 
