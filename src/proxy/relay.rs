@@ -226,8 +226,12 @@ mod zero_copy {
 
     use super::{pass_fin, sys, Activity, PumpEnd};
 
-    /// Bytes asked of one splice: the default pipe capacity (16 pages).
-    const PIPE_CHUNK: usize = 64 * 1024;
+    /// Capacity asked for each new pipe, and so the most one splice moves:
+    /// four times the default 64 KiB halves the splices per GiB and lets a
+    /// fast source run further ahead of its destination. If the kernel
+    /// refuses (the per-user pipe-memory limit), the pipe keeps its default
+    /// capacity and splices simply move less at a time.
+    const PIPE_SIZE: usize = 256 * 1024;
     /// Pipes that may exist at once (two descriptors each): a cap on what
     /// bulk transfers can take from the file-descriptor budget.
     pub const PIPES_MAX: usize = 1024;
@@ -265,7 +269,10 @@ mod zero_copy {
                         return None;
                     }
                     match sys::pipe() {
-                        Ok(pipe) => pipe,
+                        Ok(pipe) => {
+                            let _ = sys::set_pipe_size(&pipe, PIPE_SIZE);
+                            pipe
+                        }
                         Err(e) => {
                             LIVE.fetch_sub(1, Ordering::Relaxed);
                             tracing::debug!(error = %e, "no pipe for splice; copying");
@@ -333,7 +340,7 @@ mod zero_copy {
                     return Round::Copy;
                 };
                 from.try_io(Interest::READABLE, || {
-                    sys::splice(from.as_fd(), pipe.write.as_fd(), PIPE_CHUNK)
+                    sys::splice(from.as_fd(), pipe.write.as_fd(), PIPE_SIZE)
                 })
             };
             let n = match filled {

@@ -84,3 +84,21 @@ pub fn splice(
         Ok(n as usize)
     }
 }
+
+/// Asks for `pipe`'s capacity to be `bytes` (`fcntl(F_SETPIPE_SZ)`); returns
+/// the capacity the kernel granted (it rounds up to a power-of-two number of
+/// pages), or the error (e.g. `EPERM` past the per-user pipe-memory limit).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn set_pipe_size(pipe: &Pipe, bytes: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is owned by `pipe` and open for the whole call;
+    // F_SETPIPE_SZ takes an int argument and touches no user memory.
+    let granted = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) };
+    if granted < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(granted as usize)
+    }
+}
