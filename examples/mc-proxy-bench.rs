@@ -285,6 +285,12 @@ fn start_proxy(args: &Args, dir: &std::path::Path) -> Result<Child> {
 
 async fn run(args: Args) -> Result<()> {
     let mut children = Children(Vec::new());
+    if TcpStream::connect(args.backend_listen).await.is_ok() {
+        bail!(
+            "something already listens on {}; pick another --backend-listen",
+            args.backend_listen
+        );
+    }
     children.0.push(
         Command::new(std::env::current_exe()?)
             .arg("--serve-backend")
@@ -299,11 +305,24 @@ async fn run(args: Args) -> Result<()> {
     let (proxy, pid) = match (args.proxy, args.pid) {
         (Some(addr), Some(pid)) => (addr, pid),
         _ => {
+            // Else the proxy started here fails to bind and the run would
+            // silently measure whatever already listens there.
+            if TcpStream::connect(args.listen).await.is_ok() {
+                bail!(
+                    "something already listens on {}; pick another --listen",
+                    args.listen
+                );
+            }
             let child = start_proxy(&args, dir.path())?;
             let pid = child.id();
             children.0.push(child);
             let started = Instant::now();
             wait_listening(args.listen).await?;
+            if let Some(child) = children.0.last_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("{} exited at start: {status}", args.bin.display());
+                }
+            }
             println!(
                 "proxy: {} pid {pid}, {} routes, listening after {:.2} s",
                 args.bin.display(),
