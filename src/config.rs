@@ -308,7 +308,7 @@ struct RawLog {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
-    addr: Parsed<SocketAddrValue>,
+    addr: Option<Parsed<SocketAddrValue>>,
 }
 
 /// A string field parsed by `T::parse_field` during deserialisation, so that
@@ -632,7 +632,16 @@ impl Config {
             log: LogConfig {
                 level: raw.log.level.map_or_else(|| "info".to_string(), |l| l.0 .0),
             },
-            metrics: raw.metrics.map(|m| MetricsConfig { addr: m.addr.0 .0 }),
+            metrics: raw
+                .metrics
+                .map(|m| match m.addr {
+                    Some(addr) => Ok(MetricsConfig { addr: addr.0 .0 }),
+                    None => Err(fail(
+                        "metrics.addr",
+                        "required in a [metrics] section (like \"127.0.0.1:9091\")".into(),
+                    )),
+                })
+                .transpose()?,
         })
     }
 }
@@ -835,6 +844,14 @@ level = "debug"
         assert_eq!(
             key_of(&format!("{MINIMAL}[metrics]\naddr = \"x\"\n")),
             "metrics.addr"
+        );
+        // Regression: a [metrics] section without addr named only "metrics".
+        assert_eq!(key_of(&format!("{MINIMAL}[metrics]\n")), "metrics.addr");
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[[listeners]]\naddr = \":1\"\nproxy_protocol = 1\n"
+            )),
+            "listeners[0].proxy_protocol"
         );
     }
 

@@ -6,6 +6,9 @@
 //!
 //! - [`config`]: TOML → validated [`config::Config`]; the only place raw
 //!   strings from the config are parsed.
+//! - [`proxy_protocol`]: on a `proxy_protocol` listener, the PROXY v1/v2
+//!   header read first (the client address the rest judges and logs); the
+//!   v2 header written to backends of `send_proxy_protocol` routes. No I/O.
 //! - [`firewall`]: rule set (IP, CIDR, GeoIP country) and per-IP rate limit →
 //!   allow or block, decided before a byte is read.
 //! - [`hello`]: the ClientHello reader: bytes in, need-more / done / reject
@@ -15,6 +18,8 @@
 //! - [`proxy`]: accept loops, one connection's pipeline, the relay.
 //! - [`store`]: SQLite: migrations, seeding, write-through changes, snapshot.
 //! - [`admin`]: the gRPC admin API server and the client the CLI uses.
+//! - [`metrics`]: Prometheus metrics (per-listener handles resolved at
+//!   start) and the optional `/metrics` endpoint.
 //! - [`shutdown`]: signals, drain, force-close.
 #![deny(unsafe_code)]
 
@@ -23,7 +28,9 @@ pub mod config;
 pub mod firewall;
 pub mod hello;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod routes;
 pub mod server;
 pub mod shutdown;

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::config::Config;
 use crate::firewall::Firewall;
+use crate::metrics;
 use crate::proxy::{self, stats::Stats, Listener};
 use crate::routes::{ListenerRoutes, Routes};
 use crate::shutdown::{self, Shutdown};
@@ -75,6 +76,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 async fn serve(config: Config) -> Result<(), ServerError> {
     let source = config.source.display().to_string();
 
+    // 0. The GeoIP file first: a config error must stop the start before
+    // the store is created or seeded from this config. The rules come from
+    // the store below.
+    let firewall = Firewall::new(&config.firewall, &[])
+        .map_err(|e| ServerError::config(format!("{source}: firewall.geoip_db: {e}")))?;
+
     // 1. The store: the truth for routes and rules (seeded on first run).
     let db_path = config.database.path.clone();
     let opened = {
@@ -89,8 +96,7 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     let loaded = opened.state;
 
     // 2. The in-memory tables.
-    let firewall = Firewall::new(&config.firewall, &loaded.rules)
-        .map_err(|e| ServerError::config(format!("{source}: firewall.geoip_db: {e}")))?;
+    firewall.replace_rules(&loaded.rules);
     let firewall = Arc::new(firewall);
     let routes = Arc::new(Routes::new(
         loaded
@@ -152,11 +158,34 @@ async fn serve(config: Config) -> Result<(), ServerError> {
         None => None,
     };
 
+    // 5b. The metrics endpoint.
+    let metrics = match &config.metrics {
+        Some(metrics) => {
+            let scrape = metrics::Scrape {
+                metrics: stats.metrics.clone(),
+                routes: routes.clone(),
+                firewall: firewall.clone(),
+            };
+            let (local, task) = metrics::serve(metrics.addr, scrape, stop_rx.clone())
+                .await
+                .map_err(|e| {
+                    ServerError::runtime(format!(
+                        "{source}: metrics.addr: cannot listen on {}: {e}",
+                        metrics.addr
+                    ))
+                })?;
+            tracing::info!(addr = %local, "metrics endpoint listening on /metrics");
+            Some(task)
+        }
+        None => None,
+    };
+
     // 6. Serve.
-    for ((socket, listener), listener_stats) in sockets
+    for (((socket, listener), listener_stats), listener_config) in sockets
         .into_iter()
         .zip(routes.listeners())
         .zip(stats.listeners.iter())
+        .zip(&config.listeners)
     {
         let listener = Arc::new(Listener {
             routes: listener.clone(),
@@ -164,6 +193,7 @@ async fn serve(config: Config) -> Result<(), ServerError> {
             stats: stats.clone(),
             listener_stats: listener_stats.clone(),
             timeouts: config.proxy.clone(),
+            proxy_protocol: listener_config.proxy_protocol,
         });
         tokio::spawn(proxy::accept_loop(
             socket,
@@ -182,6 +212,7 @@ async fn serve(config: Config) -> Result<(), ServerError> {
         routes = routes.listeners().iter().map(|l| l.snapshot().len()).sum::<usize>(),
         firewall_rules = firewall.rules().len(),
         admin = config.grpc.as_ref().map(|g| g.addr.to_string()).as_deref(),
+        metrics = config.metrics.as_ref().map(|m| m.addr.to_string()).as_deref(),
         "mc-proxy started"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -207,6 +238,9 @@ async fn serve(config: Config) -> Result<(), ServerError> {
     let _ = stop_tx.send(true);
     if let Some(handle) = admin {
         let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+    }
+    if let Some(task) = metrics {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
     store.close();
     tracing::info!(forced, "mc-proxy stopped");

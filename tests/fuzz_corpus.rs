@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use mc_proxy::config::Config;
 use mc_proxy::hello::{self, Parse};
+use mc_proxy::proxy_protocol;
 
 /// The files of `fuzz/corpus/NAME`, sorted (the corpus must exist and be
 /// non-empty: a missing corpus is a failure, not a pass).
@@ -80,6 +81,18 @@ fn check_config(data: &[u8]) {
     }
 }
 
+/// The PROXY header reader: an answer for every input; a finished header
+/// does not depend on what follows it.
+fn check_proxy_protocol(data: &[u8]) {
+    if let Ok(proxy_protocol::Parse::Done(header)) = proxy_protocol::parse(data) {
+        assert!(header.len <= data.len());
+        assert_eq!(
+            proxy_protocol::parse(&data[..header.len]),
+            Ok(proxy_protocol::Parse::Done(header))
+        );
+    }
+}
+
 macro_rules! replay {
     ($($target:ident => $check:expr;)*) => {
         $(
@@ -94,4 +107,5 @@ macro_rules! replay {
 replay! {
     hello => check_hello;
     config => check_config;
+    proxy_protocol => check_proxy_protocol;
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -691,8 +691,7 @@ async fn geoip_file_deleted_at_runtime_keeps_the_old_data_and_logs_an_error() {
             ),
         ),
     );
-    let blocked: IpAddr = "127.0.0.2".parse().unwrap();
-    let allowed: IpAddr = "127.0.0.3".parse().unwrap();
+    let (blocked, allowed) = ("127.0.0.2", "127.0.0.3");
 
     let check = |label: &'static str| {
         let listen = setup.listen;

@@ -223,15 +223,23 @@ async fn connect(target: &ClientTarget) -> Result<ProxyAdminServiceClient<Channe
 
 /// A call that failed: the server's refusal as `CODE: message`, or, when
 /// the connection itself failed (a refused client certificate shows up
-/// here with TLS 1.3), an unreachable server.
+/// here with TLS 1.3), an unreachable server. `CANCELLED` is the client's
+/// own transport giving up on a connection the server closed (hyper's
+/// "operation was canceled"); the server never answers with it.
 fn refused(target: &ClientTarget, status: &Status) -> ExitCode {
     let transport_failed = std::error::Error::source(status).is_some()
         && matches!(status.code(), Code::Unavailable | Code::Unknown);
-    if transport_failed || status.code() == Code::Unavailable {
-        let reason = match std::error::Error::source(status) {
+    if transport_failed || matches!(status.code(), Code::Unavailable | Code::Cancelled) {
+        let mut reason = match std::error::Error::source(status) {
             Some(source) => client::error_chain(source),
             None => one_line(status.message()),
         };
+        if status.code() == Code::Cancelled {
+            reason = format!(
+                "the server closed the connection during the call ({reason}); \
+                 over mTLS, check the client certificate"
+            );
+        }
         return fail(
             1,
             &format!("cannot reach admin API at {}: {reason}", target.addr),

@@ -156,6 +156,16 @@ fn saturating_i32(n: usize) -> i32 {
 }
 
 impl AdminService {
+    /// Counts a finished call in the `admin_calls` metric and passes it on.
+    fn counted<T>(&self, method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+        let code = match &result {
+            Ok(_) => "OK",
+            Err(status) => super::client::code_name(status.code()),
+        };
+        self.state.stats.metrics.admin_call(method, code);
+        result
+    }
+
     fn routes_of(&self, listener_addr: &str) -> Result<Vec<proto::Route>, Status> {
         let mut listeners: Vec<_> = if listener_addr.is_empty() {
             self.state.routes.listeners().iter().collect()
@@ -281,22 +291,27 @@ impl ProxyAdminService for AdminService {
                 }
             })
             .collect();
-        Ok(Response::new(proto::GetStatusResponse {
-            version: self.state.version.clone(),
-            started_at: Some(prost_types::Timestamp::from(stats.started_at)),
-            listeners,
-            total_connections: stats.total_connections.load(Relaxed),
-            active_connections: stats.active_connections.load(Relaxed),
-            blocked_connections: stats.blocked_connections.load(Relaxed),
-        }))
+        self.counted(
+            "GetStatus",
+            Ok(Response::new(proto::GetStatusResponse {
+                version: self.state.version.clone(),
+                started_at: Some(prost_types::Timestamp::from(stats.started_at)),
+                listeners,
+                total_connections: stats.total_connections.load(Relaxed),
+                active_connections: stats.active_connections.load(Relaxed),
+                blocked_connections: stats.blocked_connections.load(Relaxed),
+            })),
+        )
     }
 
     async fn list_routes(
         &self,
         request: Request<proto::ListRoutesRequest>,
     ) -> Result<Response<proto::ListRoutesResponse>, Status> {
-        let routes = self.routes_of(&request.get_ref().listener_addr)?;
-        Ok(Response::new(proto::ListRoutesResponse { routes }))
+        let result = self
+            .routes_of(&request.get_ref().listener_addr)
+            .map(|routes| Response::new(proto::ListRoutesResponse { routes }));
+        self.counted("ListRoutes", result)
     }
 
     async fn add_route(
@@ -322,7 +337,10 @@ impl ProxyAdminService for AdminService {
             &result,
             outcome,
         );
-        result.map(|created| Response::new(proto::AddRouteResponse { created }))
+        self.counted(
+            "AddRoute",
+            result.map(|created| Response::new(proto::AddRouteResponse { created })),
+        )
     }
 
     async fn remove_route(
@@ -343,7 +361,10 @@ impl ProxyAdminService for AdminService {
             &result,
             "removed",
         );
-        result.map(|()| Response::new(proto::RemoveRouteResponse {}))
+        self.counted(
+            "RemoveRoute",
+            result.map(|()| Response::new(proto::RemoveRouteResponse {})),
+        )
     }
 
     async fn list_firewall_rules(
@@ -361,7 +382,10 @@ impl ProxyAdminService for AdminService {
                 value: rule.value(),
             })
             .collect();
-        Ok(Response::new(proto::ListFirewallRulesResponse { rules }))
+        self.counted(
+            "ListFirewallRules",
+            Ok(Response::new(proto::ListFirewallRulesResponse { rules })),
+        )
     }
 
     async fn add_firewall_rule(
@@ -380,7 +404,10 @@ impl ProxyAdminService for AdminService {
             &result,
             outcome,
         );
-        result.map(|_| Response::new(proto::AddFirewallRuleResponse {}))
+        self.counted(
+            "AddFirewallRule",
+            result.map(|_| Response::new(proto::AddFirewallRuleResponse {})),
+        )
     }
 
     async fn remove_firewall_rule(
@@ -395,7 +422,10 @@ impl ProxyAdminService for AdminService {
             &result,
             "removed",
         );
-        result.map(|()| Response::new(proto::RemoveFirewallRuleResponse {}))
+        self.counted(
+            "RemoveFirewallRule",
+            result.map(|()| Response::new(proto::RemoveFirewallRuleResponse {})),
+        )
     }
 }
 

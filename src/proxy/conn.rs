@@ -3,6 +3,12 @@
 //! The firewall decision is the first thing that happens, before a byte is
 //! read. Nothing is ever sent to a client that is refused: a blocked client
 //! gets an RST, everything else that fails gets a plain close.
+//!
+//! On a `proxy_protocol` listener the PROXY header comes first: it is read
+//! (and nothing after it), its client address replaces the socket's peer,
+//! and only then does the firewall judge, before a ClientHello byte is read.
+//! A route with `send_proxy_protocol` gets a PROXY v2 header in the same
+//! write as the ClientHello bytes.
 
 use std::fmt;
 use std::io;
@@ -16,6 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::firewall::{BlockReason, Verdict};
 use crate::hello::{self, Parse};
+use crate::proxy_protocol::{self, Addresses};
 use crate::routes::{Backend, Target};
 use crate::shutdown::Watcher;
 
@@ -29,6 +36,8 @@ pub enum Outcome {
     Blocked(BlockReason),
     NoRoute,
     BadHello,
+    /// A `proxy_protocol` listener got no valid PROXY header.
+    BadProxyHeader,
     HelloTimeout,
     BackendUnreachable,
     IdleTimeout,
@@ -42,6 +51,7 @@ impl fmt::Display for Outcome {
             Outcome::Blocked(reason) => write!(f, "blocked:{reason}"),
             Outcome::NoRoute => f.write_str("no_route"),
             Outcome::BadHello => f.write_str("bad_hello"),
+            Outcome::BadProxyHeader => f.write_str("bad_proxy_header"),
             Outcome::HelloTimeout => f.write_str("hello_timeout"),
             Outcome::BackendUnreachable => f.write_str("backend_unreachable"),
             Outcome::IdleTimeout => f.write_str("idle_timeout"),
@@ -50,9 +60,42 @@ impl fmt::Display for Outcome {
     }
 }
 
+impl Outcome {
+    /// The outcome without a block's rule: the `outcome` label of the
+    /// closed-connections metric, indexed by [`Outcome::index`].
+    pub const LABELS: [&'static str; 9] = [
+        "relayed",
+        "blocked",
+        "no_route",
+        "bad_hello",
+        "bad_proxy_header",
+        "hello_timeout",
+        "backend_unreachable",
+        "idle_timeout",
+        "shutdown",
+    ];
+
+    pub fn index(self) -> usize {
+        match self {
+            Outcome::Relayed => 0,
+            Outcome::Blocked(_) => 1,
+            Outcome::NoRoute => 2,
+            Outcome::BadHello => 3,
+            Outcome::BadProxyHeader => 4,
+            Outcome::HelloTimeout => 5,
+            Outcome::BackendUnreachable => 6,
+            Outcome::IdleTimeout => 7,
+            Outcome::Shutdown => 8,
+        }
+    }
+}
+
 /// What the close log line reports.
 struct Record {
+    /// The client: the socket's peer, or the address a PROXY header carried.
     client: SocketAddr,
+    /// On a `proxy_protocol` listener, the socket's peer (the upstream proxy).
+    upstream: Option<SocketAddr>,
     sni: Option<String>,
     backend: Option<String>,
     up: Option<u64>,
@@ -73,6 +116,7 @@ pub(super) async fn handle(
     let started = Instant::now();
     let mut record = Record {
         client,
+        upstream: None,
         sni: None,
         backend: None,
         up: None,
@@ -80,9 +124,14 @@ pub(super) async fn handle(
         detail: None,
     };
     let outcome = run(stream, &listener, &mut record, shutdown).await;
+    listener
+        .listener_stats
+        .metrics
+        .closed(outcome, record.up, record.down);
     tracing::info!(
         target: "mc_proxy::conn",
         client = %record.client,
+        upstream = record.upstream.map(tracing::field::display),
         listener = %listener.routes.addr(),
         sni = record.sni.as_deref().map(tracing::field::display),
         backend = record.backend.as_deref().map(tracing::field::display),
@@ -101,7 +150,37 @@ async fn run(
     record: &mut Record,
     shutdown: Watcher,
 ) -> Outcome {
-    // 1. Firewall, before a byte is read.
+    let timeouts = &listener.timeouts;
+    let deadline = tokio::time::Instant::now() + timeouts.handshake_timeout;
+    let metrics = &listener.listener_stats.metrics;
+
+    // 0. On a proxy_protocol listener, the PROXY header names the client.
+    // (None = the socket's own local address, looked up only if needed.)
+    let mut destination = None;
+    if listener.proxy_protocol {
+        record.upstream = Some(record.client);
+        match read_proxy_header(&mut client, deadline).await {
+            Ok(Addresses::Tcp {
+                source,
+                destination: carried,
+            }) => {
+                record.client = SocketAddr::new(source.ip().to_canonical(), source.port());
+                destination = Some(carried);
+            }
+            // LOCAL / UNKNOWN: the upstream's own connection.
+            Ok(Addresses::Local) => {}
+            Err(HeaderFailure::Timeout) => {
+                record.detail = Some("PROXY header not complete within handshake_timeout".into());
+                return Outcome::HelloTimeout;
+            }
+            Err(HeaderFailure::Bad(detail)) => {
+                record.detail = Some(detail);
+                return Outcome::BadProxyHeader;
+            }
+        }
+    }
+
+    // 1. Firewall, before a ClientHello byte is read.
     if let Verdict::Block(reason) = listener.firewall.check(record.client.ip()) {
         listener
             .stats
@@ -112,8 +191,7 @@ async fn run(
     }
 
     // 2. The whole ClientHello, within handshake_timeout.
-    let timeouts = &listener.timeouts;
-    let deadline = tokio::time::Instant::now() + timeouts.handshake_timeout;
+    let hello_started = Instant::now();
     let mut buffer = Vec::with_capacity(HELLO_BUFFER);
     let hello = loop {
         match hello::parse(&buffer) {
@@ -140,6 +218,7 @@ async fn run(
             }
         }
     };
+    metrics.hello_took(hello_started.elapsed());
 
     // 3. Route.
     let Some(sni) = hello.sni else {
@@ -154,8 +233,12 @@ async fn run(
     record.backend = Some(target.backend.to_string());
 
     // 4. Backend.
+    let connect_started = Instant::now();
     let mut backend = match connect(&target, timeouts.connect_timeout).await {
-        Ok(stream) => stream,
+        Ok(stream) => {
+            metrics.connect_took(connect_started.elapsed());
+            stream
+        }
         Err(e) => {
             record.detail = Some(e.to_string());
             return Outcome::BackendUnreachable;
@@ -163,11 +246,28 @@ async fn run(
     };
     let _ = backend.set_nodelay(true);
     let _ = client.set_nodelay(true);
+    let hello_bytes = buffer.len() as u64;
+    if target.send_proxy_protocol {
+        // Header and hello in one write: the backend sees both at once.
+        let destination = match destination {
+            Some(carried) => carried,
+            None => match client.local_addr() {
+                Ok(local) => local,
+                Err(e) => {
+                    record.detail = Some(format!("reading the listener address: {e}"));
+                    return Outcome::BackendUnreachable;
+                }
+            },
+        };
+        let mut framed = Vec::with_capacity(proxy_protocol::V2_HEADER_LEN + 36 + buffer.len());
+        proxy_protocol::encode_v2(record.client, destination, &mut framed);
+        framed.extend_from_slice(&buffer);
+        buffer = framed;
+    }
     if let Err(e) = backend.write_all(&buffer).await {
         record.detail = Some(format!("writing the hello to the backend: {e}"));
         return Outcome::BackendUnreachable;
     }
-    let hello_bytes = buffer.len() as u64;
     drop(buffer);
 
     // 5. Relay.
@@ -181,6 +281,65 @@ async fn run(
         RelayEnd::Closed => Outcome::Relayed,
         RelayEnd::Idle => Outcome::IdleTimeout,
         RelayEnd::Shutdown => Outcome::Shutdown,
+    }
+}
+
+/// Why no PROXY header was read.
+enum HeaderFailure {
+    /// Not complete by the handshake deadline.
+    Timeout,
+    /// Not a valid header, or the upstream closed or failed first.
+    Bad(String),
+}
+
+/// Bytes peeked at a time while reading a PROXY header: a v1 line (107
+/// bytes) or a v2 header with addresses and a few TLVs fits at once.
+const PROXY_PEEK: usize = 256;
+
+/// Reads a PROXY header and nothing after it, by `deadline`.
+///
+/// Peeks first, then reads only bytes known to be header: a buffer the
+/// parser says needs more is all header, and a finished header says its
+/// length. So a ClientHello that arrives in the same segment stays in the
+/// socket for the hello reader, unread until the firewall has judged.
+async fn read_proxy_header(
+    client: &mut TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<Addresses, HeaderFailure> {
+    let mut header = Vec::new();
+    let mut peeked = [0u8; PROXY_PEEK];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, client.peek(&mut peeked)).await {
+            Err(_) => return Err(HeaderFailure::Timeout),
+            Ok(Ok(0)) => {
+                return Err(HeaderFailure::Bad(
+                    "upstream closed before the PROXY header was complete".into(),
+                ))
+            }
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return Err(HeaderFailure::Bad(e.to_string())),
+        };
+        let seen = header.len();
+        header.extend_from_slice(&peeked[..n]);
+        let (consume, result) = match proxy_protocol::parse(&header) {
+            Ok(proxy_protocol::Parse::NeedMore) => (n, None),
+            Ok(proxy_protocol::Parse::Done(found)) => {
+                (found.len.saturating_sub(seen), Some(Ok(found.addresses)))
+            }
+            // Take what was peeked, so that the close is a FIN, not an RST
+            // for unread data.
+            Err(reject) => (n, Some(Err(HeaderFailure::Bad(reject.to_string())))),
+        };
+        header.truncate(seen + consume);
+        // These bytes are already in the socket: this read does not wait.
+        match tokio::time::timeout_at(deadline, client.read_exact(&mut peeked[..consume])).await {
+            Err(_) => return Err(HeaderFailure::Timeout),
+            Ok(Err(e)) => return Err(HeaderFailure::Bad(e.to_string())),
+            Ok(Ok(_)) => {}
+        }
+        if let Some(result) = result {
+            return result;
+        }
     }
 }
 

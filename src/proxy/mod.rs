@@ -33,6 +33,8 @@ pub struct Listener {
     pub stats: Arc<Stats>,
     pub listener_stats: Arc<ListenerStats>,
     pub timeouts: ProxyConfig,
+    /// Every connection starts with a PROXY v1/v2 header (trusted upstreams only).
+    pub proxy_protocol: bool,
 }
 
 /// Binds a listening socket. `":PORT"` is one dual-stack IPv6 socket that

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::metrics::{ListenerMetrics, Metrics};
+
 #[derive(Debug)]
 pub struct Stats {
     pub started_at: SystemTime,
@@ -16,6 +18,8 @@ pub struct Stats {
     pub blocked_connections: AtomicI64,
     /// One entry per bound listener, in config order.
     pub listeners: Vec<Arc<ListenerStats>>,
+    /// The Prometheus metrics (kept whether or not `[metrics]` serves them).
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
@@ -24,25 +28,32 @@ pub struct ListenerStats {
     pub addr: String,
     pub total_connections: AtomicI64,
     pub active_connections: AtomicI64,
+    /// This listener's metric handles, resolved at start.
+    pub metrics: ListenerMetrics,
 }
 
 impl Stats {
     pub fn new(listener_addrs: impl IntoIterator<Item = String>) -> Stats {
+        let addrs: Vec<String> = listener_addrs.into_iter().collect();
+        let metrics = Arc::new(Metrics::new(&addrs, &crate::server::version()));
         Stats {
             started_at: SystemTime::now(),
             total_connections: AtomicI64::new(0),
             active_connections: AtomicI64::new(0),
             blocked_connections: AtomicI64::new(0),
-            listeners: listener_addrs
+            listeners: addrs
                 .into_iter()
-                .map(|addr| {
+                .zip(metrics.listeners().iter().cloned())
+                .map(|(addr, metrics)| {
                     Arc::new(ListenerStats {
                         addr,
                         total_connections: AtomicI64::new(0),
                         active_connections: AtomicI64::new(0),
+                        metrics,
                     })
                 })
                 .collect(),
+            metrics,
         }
     }
 
@@ -64,6 +75,7 @@ impl ActiveGuard {
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
         listener.total_connections.fetch_add(1, Ordering::Relaxed);
         listener.active_connections.fetch_add(1, Ordering::Relaxed);
+        listener.metrics.accepted();
         ActiveGuard {
             stats: stats.clone(),
             listener: listener.clone(),
@@ -79,5 +91,6 @@ impl Drop for ActiveGuard {
         self.listener
             .active_connections
             .fetch_sub(1, Ordering::Relaxed);
+        self.listener.metrics.released();
     }
 }

@@ -489,6 +489,187 @@ pub fn std_read_all(stream: &mut std::net::TcpStream) -> (Vec<u8>, io::Result<()
     (all, result)
 }
 
+// ---- end-to-end helpers: sources, admin API, DB on disk -------------------
+
+/// A TCP connection to `addr` from the loopback address `source`
+/// (127.0.0.2, ...), so firewall rules can tell test clients apart.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> io::Result<TcpStream> {
+    let source: std::net::IpAddr = source
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// Like [`who`], from the loopback address `source`.
+pub async fn who_from(source: &str, addr: SocketAddr, sni: &str, pki: &Pki) -> io::Result<String> {
+    let name = ServerName::try_from(sni.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let handshake = async {
+        let tcp = connect_from(source, addr).await?;
+        TlsConnector::from(pki.client_config())
+            .connect(name, tcp)
+            .await
+    };
+    let mut tls = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "tls connect"))??;
+    let line = read_line(&mut tls).await?;
+    Ok(line.trim_start_matches("backend=").to_string())
+}
+
+/// Connects from `source` and, without sending anything, reads until the
+/// connection ends: what a client the firewall refuses sees (zero bytes, a
+/// reset).
+pub async fn refused_from(source: &str, addr: SocketAddr) -> (Vec<u8>, io::Result<()>) {
+    match connect_from(source, addr).await {
+        Ok(mut stream) => read_all(&mut stream, Duration::from_secs(10)).await,
+        Err(e) => (Vec::new(), Err(e)),
+    }
+}
+
+/// Asserts that a connection from `source` is reset before a byte arrives.
+pub async fn assert_reset(source: &str, addr: SocketAddr) {
+    let (bytes, result) = refused_from(source, addr).await;
+    assert!(bytes.is_empty(), "{source} got {} bytes", bytes.len());
+    assert!(
+        saw_reset(&result),
+        "{source}: expected a connection reset, got {result:?}"
+    );
+}
+
+/// `[database]` in `dir` and a unix-socket `[grpc]` section, then `body`.
+pub fn admin_config(dir: &Path, body: &str) -> String {
+    format!(
+        "[database]\npath = \"{}\"\n\n[grpc]\naddr = \"unix:{}\"\n\n{body}",
+        dir.join("mc-proxy.db").display(),
+        dir.join("admin.sock").display()
+    )
+}
+
+/// A `[[listeners]]` block with `(hostname, backend)` routes.
+pub fn listener_toml(addr: &str, routes: &[(&str, SocketAddr)]) -> String {
+    let mut out = format!("[[listeners]]\naddr = \"{addr}\"\n");
+    for (host, backend) in routes {
+        out.push_str(&format!(
+            "  [[listeners.routes]]\n  hostname = \"{host}\"\n  backend = \"{backend}\"\n"
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+impl Proxy {
+    /// Runs a CLI subcommand against this server's config: `args` then
+    /// `-c CONFIG`.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let config = self.config.display().to_string();
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-c", config.as_str()]);
+        run_cli(&all)
+    }
+
+    /// The database file named by the config (`DIR/mc-proxy.db`).
+    pub fn db(&self) -> PathBuf {
+        self.dir.join("mc-proxy.db")
+    }
+
+    /// The admin socket of [`admin_config`].
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    /// SIGTERM, then waits for exit 0.
+    pub fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(20));
+        assert!(
+            matches!(status, Some(s) if s.success()),
+            "mc-proxy did not exit 0 on SIGTERM: {status:?}\n{}",
+            self.log_text()
+        );
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until at least `n` log lines contain `needle`.
+    pub fn wait_count(&self, needle: &str, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.count_log(needle) < n {
+            if Instant::now() > deadline {
+                panic!(
+                    "fewer than {n} log lines with {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `(listener, hostname, backend)` rows of the routes table, read straight
+/// from the DB file (read-only, so a running server is not disturbed).
+pub fn db_routes(db: &Path) -> Vec<(String, String, String)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT l.addr, r.hostname, r.backend FROM routes r \
+             JOIN listeners l ON l.id = r.listener_id ORDER BY l.addr, r.hostname",
+        )
+        .unwrap();
+    let rows = stmt
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// `(type, value)` rows of the firewall_rules table, read-only.
+pub fn db_rules(db: &Path) -> Vec<(String, String)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT type, value FROM firewall_rules ORDER BY type, value")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// The admin API of a server started on [`admin_config`].
+pub async fn admin_client(
+    socket: &Path,
+) -> mc_proxy::admin::proto::proxy_admin_service_client::ProxyAdminServiceClient<
+    tonic::transport::Channel,
+> {
+    mc_proxy::admin::client::connect(
+        &mc_proxy::config::AdminAddr::Unix(socket.to_path_buf()),
+        &mc_proxy::config::ClientTls::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// `mode & 0o777` of a file.
+pub fn file_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
 // ---- process figures and limits (hardening, soak) ---------------------------
 
 /// A process's figures from /proc: CPU time (user + system), resident set,
@@ -628,22 +809,11 @@ pub fn geoip_db(entries: &[(&str, &str)]) -> Vec<u8> {
     writer.to_bytes().unwrap()
 }
 
-/// Connects from a chosen loopback source address (127.0.0.0/8).
-pub async fn connect_from(source: std::net::IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(to).await
-}
-
 /// Connects from `source`, sends a ClientHello for `sni` and reads to the
 /// end: the bytes received and how it ended. A reset seen by the connect or
 /// by the write is that end too (the kernel reports a reset once, to
 /// whichever call comes first; later reads just see EOF).
-pub async fn hello_from(
-    source: std::net::IpAddr,
-    to: SocketAddr,
-    sni: &str,
-) -> (Vec<u8>, io::Result<()>) {
+pub async fn hello_from(source: &str, to: SocketAddr, sni: &str) -> (Vec<u8>, io::Result<()>) {
     let mut stream = match connect_from(source, to).await {
         Ok(stream) => stream,
         Err(e) => return (Vec::new(), Err(e)),

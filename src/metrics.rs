@@ -1,0 +1,526 @@
+//! Prometheus metrics: the registry, the per-listener handles a connection
+//! bumps, and the optional `/metrics` HTTP endpoint (`[metrics] addr`).
+//!
+//! Owns: every metric's name, help and labels (the table in RUNBOOK.md), and
+//! the endpoint. Labels are bounded: listener addresses (fixed at start),
+//! outcomes, rule types, admin methods and status codes. Never a hostname or
+//! a client address.
+//!
+//! The hot path never looks a metric up: each listener's handles
+//! ([`ListenerMetrics`]) are resolved once at start and a connection only
+//! does a few relaxed atomic adds (and one short lock per latency
+//! histogram observation). Route and rule counts are read from the live
+//! tables when scraped, so they cannot drift from them.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::firewall::rule::RuleKind;
+use crate::firewall::{BlockReason, Firewall};
+use crate::proxy::conn::Outcome;
+use crate::routes::Routes;
+
+/// Upper bounds (seconds) of the latency histograms: from a local backend's
+/// sub-millisecond connect to a slow client's multi-second hello.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The `rule` label of blocked connections, indexed by [`block_index`].
+const BLOCK_RULES: [&str; 4] = ["ip", "cidr", "country", "rate"];
+
+/// The media type of what [`Metrics::render`] writes.
+pub const CONTENT_TYPE_OPENMETRICS: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Scrape connections served at once; more are closed at accept.
+const MAX_SCRAPERS: usize = 16;
+/// Time a scraper gets to send its request headers (also the keep-alive idle limit).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one scrape connection.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    listener: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BlockedLabels {
+    listener: String,
+    rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    listener: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdminCallLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Every metric mc-proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    listeners: Vec<ListenerMetrics>,
+    routes: Family<ListenerLabel, Gauge>,
+    firewall_rules: Family<RuleLabel, Gauge>,
+    admin_calls: Family<AdminCallLabels, Counter>,
+}
+
+/// One listener's handles, resolved at start: a connection bumps these
+/// without a lookup.
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    accepted: Counter,
+    active: Gauge,
+    /// Indexed by [`Outcome::index`].
+    closed: [Counter; Outcome::LABELS.len()],
+    /// Indexed by [`block_index`].
+    blocked: [Counter; BLOCK_RULES.len()],
+    bytes_up: Counter,
+    bytes_down: Counter,
+    hello_seconds: Histogram,
+    connect_seconds: Histogram,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+fn block_index(reason: BlockReason) -> usize {
+    match reason {
+        BlockReason::Ip => 0,
+        BlockReason::Cidr => 1,
+        BlockReason::Country(_) => 2,
+        BlockReason::Rate => 3,
+    }
+}
+
+fn rule_label(kind: RuleKind) -> &'static str {
+    match kind {
+        RuleKind::Ip => BLOCK_RULES[0],
+        RuleKind::Cidr => BLOCK_RULES[1],
+        RuleKind::Country => BLOCK_RULES[2],
+    }
+}
+
+impl Metrics {
+    /// Registers every metric and resolves each listener's handles, in the
+    /// order of `listener_addrs` (the config's).
+    pub fn new(listener_addrs: &[String], version: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("mc_proxy");
+
+        let accepted = Family::<ListenerLabel, Counter>::default();
+        registry.register(
+            "connections_accepted",
+            "Connections accepted, blocked ones included",
+            accepted.clone(),
+        );
+        let active = Family::<ListenerLabel, Gauge>::default();
+        registry.register(
+            "connections_active",
+            "Connections accepted and not yet closed",
+            active.clone(),
+        );
+        let closed = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Connections closed, by outcome (the outcome= of the log line; blocked without its rule)",
+            closed.clone(),
+        );
+        let blocked = Family::<BlockedLabels, Counter>::default();
+        registry.register(
+            "connections_blocked",
+            "Connections the firewall refused, by the type of rule that matched",
+            blocked.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register_with_unit(
+            "relayed",
+            "Bytes relayed, counted when a connection closes (up = client to backend, down = backend to client)",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        let hello = Family::<ListenerLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register_with_unit(
+            "hello_duration",
+            "Time from the firewall's allow to a complete ClientHello",
+            Unit::Seconds,
+            hello.clone(),
+        );
+        let connect = Family::<ListenerLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register_with_unit(
+            "backend_connect_duration",
+            "Time to connect to the backend (successful connects)",
+            Unit::Seconds,
+            connect.clone(),
+        );
+        let routes = Family::<ListenerLabel, Gauge>::default();
+        registry.register("routes", "Routes in each listener's table", routes.clone());
+        let firewall_rules = Family::<RuleLabel, Gauge>::default();
+        registry.register(
+            "firewall_rules",
+            "Firewall rules, by type",
+            firewall_rules.clone(),
+        );
+        let admin_calls = Family::<AdminCallLabels, Counter>::default();
+        registry.register(
+            "admin_calls",
+            "Admin API calls, by method and gRPC status code",
+            admin_calls.clone(),
+        );
+        registry.register(
+            "build",
+            "The running mc-proxy version",
+            Info::new(BuildLabels {
+                version: version.to_string(),
+            }),
+        );
+
+        let listeners = listener_addrs
+            .iter()
+            .map(|addr| {
+                let listener = ListenerLabel {
+                    listener: addr.clone(),
+                };
+                // Routes and every outcome exist from the start, so a rate()
+                // over them never starts from a missing series.
+                routes.get_or_create(&listener).set(0);
+                ListenerMetrics {
+                    accepted: accepted.get_or_create_owned(&listener),
+                    active: active.get_or_create_owned(&listener),
+                    closed: Outcome::LABELS.map(|outcome| {
+                        closed.get_or_create_owned(&OutcomeLabels {
+                            listener: addr.clone(),
+                            outcome,
+                        })
+                    }),
+                    blocked: BLOCK_RULES.map(|rule| {
+                        blocked.get_or_create_owned(&BlockedLabels {
+                            listener: addr.clone(),
+                            rule,
+                        })
+                    }),
+                    bytes_up: bytes.get_or_create_owned(&BytesLabels {
+                        listener: addr.clone(),
+                        direction: "up",
+                    }),
+                    bytes_down: bytes.get_or_create_owned(&BytesLabels {
+                        listener: addr.clone(),
+                        direction: "down",
+                    }),
+                    hello_seconds: hello.get_or_create_owned(&listener),
+                    connect_seconds: connect.get_or_create_owned(&listener),
+                }
+            })
+            .collect();
+        for kind in [RuleKind::Ip, RuleKind::Cidr, RuleKind::Country] {
+            firewall_rules
+                .get_or_create(&RuleLabel {
+                    rule: rule_label(kind),
+                })
+                .set(0);
+        }
+        Metrics {
+            registry,
+            listeners,
+            routes,
+            firewall_rules,
+            admin_calls,
+        }
+    }
+
+    /// Each listener's handles, in the order given to [`Metrics::new`].
+    pub fn listeners(&self) -> &[ListenerMetrics] {
+        &self.listeners
+    }
+
+    /// Counts one admin API call.
+    pub fn admin_call(&self, method: &'static str, code: &'static str) {
+        self.admin_calls
+            .get_or_create(&AdminCallLabels { method, code })
+            .inc();
+    }
+
+    /// The OpenMetrics text of every metric, with route and rule counts read
+    /// from the live tables now.
+    pub fn render(&self, routes: &Routes, firewall: &Firewall) -> String {
+        for listener in routes.listeners() {
+            self.routes
+                .get_or_create(&ListenerLabel {
+                    listener: listener.addr().to_string(),
+                })
+                .set(i64::try_from(listener.snapshot().len()).unwrap_or(i64::MAX));
+        }
+        let mut counts = [0i64; 3];
+        for rule in firewall.rules().rules() {
+            counts[match rule.kind() {
+                RuleKind::Ip => 0,
+                RuleKind::Cidr => 1,
+                RuleKind::Country => 2,
+            }] += 1;
+        }
+        for (kind, count) in [RuleKind::Ip, RuleKind::Cidr, RuleKind::Country]
+            .into_iter()
+            .zip(counts)
+        {
+            self.firewall_rules
+                .get_or_create(&RuleLabel {
+                    rule: rule_label(kind),
+                })
+                .set(count);
+        }
+        let mut text = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl ListenerMetrics {
+    /// A connection was accepted (and is active until [`released`](Self::released)).
+    pub fn accepted(&self) {
+        self.accepted.inc();
+        self.active.inc();
+    }
+
+    /// An accepted connection's task is gone.
+    pub fn released(&self) {
+        self.active.dec();
+    }
+
+    /// A connection ended with `outcome` after relaying these bytes.
+    pub fn closed(&self, outcome: Outcome, up: Option<u64>, down: Option<u64>) {
+        self.closed[outcome.index()].inc();
+        if let Outcome::Blocked(reason) = outcome {
+            self.blocked[block_index(reason)].inc();
+        }
+        if let Some(up) = up.filter(|&n| n > 0) {
+            self.bytes_up.inc_by(up);
+        }
+        if let Some(down) = down.filter(|&n| n > 0) {
+            self.bytes_down.inc_by(down);
+        }
+    }
+
+    pub fn hello_took(&self, took: Duration) {
+        self.hello_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn connect_took(&self, took: Duration) {
+        self.connect_seconds.observe(took.as_secs_f64());
+    }
+}
+
+/// What a scrape reads.
+#[derive(Clone)]
+pub struct Scrape {
+    pub metrics: Arc<Metrics>,
+    pub routes: Arc<Routes>,
+    pub firewall: Arc<Firewall>,
+}
+
+/// Binds `addr` and serves `GET /metrics` over HTTP/1.1 in a spawned task
+/// until `stop` turns true. A bind error comes back before anything is
+/// spawned, so the server can refuse to start.
+pub async fn serve(
+    addr: SocketAddr,
+    scrape: Scrape,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(MAX_SCRAPERS));
+        let stopped = async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
+        tokio::pin!(stopped);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut stopped => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "metrics endpoint: too many scrapers; closing");
+                continue;
+            };
+            let scrape = scrape.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| {
+                    let response = respond(&scrape, &request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                    tracing::debug!(%peer, error = %e, "metrics endpoint: connection failed");
+                }
+                drop(permit);
+            });
+        }
+        tracing::debug!("metrics endpoint stopped");
+    });
+    Ok((local, task))
+}
+
+fn respond(scrape: &Scrape, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, text: &'static str| {
+        let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: metrics are at /metrics\n",
+        );
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let text = scrape.metrics.render(&scrape.routes, &scrape.firewall);
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(CONTENT_TYPE_OPENMETRICS),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::BlockReason;
+
+    #[test]
+    fn every_outcome_has_its_label() {
+        for (outcome, label) in [
+            (Outcome::Relayed, "relayed"),
+            (Outcome::Blocked(BlockReason::Rate), "blocked"),
+            (Outcome::NoRoute, "no_route"),
+            (Outcome::BadHello, "bad_hello"),
+            (Outcome::BadProxyHeader, "bad_proxy_header"),
+            (Outcome::HelloTimeout, "hello_timeout"),
+            (Outcome::BackendUnreachable, "backend_unreachable"),
+            (Outcome::IdleTimeout, "idle_timeout"),
+            (Outcome::Shutdown, "shutdown"),
+        ] {
+            assert_eq!(Outcome::LABELS[outcome.index()], label);
+            assert!(outcome.to_string().starts_with(label));
+        }
+    }
+
+    #[test]
+    fn listener_handles_feed_the_rendered_text() {
+        let metrics = Metrics::new(&[":443".to_string(), "127.0.0.1:8443".to_string()], "9.9.9");
+        let first = &metrics.listeners()[0];
+        first.accepted();
+        first.accepted();
+        first.released();
+        first.released();
+        first.closed(Outcome::Relayed, Some(100), Some(2000));
+        first.closed(Outcome::Blocked(BlockReason::Cidr), None, None);
+        first.hello_took(Duration::from_millis(3));
+        metrics.admin_call("AddRoute", "INVALID_ARGUMENT");
+        metrics.admin_call("AddRoute", "INVALID_ARGUMENT");
+        assert_eq!(metrics.listeners().len(), 2);
+
+        let routes = Routes::new(Vec::new());
+        let firewall = Firewall::new(
+            &crate::config::FirewallConfig {
+                geoip_db: None,
+                rules: Vec::new(),
+                rate_limit: 0,
+                rate_window: Duration::from_secs(10),
+            },
+            &[],
+        )
+        .unwrap();
+        let text = metrics.render(&routes, &firewall);
+        for line in [
+            "mc_proxy_connections_accepted_total{listener=\":443\"} 2",
+            "mc_proxy_connections_active{listener=\":443\"} 0",
+            "mc_proxy_connections_closed_total{listener=\":443\",outcome=\"relayed\"} 1",
+            "mc_proxy_connections_closed_total{listener=\":443\",outcome=\"blocked\"} 1",
+            "mc_proxy_connections_closed_total{listener=\"127.0.0.1:8443\",outcome=\"bad_proxy_header\"} 0",
+            "mc_proxy_connections_blocked_total{listener=\":443\",rule=\"cidr\"} 1",
+            "mc_proxy_relayed_bytes_total{listener=\":443\",direction=\"up\"} 100",
+            "mc_proxy_relayed_bytes_total{listener=\":443\",direction=\"down\"} 2000",
+            "mc_proxy_hello_duration_seconds_count{listener=\":443\"} 1",
+            "mc_proxy_hello_duration_seconds_bucket{le=\"0.005\",listener=\":443\"} 1",
+            "mc_proxy_admin_calls_total{method=\"AddRoute\",code=\"INVALID_ARGUMENT\"} 2",
+            "mc_proxy_firewall_rules{rule=\"country\"} 0",
+            "mc_proxy_build_info{version=\"9.9.9\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
+        }
+    }
+}

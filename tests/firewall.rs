@@ -1,0 +1,478 @@
+//! The global firewall through the real binary: real clients bound to
+//! distinct loopback sources, real TLS backends that count what reaches
+//! them, rules from the TOML, the CLI and the DB, and a GeoIP file replaced
+//! under a running server.
+//!
+//! Lookups of single addresses in the MaxMind test databases are unit
+//! tests in `src/firewall/geoip.rs`; here loopback sources are given a
+//! country by a database the test writes (mmdb-writer).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use ipnet::IpNet;
+use mmdb_writer::{Value, Writer};
+
+const GEOLITE2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/geoip/GeoLite2-Country-Test.mmdb"
+);
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One listener routing `a.test` to `backend`, a unix admin socket, and
+/// `[firewall]` with `firewall` lines.
+fn setup(dir: &Path, port: u16, backend: SocketAddr, firewall: &str) -> String {
+    admin_config(
+        dir,
+        &format!(
+            "{}[firewall]\n{firewall}\n",
+            listener_toml(&format!("127.0.0.1:{port}"), &[("a.test", backend)])
+        ),
+    )
+}
+
+/// `(total_connections, blocked_connections)` from `mc-proxy status --json`.
+fn counts(proxy: &Proxy) -> (i64, i64) {
+    let (code, out, err) = proxy.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        status["total_connections"].as_i64().unwrap(),
+        status["blocked_connections"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_source_is_routed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let proxy = Proxy::start(
+        dir.path(),
+        &setup(dir.path(), port, a.addr, "blocked_ips = [\"127.0.0.2\"]"),
+    );
+
+    assert_reset("127.0.0.2", addr(port)).await;
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
+    let line = proxy.wait_log(
+        &["client=127.0.0.2:", "connection closed"],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("outcome=blocked:ip"), "{line}");
+    assert!(!line.contains("sni="), "{line}");
+
+    assert_eq!(
+        who_from("127.0.0.1", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    // A blocked client that talks first is still refused and still unseen
+    // (the reset may already be there when connect() returns).
+    match connect_from("127.0.0.2", addr(port)).await {
+        Ok(mut client) => {
+            let hello = client_hello(Some("a.test"));
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut client, &hello).await;
+            let (bytes, _) = read_all(&mut client, Duration::from_secs(10)).await;
+            assert!(bytes.is_empty());
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    // Blocked connections are counted, in the total too.
+    assert_eq!(counts(&proxy), (3, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cidr_blocks_addresses_inside_it_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let proxy = Proxy::start(
+        dir.path(),
+        &setup(
+            dir.path(),
+            port,
+            a.addr,
+            "blocked_cidrs = [\"127.0.0.0/30\"]",
+        ),
+    );
+    assert_reset("127.0.0.3", addr(port)).await;
+    let line = proxy.wait_log(
+        &["client=127.0.0.3:", "connection closed"],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("outcome=blocked:cidr"), "{line}");
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
+    // 127.0.0.4 is the first address past the /30.
+    for outside in ["127.0.0.9", "127.0.0.4"] {
+        assert_eq!(
+            who_from(outside, addr(port), "a.test", &pki).await.unwrap(),
+            "A"
+        );
+    }
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
+}
+
+/// On a dual-stack listener (`:PORT`) an IPv4 client arrives as
+/// `::ffff:a.b.c.d`; IPv4 rules must still match it, and IPv6 rules match
+/// IPv6 clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let proxy = Proxy::start(
+        dir.path(),
+        &admin_config(
+            dir.path(),
+            &format!(
+                "{}[firewall]\nblocked_ips = [\"127.0.0.2\"]\nblocked_cidrs = [\"127.0.0.0/30\", \"::1/128\"]\n",
+                listener_toml(&format!(":{port}"), &[("a.test", a.addr)])
+            ),
+        ),
+    );
+    let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    assert_reset("127.0.0.2", addr(port)).await;
+    assert_reset("127.0.0.3", addr(port)).await;
+    assert_reset("::1", v6).await;
+    assert_eq!(
+        who_from("127.0.0.9", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    proxy.wait_log(
+        &["client=127.0.0.2:", "outcome=blocked:ip"],
+        Duration::from_secs(5),
+    );
+    proxy.wait_log(
+        &["client=127.0.0.3:", "outcome=blocked:cidr"],
+        Duration::from_secs(5),
+    );
+    proxy.wait_log(
+        &["client=[::1]:", "outcome=blocked:cidr"],
+        Duration::from_secs(5),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let proxy = Proxy::start(
+        dir.path(),
+        &setup(
+            dir.path(),
+            port,
+            a.addr,
+            "rate_limit = 3\nrate_window = \"2s\"",
+        ),
+    );
+    let started = tokio::time::Instant::now();
+    for _ in 0..3 {
+        assert_eq!(
+            who_from("127.0.0.5", addr(port), "a.test", &pki)
+                .await
+                .unwrap(),
+            "A"
+        );
+    }
+    assert_reset("127.0.0.5", addr(port)).await;
+    // The window is counted per client: another source is not affected.
+    assert_eq!(
+        who_from("127.0.0.6", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 4);
+    let line = proxy.wait_log(&["outcome=blocked:rate"], Duration::from_secs(5));
+    assert!(line.contains("client=127.0.0.5:"), "{line}");
+
+    // 127.0.0.5's window opened at its first connection, after `started`:
+    // once it is over, the next connection opens a new one.
+    tokio::time::sleep_until(started + Duration::from_millis(2300)).await;
+    assert_eq!(
+        who_from("127.0.0.5", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let toml = setup(dir.path(), port, a.addr, "");
+    let proxy = Proxy::start(dir.path(), &toml);
+    assert_eq!(
+        who_from("127.0.0.7", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(
+        who_from("127.0.8.1", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+
+    for rule in [["--ip", "127.0.0.7"], ["--cidr", "127.0.8.0/24"]] {
+        let (code, out, err) = proxy.cli(&["firewall", "add", rule[0], rule[1]]);
+        assert_eq!((code, out.as_str()), (0, "added\n"), "{err}");
+    }
+    assert_reset("127.0.0.7", addr(port)).await;
+    assert_reset("127.0.8.1", addr(port)).await;
+    proxy.wait_log(
+        &["client=127.0.0.7:", "outcome=blocked:ip"],
+        Duration::from_secs(5),
+    );
+    proxy.wait_log(
+        &["client=127.0.8.1:", "outcome=blocked:cidr"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        who_from("127.0.9.1", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    let on_disk = vec![
+        ("cidr".to_string(), "127.0.8.0/24".to_string()),
+        ("ip".to_string(), "127.0.0.7".to_string()),
+    ];
+    assert_eq!(db_rules(&proxy.db()), on_disk);
+    let (code, out, _) = proxy.cli(&["firewall", "list", "--json"]);
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    proxy.stop();
+
+    // After a restart on the same (unchanged) TOML the rules still hold.
+    let proxy = Proxy::start(dir.path(), &toml);
+    assert_reset("127.0.0.7", addr(port)).await;
+    assert_reset("127.0.8.1", addr(port)).await;
+
+    let (code, out, err) = proxy.cli(&["firewall", "remove", "--ip", "127.0.0.7"]);
+    assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
+    assert_eq!(
+        who_from("127.0.0.7", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(db_rules(&proxy.db()), on_disk[..1].to_vec());
+    // Removing it again is NOT_FOUND, exit 1.
+    let (code, _, err) = proxy.cli(&["firewall", "remove", "--ip", "127.0.0.7"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    proxy.stop();
+    let _proxy = Proxy::start(dir.path(), &toml);
+    assert_eq!(
+        who_from("127.0.0.7", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_reset("127.0.8.1", addr(port)).await;
+}
+
+// ---- GeoIP ------------------------------------------------------------------
+
+/// A GeoLite2-Country-shaped database giving each `(network, country)`.
+fn geoip_db(entries: &[(&str, &str)]) -> Vec<u8> {
+    let mut writer = Writer::new("GeoLite2-Country");
+    for (net, iso) in entries {
+        let country = Value::map([
+            ("geoname_id", Value::from(1_u32)),
+            ("iso_code", Value::from(*iso)),
+            ("names", Value::map([("en", Value::from(*iso))])),
+        ]);
+        writer
+            .insert_value(
+                net.parse::<IpNet>().unwrap(),
+                Value::map([("country", country)]),
+            )
+            .unwrap();
+    }
+    writer.to_bytes().unwrap()
+}
+
+/// Replaces `path` by rename, as geoipupdate does.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let mmdb = dir.path().join("GeoLite2-Country.mmdb");
+    std::fs::copy(GEOLITE2, &mmdb).unwrap();
+    let proxy = Proxy::start(
+        dir.path(),
+        &setup(
+            dir.path(),
+            port,
+            a.addr,
+            &format!(
+                "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
+                mmdb.display()
+            ),
+        ),
+    );
+    // A country rule added at runtime, normalised to upper case.
+    let (code, _, err) = proxy.cli(&["firewall", "add", "--country", "kp"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        db_rules(&proxy.db()),
+        vec![
+            ("country".to_string(), "GB".to_string()),
+            ("country".to_string(), "KP".to_string()),
+        ]
+    );
+    // Loopback has no country in MaxMind's test file.
+    assert_eq!(
+        who_from("127.0.0.4", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_eq!(
+        who_from("127.0.0.12", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+
+    // Replaced by rename: picked up without a restart (SPEC: within 5 s).
+    replace(
+        &mmdb,
+        &geoip_db(&[("127.0.0.4/32", "KP"), ("127.0.0.12/32", "GB")]),
+    );
+    proxy.wait_count("GeoIP database reloaded", 1, Duration::from_secs(5));
+    assert_reset("127.0.0.4", addr(port)).await;
+    assert_reset("127.0.0.12", addr(port)).await;
+    proxy.wait_log(
+        &["client=127.0.0.4:", "outcome=blocked:country:KP"],
+        Duration::from_secs(5),
+    );
+    proxy.wait_log(
+        &["client=127.0.0.12:", "outcome=blocked:country:GB"],
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        who_from("127.0.0.1", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+
+    // Removing the rule lets the country in at the next connection.
+    let (code, _, err) = proxy.cli(&["firewall", "remove", "--country", "KP"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        who_from("127.0.0.4", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+
+    // A corrupt replacement is refused, logged, and the old data kept.
+    replace(&mmdb, b"this is not a MaxMind database");
+    proxy.wait_count("GeoIP database reload refused", 1, Duration::from_secs(5));
+    assert_reset("127.0.0.12", addr(port)).await;
+    // SIGHUP re-reads it at once: refused again, still the old data.
+    proxy.signal("HUP");
+    proxy.wait_count("GeoIP database reload refused", 2, Duration::from_secs(5));
+    assert_reset("127.0.0.12", addr(port)).await;
+
+    // A good file again; then SIGHUP reloads even an unchanged file.
+    replace(&mmdb, &geoip_db(&[("127.0.0.13/32", "GB")]));
+    proxy.wait_count("GeoIP database reloaded", 2, Duration::from_secs(5));
+    assert_eq!(
+        who_from("127.0.0.12", addr(port), "a.test", &pki)
+            .await
+            .unwrap(),
+        "A"
+    );
+    assert_reset("127.0.0.13", addr(port)).await;
+    proxy.signal("HUP");
+    proxy.wait_count("SIGHUP: GeoIP database reloaded", 1, Duration::from_secs(5));
+    assert_reset("127.0.0.13", addr(port)).await;
+    let count = proxy.conn_lines().len();
+    assert!(count >= 10, "{count}");
+}
+
+#[test]
+fn country_rules_without_a_geoip_file_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = setup(
+        dir.path(),
+        free_port(),
+        addr(9),
+        "blocked_countries = [\"KP\"]",
+    );
+    let config = dir.path().join("mc-proxy.toml");
+    std::fs::write(&config, toml).unwrap();
+    let config = config.display().to_string();
+    for command in ["check", "server"] {
+        let (code, _, err) = run_cli(&[command, "-c", &config]);
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(err.contains("firewall.geoip_db"), "{command}: {err}");
+    }
+    assert!(!dir.path().join("mc-proxy.db").exists());
+}
+
+/// Regression: `server` used to open (and on a first run, seed) the DB
+/// before it opened the GeoIP file, so a start refused for a broken GeoIP
+/// file left a DB seeded from the refused config; later starts then
+/// ignored the corrected TOML's routes.
+#[test]
+fn a_broken_geoip_file_at_start_is_exit_2_and_seeds_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("broken.mmdb");
+    std::fs::write(&corrupt, b"not an mmdb").unwrap();
+    let firewall = format!(
+        "geoip_db = \"{}\"\nblocked_countries = [\"KP\"]",
+        corrupt.display()
+    );
+    let toml = setup(dir.path(), free_port(), addr(9), &firewall);
+    let config = dir.path().join("mc-proxy.toml");
+    std::fs::write(&config, toml).unwrap();
+    let config = config.display().to_string();
+    for command in ["check", "server"] {
+        let (code, _, err) = run_cli(&[command, "-c", &config]);
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains("firewall.geoip_db") && err.contains("broken.mmdb"),
+            "{command}: {err}"
+        );
+    }
+    assert!(!dir.path().join("mc-proxy.db").exists());
+}
