@@ -51,35 +51,7 @@ impl Hostname {
             return Err(HostnameError::TooLong);
         }
         let lower = trimmed.to_ascii_lowercase();
-        let label_count = lower.split('.').count();
-        for (index, label) in lower.split('.').enumerate() {
-            if label.is_empty() {
-                return Err(HostnameError::EmptyLabel);
-            }
-            if label.len() > MAX_LABEL_LEN {
-                return Err(HostnameError::LabelTooLong);
-            }
-            if label == "*" {
-                // Only "*.a.b": a wildcard over a bare TLD would route half the internet.
-                if index != 0 || label_count < 3 {
-                    return Err(HostnameError::BadWildcard);
-                }
-                continue;
-            }
-            if let Some(bad) = label
-                .chars()
-                .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
-            {
-                return Err(if bad == '*' {
-                    HostnameError::BadWildcard
-                } else {
-                    HostnameError::InvalidChar(bad)
-                });
-            }
-            if label.starts_with('-') || label.ends_with('-') {
-                return Err(HostnameError::Hyphen);
-            }
-        }
+        check_labels(&lower)?;
         Ok(Hostname(lower.into_boxed_str()))
     }
 
@@ -89,6 +61,48 @@ impl Hostname {
 
     pub fn is_wildcard(&self) -> bool {
         self.0.starts_with("*.")
+    }
+}
+
+/// Validates the labels of a lower-cased name without a trailing dot.
+fn check_labels(lower: &str) -> Result<(), HostnameError> {
+    let label_count = lower.split('.').count();
+    for (index, label) in lower.split('.').enumerate() {
+        if label.is_empty() {
+            return Err(HostnameError::EmptyLabel);
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(HostnameError::LabelTooLong);
+        }
+        if label == "*" {
+            // Only "*.a.b": a wildcard over a bare TLD would route half the internet.
+            if index != 0 || label_count < 3 {
+                return Err(HostnameError::BadWildcard);
+            }
+            continue;
+        }
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(if bad == '*' {
+                HostnameError::BadWildcard
+            } else {
+                HostnameError::InvalidChar(bad)
+            });
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(HostnameError::Hyphen);
+        }
+    }
+    Ok(())
+}
+
+/// Lets a map keyed by `Hostname` be searched with a `&str` (both hash as
+/// the same string), so a lookup needs no `Hostname` built on the heap.
+impl std::borrow::Borrow<str> for Hostname {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -244,22 +258,30 @@ impl RouteMap {
 
     /// Looks up an SNI name exactly as the client sent it: normalised here,
     /// exact match first, then `*.` + the name without its first label.
-    /// Cost is one normalisation plus at most two hash lookups.
+    /// Cost is one normalisation into a stack buffer plus at most two hash
+    /// lookups: O(length of the name), whatever the table size, and no
+    /// allocation.
     pub fn lookup(&self, sni: &str) -> Option<Arc<Target>> {
-        let name = Hostname::parse(sni).ok()?;
-        if name.is_wildcard() {
+        let trimmed = sni.strip_suffix('.').unwrap_or(sni);
+        let len = trimmed.len();
+        if len == 0 || len > MAX_HOSTNAME_LEN || trimmed.contains('*') {
             return None;
         }
-        if let Some(target) = self.entries.get(&name) {
+        // The name sits at [2..2 + len]; the wildcard key is written in
+        // place over the end of the first label: "a.b.c" → "*.b.c".
+        let mut buffer = [0u8; MAX_HOSTNAME_LEN + 2];
+        buffer[2..2 + len].copy_from_slice(trimmed.as_bytes());
+        buffer[2..2 + len].make_ascii_lowercase();
+        let name = std::str::from_utf8(&buffer[2..2 + len]).ok()?;
+        check_labels(name).ok()?;
+        if let Some(target) = self.entries.get(name) {
             return Some(target.clone());
         }
-        let (_, parent) = name.as_str().split_once('.')?;
-        let mut wildcard = String::with_capacity(parent.len() + 2);
-        wildcard.push_str("*.");
-        wildcard.push_str(parent);
-        self.entries
-            .get(&Hostname(wildcard.into_boxed_str()))
-            .cloned()
+        let first_dot = name.find('.')?;
+        let start = 1 + first_dot;
+        buffer[start] = b'*';
+        let wildcard = std::str::from_utf8(&buffer[start..2 + len]).ok()?;
+        self.entries.get(wildcard).cloned()
     }
 }
 
@@ -378,6 +400,84 @@ mod tests {
         ] {
             assert!(Backend::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// The lookup as first written (allocating, via `Hostname::parse`): the
+    /// in-place one must answer exactly the same.
+    fn reference_lookup(map: &RouteMap, sni: &str) -> Option<Arc<Target>> {
+        let name = Hostname::parse(sni).ok()?;
+        if name.is_wildcard() {
+            return None;
+        }
+        if let Some(target) = map.entries.get(&name) {
+            return Some(target.clone());
+        }
+        let (_, parent) = name.as_str().split_once('.')?;
+        map.entries
+            .get(&Hostname(format!("*.{parent}").into_boxed_str()))
+            .cloned()
+    }
+
+    #[test]
+    fn in_place_lookup_agrees_with_the_allocating_one() {
+        let mut map = RouteMap::new();
+        let long_label = "a".repeat(63);
+        let longest = format!("{long_label}.{long_label}.{long_label}.{}", "b".repeat(61));
+        assert_eq!(longest.len(), MAX_HOSTNAME_LEN);
+        for (i, host) in [
+            "*.example.net",
+            "exact.example.net",
+            "localhost",
+            "*.b.c",
+            "x_y.b.c",
+            longest.as_str(),
+            &format!("*.{long_label}.{long_label}.{}", "b".repeat(61)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            map.insert(
+                Hostname::parse(host).unwrap(),
+                target(&format!("127.0.0.1:{}", i + 1)),
+            );
+        }
+        let wildcard_of_longest = format!("z.{long_label}.{long_label}.{}", "b".repeat(61));
+        for sni in [
+            "a.example.net",
+            "A.EXAMPLE.NET.",
+            "exact.example.net",
+            "a.b.example.net",
+            "example.net",
+            "*.example.net",
+            "a*.example.net",
+            "localhost",
+            "LOCALHOST.",
+            "localhost..",
+            "x",
+            "",
+            ".",
+            "..",
+            "a..example.net",
+            ".example.net",
+            "-a.example.net",
+            "a-.example.net",
+            "é.example.net",
+            "a b.example.net",
+            "a.b.c",
+            "x_y.b.c",
+            "X_Y.B.C",
+            "_.b.c",
+            longest.as_str(),
+            &longest.to_uppercase(),
+            &format!("{longest}."),
+            &format!("{longest}x"),
+            &format!("a{longest}"),
+            wildcard_of_longest.as_str(),
+            &format!("{}.b.c", "q".repeat(64)),
+        ] {
+            assert_eq!(map.lookup(sni), reference_lookup(&map, sni), "{sni:?}");
+        }
+        assert!(map.lookup(&wildcard_of_longest).is_some());
     }
 
     #[test]

@@ -81,15 +81,34 @@ fn check_config(data: &[u8]) {
     }
 }
 
-/// The PROXY header reader: an answer for every input; a finished header
-/// does not depend on what follows it.
+/// The PROXY protocol reader: a finished header's answer does not depend on
+/// what follows it and every strict prefix needs more; a rejection stays a
+/// rejection whatever follows.
 fn check_proxy_protocol(data: &[u8]) {
-    if let Ok(proxy_protocol::Parse::Done(header)) = proxy_protocol::parse(data) {
-        assert!(header.len <= data.len());
-        assert_eq!(
-            proxy_protocol::parse(&data[..header.len]),
-            Ok(proxy_protocol::Parse::Done(header))
-        );
+    match proxy_protocol::parse(data) {
+        Ok(proxy_protocol::Parse::Done(header)) => {
+            assert!(header.len <= data.len());
+            let exact = &data[..header.len];
+            assert_eq!(
+                proxy_protocol::parse(exact),
+                Ok(proxy_protocol::Parse::Done(header))
+            );
+            assert_eq!(
+                proxy_protocol::parse(&exact[..exact.len() - 1]),
+                Ok(proxy_protocol::Parse::NeedMore)
+            );
+        }
+        Ok(proxy_protocol::Parse::NeedMore) => {
+            assert_eq!(
+                proxy_protocol::parse(&data[..data.len() / 2]),
+                Ok(proxy_protocol::Parse::NeedMore)
+            );
+        }
+        Err(reject) => {
+            let mut longer = data.to_vec();
+            longer.extend_from_slice(b" 1\r\n\x16\x03\x01");
+            assert_eq!(proxy_protocol::parse(&longer), Err(reject));
+        }
     }
 }
 

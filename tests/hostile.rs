@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -691,7 +691,8 @@ async fn geoip_file_deleted_at_runtime_keeps_the_old_data_and_logs_an_error() {
             ),
         ),
     );
-    let (blocked, allowed) = ("127.0.0.2", "127.0.0.3");
+    let blocked: IpAddr = "127.0.0.2".parse().unwrap();
+    let allowed: IpAddr = "127.0.0.3".parse().unwrap();
 
     let check = |label: &'static str| {
         let listen = setup.listen;
@@ -700,7 +701,7 @@ async fn geoip_file_deleted_at_runtime_keeps_the_old_data_and_logs_an_error() {
             let (_, end) = hello_from(blocked, listen, "ok.test").await;
             assert!(saw_reset(&end), "{label}: KP client not reset: {end:?}");
             // The SE client completes a TLS handshake with the backend.
-            let stream = connect_from(allowed, listen).await.unwrap();
+            let stream = connect_from_ip(allowed, listen).await.unwrap();
             let name = rustls::pki_types::ServerName::try_from("ok.test").unwrap();
             let mut tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, stream)

@@ -157,7 +157,7 @@ async fn unknown_sni_missing_sni_and_non_tls_get_zero_bytes() {
         ("bad_hello", b"\x16\x03\x01\x00\x00".to_vec()),
         ("bad_hello", vec![0x80, 0x2e, 0x01, 0x03, 0x01]),
     ];
-    for (outcome, bytes) in &cases {
+    for (i, (outcome, bytes)) in cases.iter().enumerate() {
         let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         client.write_all(bytes).await.unwrap();
         let (got, _) = read_all(&mut client, Duration::from_secs(10)).await;
@@ -166,7 +166,22 @@ async fn unknown_sni_missing_sni_and_non_tls_get_zero_bytes() {
             "client got {} bytes for {outcome}",
             got.len()
         );
-        proxy.wait_log(&[&format!("outcome={outcome}")], Duration::from_secs(5));
+        // The client may see the close before the server has written the
+        // connection's log line: wait for this connection's own line.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let lines = loop {
+            let lines = proxy.conn_lines();
+            if lines.len() > i || std::time::Instant::now() > deadline {
+                break lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(lines.len(), i + 1, "log lines so far: {lines:?}");
+        assert!(
+            lines[i].contains(&format!("outcome={outcome}")),
+            "case {i}: {}",
+            lines[i]
+        );
     }
     assert_eq!(backend.accepted.load(Ordering::SeqCst), 0);
     assert_eq!(proxy.conn_lines().len(), cases.len());

@@ -13,7 +13,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ impl Counts {
     }
 }
 
-const BLOCKED_SOURCE: &str = "127.0.0.66";
+const BLOCKED_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 66);
 
 /// Runs every kind of client until `stop` is set.
 fn start_traffic(
@@ -112,7 +112,7 @@ fn start_traffic(
         let (counts, stop) = (counts.clone(), stop.clone());
         tasks.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let result = hello_from(BLOCKED_SOURCE, listen, "hs.test").await;
+                let result = hello_from(IpAddr::V4(BLOCKED_SOURCE), listen, "hs.test").await;
                 match result {
                     (bytes, end) if bytes.is_empty() && saw_reset(&end) => {
                         counts.blocked_reset.fetch_add(1, Ordering::Relaxed);

@@ -809,12 +809,23 @@ pub fn geoip_db(entries: &[(&str, &str)]) -> Vec<u8> {
     writer.to_bytes().unwrap()
 }
 
+/// Connects from a chosen loopback source address (127.0.0.0/8).
+pub async fn connect_from_ip(source: std::net::IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(to).await
+}
+
 /// Connects from `source`, sends a ClientHello for `sni` and reads to the
 /// end: the bytes received and how it ended. A reset seen by the connect or
 /// by the write is that end too (the kernel reports a reset once, to
 /// whichever call comes first; later reads just see EOF).
-pub async fn hello_from(source: &str, to: SocketAddr, sni: &str) -> (Vec<u8>, io::Result<()>) {
-    let mut stream = match connect_from(source, to).await {
+pub async fn hello_from(
+    source: std::net::IpAddr,
+    to: SocketAddr,
+    sni: &str,
+) -> (Vec<u8>, io::Result<()>) {
+    let mut stream = match connect_from_ip(source, to).await {
         Ok(stream) => stream,
         Err(e) => return (Vec::new(), Err(e)),
     };
