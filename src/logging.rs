@@ -8,7 +8,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
-pub fn init(level: &str) {
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    Journald,
+    Stderr,
+}
+
+pub fn init(level: &str) -> Sink {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // Our crate at the configured level; dependencies one step quieter
         // unless asked for (h2 and hyper are chatty at debug).
@@ -24,7 +31,7 @@ pub fn init(level: &str) {
             let _ = registry
                 .with(journald.with_syslog_identifier("mc-proxy".into()))
                 .try_init();
-            return;
+            return Sink::Journald;
         }
     }
     let _ = registry
@@ -35,4 +42,5 @@ pub fn init(level: &str) {
                 .with_target(true),
         )
         .try_init();
+    Sink::Stderr
 }

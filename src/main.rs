@@ -234,7 +234,7 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    logging::init(&config.log.level);
+    let sink = logging::init(&config.log.level);
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()
@@ -244,7 +244,11 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
     match server::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "mc-proxy failed");
+            // One line on stderr per failure: the plain line below. Under
+            // journald the structured record is logged as well.
+            if sink == logging::Sink::Journald {
+                tracing::error!(error = %e, "mc-proxy failed");
+            }
             fail(e.exit_code, e)
         }
     }
