@@ -39,13 +39,36 @@ fn git_describe() {
     if std::env::var_os(GIT_DESCRIBE).is_some() {
         return; // already in rustc's environment
     }
-    let git_dir = Path::new(".git");
-    if !git_dir.exists() {
+    if !Path::new(".git").exists() {
         return;
     }
-    // New commits and checkouts; not every `git add`, to spare rebuilds.
-    for watched in ["HEAD", "refs/heads", "refs/tags", "packed-refs"] {
-        let path = git_dir.join(watched);
+    // New commits and checkouts; not every `git add`, to spare rebuilds. In
+    // a linked worktree `.git` is a file: HEAD lives in the worktree's git
+    // dir, branches in the common one.
+    let rev_parse = |arg: &str| {
+        Command::new("git")
+            .args(["rev-parse", arg])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .map(|text| PathBuf::from(text.trim()))
+    };
+    let git_dir = rev_parse("--absolute-git-dir");
+    let common_dir = rev_parse("--git-common-dir").map(|dir| {
+        if dir.is_absolute() {
+            dir
+        } else {
+            Path::new(".").join(dir)
+        }
+    });
+    let watched = [
+        git_dir.as_ref().map(|dir| dir.join("HEAD")),
+        common_dir.as_ref().map(|dir| dir.join("refs/heads")),
+        common_dir.as_ref().map(|dir| dir.join("refs/tags")),
+        common_dir.as_ref().map(|dir| dir.join("packed-refs")),
+    ];
+    for path in watched.into_iter().flatten() {
         if path.exists() {
             println!("cargo:rerun-if-changed={}", path.display());
         }
