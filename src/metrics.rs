@@ -337,6 +337,16 @@ impl ListenerMetrics {
         self.active.dec();
     }
 
+    /// Connections accepted since start.
+    pub fn total(&self) -> i64 {
+        i64::try_from(self.accepted.get()).unwrap_or(i64::MAX)
+    }
+
+    /// Connections accepted and not yet released.
+    pub fn active(&self) -> i64 {
+        self.active.get()
+    }
+
     /// A connection ended with `outcome` after relaying these bytes.
     pub fn closed(&self, outcome: Outcome, up: Option<u64>, down: Option<u64>) {
         self.closed[outcome.index()].inc();

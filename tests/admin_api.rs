@@ -1028,14 +1028,15 @@ async fn get_status_reports_live_counters() {
     use std::sync::atomic::Ordering::Relaxed;
     let h = Harness::new().await;
     let (running, mut client) = unix_server(&h).await;
-    h.state.stats.total_connections.fetch_add(7, Relaxed);
-    h.state.stats.blocked_connections.fetch_add(2, Relaxed);
-    h.state.stats.listeners[1]
-        .total_connections
-        .fetch_add(5, Relaxed);
-    h.state.stats.listeners[1]
-        .active_connections
-        .fetch_add(1, Relaxed);
+    // Five connections accepted on listener 1, four of them gone; two more
+    // counted only globally (as connections on another listener would be).
+    let stats = &h.state.stats;
+    let mut guards: Vec<_> = (0..5)
+        .map(|_| mc_proxy::proxy::stats::ActiveGuard::accept(stats, &stats.listeners[1]))
+        .collect();
+    guards.truncate(1);
+    stats.total_connections.fetch_add(2, Relaxed);
+    stats.blocked_connections.fetch_add(2, Relaxed);
     let status = client
         .get_status(proto::GetStatusRequest {})
         .await
@@ -1047,6 +1048,9 @@ async fn get_status_reports_live_counters() {
     assert_eq!(status.listeners[1].addr, "127.0.0.1:8443");
     assert_eq!(status.listeners[1].total_connections, 5);
     assert_eq!(status.listeners[1].active_connections, 1);
+    assert_eq!(status.active_connections, 1);
+    assert_eq!(status.listeners[0].total_connections, 0);
+    drop(guards);
     running.stop().await;
 }
 

@@ -286,8 +286,8 @@ impl ProxyAdminService for AdminService {
                 proto::ListenerStatus {
                     addr: listener.addr().to_string(),
                     route_count: saturating_i32(listener.snapshot().len()),
-                    active_connections: counters.map_or(0, |c| c.active_connections.load(Relaxed)),
-                    total_connections: counters.map_or(0, |c| c.total_connections.load(Relaxed)),
+                    active_connections: counters.map_or(0, |c| c.active()),
+                    total_connections: counters.map_or(0, |c| c.total()),
                 }
             })
             .collect();

@@ -26,10 +26,23 @@ pub struct Stats {
 pub struct ListenerStats {
     /// The listener's `addr` exactly as written in the config.
     pub addr: String,
-    pub total_connections: AtomicI64,
-    pub active_connections: AtomicI64,
-    /// This listener's metric handles, resolved at start.
+    /// This listener's metric handles, resolved at start. They hold the
+    /// listener's total and active counts too ([`ListenerStats::total`],
+    /// [`ListenerStats::active`]): one counter each, read by both
+    /// `GetStatus` and `/metrics`.
     pub metrics: ListenerMetrics,
+}
+
+impl ListenerStats {
+    /// Connections accepted on this listener since start.
+    pub fn total(&self) -> i64 {
+        self.metrics.total()
+    }
+
+    /// Connections on this listener whose task is still alive.
+    pub fn active(&self) -> i64 {
+        self.metrics.active()
+    }
 }
 
 impl Stats {
@@ -44,14 +57,7 @@ impl Stats {
             listeners: addrs
                 .into_iter()
                 .zip(metrics.listeners().iter().cloned())
-                .map(|(addr, metrics)| {
-                    Arc::new(ListenerStats {
-                        addr,
-                        total_connections: AtomicI64::new(0),
-                        active_connections: AtomicI64::new(0),
-                        metrics,
-                    })
-                })
+                .map(|(addr, metrics)| Arc::new(ListenerStats { addr, metrics }))
                 .collect(),
             metrics,
         }
@@ -73,8 +79,6 @@ impl ActiveGuard {
     pub fn accept(stats: &Arc<Stats>, listener: &Arc<ListenerStats>) -> ActiveGuard {
         stats.total_connections.fetch_add(1, Ordering::Relaxed);
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
-        listener.total_connections.fetch_add(1, Ordering::Relaxed);
-        listener.active_connections.fetch_add(1, Ordering::Relaxed);
         listener.metrics.accepted();
         ActiveGuard {
             stats: stats.clone(),
@@ -86,9 +90,6 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.stats
-            .active_connections
-            .fetch_sub(1, Ordering::Relaxed);
-        self.listener
             .active_connections
             .fetch_sub(1, Ordering::Relaxed);
         self.listener.metrics.released();
