@@ -34,6 +34,7 @@ use super::proto;
 use super::proto::proxy_admin_service_server::ProxyAdminServiceServer;
 use super::service::AdminService;
 use crate::config::{AdminAddr, GrpcConfig, ServerTls};
+use crate::proxy::next_accept_backoff;
 
 /// Largest request message the server decodes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -316,18 +317,9 @@ async fn serve_unix(
     })
 }
 
-/// Longest wait between retries when `accept` fails for lack of resources.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-
-/// The next wait after a failed `accept`: 10 ms, doubling up to
-/// [`MAX_ACCEPT_BACKOFF`].
-fn next_backoff(backoff: Duration) -> Duration {
-    (backoff * 2).clamp(Duration::from_millis(10), MAX_ACCEPT_BACKOFF)
-}
-
 /// Accepts unix-socket clients and hands them to the gRPC server. On an
 /// accept error (EMFILE, ENFILE, ENOMEM...) it waits, doubling the wait up to
-/// [`MAX_ACCEPT_BACKOFF`], instead of retrying at once.
+/// one second, instead of retrying at once (as the proxy's listeners do).
 async fn accept_unix(
     listener: UnixListener,
     streams: mpsc::Sender<io::Result<UnixStream>>,
@@ -344,7 +336,7 @@ async fn accept_unix(
                     }
                 }
                 Err(err) => {
-                    backoff = next_backoff(backoff);
+                    backoff = next_accept_backoff(backoff);
                     warn!(
                         error = %err,
                         backoff_ms = backoff.as_millis() as u64,
@@ -527,7 +519,7 @@ async fn accept_tls(
                 Ok(pair) => pair,
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
-                    backoff = next_backoff(backoff);
+                    backoff = next_accept_backoff(backoff);
                     warn!(
                         error = %err,
                         backoff_ms = backoff.as_millis() as u64,

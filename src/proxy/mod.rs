@@ -37,6 +37,13 @@ pub struct Listener {
     pub proxy_protocol: bool,
 }
 
+/// The next wait after an `accept` that failed for lack of resources
+/// (EMFILE, ENFILE, ENOBUFS, ENOMEM): 10 ms, doubling up to 1 s. Shared by the
+/// proxy's listeners and the admin API's, so neither ever spins.
+pub(crate) fn next_accept_backoff(previous: Duration) -> Duration {
+    (previous * 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
 /// Binds a listening socket. `":PORT"` is one dual-stack IPv6 socket that
 /// also accepts IPv4 (as mapped addresses, judged as IPv4 by the firewall).
 pub fn bind(addr: &ListenAddr) -> io::Result<std::net::TcpListener> {
@@ -96,7 +103,7 @@ pub async fn accept_loop(
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS, ENOMEM: the pending connection stays
                 // queued; wait for resources instead of spinning.
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                backoff = next_accept_backoff(backoff);
                 tracing::warn!(
                     listener = %listener.routes.addr(),
                     error = %e,
