@@ -155,18 +155,9 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
         "A"
     );
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
-    proxy.wait_log(
-        &["client=127.0.0.2:", "outcome=blocked:ip"],
-        Duration::from_secs(5),
-    );
-    proxy.wait_log(
-        &["client=127.0.0.3:", "outcome=blocked:cidr"],
-        Duration::from_secs(5),
-    );
-    proxy.wait_log(
-        &["client=[::1]:", "outcome=blocked:cidr"],
-        Duration::from_secs(5),
-    );
+    proxy.wait_blocked("127.0.0.2", "ip");
+    proxy.wait_blocked("127.0.0.3", "cidr");
+    proxy.wait_blocked("[::1]", "cidr");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,14 +235,8 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     }
     assert_reset("127.0.0.7", addr(port)).await;
     assert_reset("127.0.8.1", addr(port)).await;
-    proxy.wait_log(
-        &["client=127.0.0.7:", "outcome=blocked:ip"],
-        Duration::from_secs(5),
-    );
-    proxy.wait_log(
-        &["client=127.0.8.1:", "outcome=blocked:cidr"],
-        Duration::from_secs(5),
-    );
+    proxy.wait_blocked("127.0.0.7", "ip");
+    proxy.wait_blocked("127.0.8.1", "cidr");
     assert_eq!(
         who_from("127.0.9.1", addr(port), "a.test", &pki)
             .await
@@ -378,14 +363,8 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     proxy.wait_count("GeoIP database reloaded", 1, Duration::from_secs(5));
     assert_reset("127.0.0.4", addr(port)).await;
     assert_reset("127.0.0.12", addr(port)).await;
-    proxy.wait_log(
-        &["client=127.0.0.4:", "outcome=blocked:country:KP"],
-        Duration::from_secs(5),
-    );
-    proxy.wait_log(
-        &["client=127.0.0.12:", "outcome=blocked:country:GB"],
-        Duration::from_secs(5),
-    );
+    proxy.wait_blocked("127.0.0.4", "country:KP");
+    proxy.wait_blocked("127.0.0.12", "country:GB");
     assert_eq!(
         who_from("127.0.0.1", addr(port), "a.test", &pki)
             .await

@@ -834,3 +834,18 @@ pub async fn hello_from(
     }
     read_all(&mut stream, Duration::from_secs(10)).await
 }
+
+impl Proxy {
+    /// Waits for the log line of a connection from `client` (an IP, or
+    /// `[v6]`) refused by the firewall with `rule` (`ip`, `cidr`,
+    /// `country:KP`, `rate`).
+    pub fn wait_blocked(&self, client: &str, rule: &str) -> String {
+        self.wait_log(
+            &[
+                &format!("client={client}:"),
+                &format!("outcome=blocked:{rule}"),
+            ],
+            Duration::from_secs(5),
+        )
+    }
+}
