@@ -245,6 +245,8 @@ async fn run(
         }
     };
     let _ = backend.set_nodelay(true);
+    // On Linux the accepted socket inherited TCP_NODELAY from the listener.
+    #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
     let hello_bytes = buffer.len() as u64;
     if target.send_proxy_protocol {

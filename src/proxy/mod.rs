@@ -59,6 +59,9 @@ pub fn bind(addr: &ListenAddr) -> io::Result<std::net::TcpListener> {
         BindAddr::Socket(SocketAddr::V6(_)) => socket.set_only_v6(true)?,
         BindAddr::Socket(SocketAddr::V4(_)) => {}
     }
+    // Linux hands TCP_NODELAY down to every accepted socket: one setsockopt
+    // here instead of one per connection (conn.rs sets it elsewhere).
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&sockaddr.into())?;
     socket.listen(BACKLOG)?;
     socket.set_nonblocking(true)?;
@@ -74,10 +77,16 @@ pub async fn accept_loop(
     drain: DrainGuard,
 ) {
     let mut backoff = Duration::ZERO;
+    // Connections get their own handles; the wait for draining is made once
+    // (a fresh one per accept would register with the shutdown channel each
+    // time).
+    let watcher = shutdown.clone();
+    let draining = shutdown.reached(Phase::Draining);
+    tokio::pin!(draining);
     loop {
         let accepted = tokio::select! {
             biased;
-            () = shutdown.reached(Phase::Draining) => break,
+            () = &mut draining => break,
             accepted = socket.accept() => accepted,
         };
         match accepted {
@@ -88,7 +97,7 @@ pub async fn accept_loop(
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let active = ActiveGuard::accept(&listener.stats, &listener.listener_stats);
                 let listener = listener.clone();
-                let watcher = shutdown.clone();
+                let watcher = watcher.clone();
                 let guard = drain.clone();
                 tokio::spawn(async move {
                     conn::handle(stream, peer, listener, watcher).await;
@@ -111,7 +120,7 @@ pub async fn accept_loop(
                     "accept failed; backing off"
                 );
                 tokio::select! {
-                    () = shutdown.reached(Phase::Draining) => break,
+                    () = &mut draining => break,
                     () = tokio::time::sleep(backoff) => {}
                 }
             }
@@ -128,4 +137,29 @@ fn is_per_connection(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
             | io::ErrorKind::WouldBlock
     ) || matches!(e.raw_os_error(), Some(libc::EPROTO) | Some(libc::EPERM))
+}
+
+#[cfg(test)]
+mod tests {
+    use socket2::SockRef;
+
+    use super::bind;
+    use crate::config::ListenAddr;
+
+    /// The relay relies on this: accepted client sockets get TCP_NODELAY
+    /// from the listener (on Linux), not from a setsockopt per connection.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let addr = ListenAddr::parse("127.0.0.1:0").expect("address");
+        let listener = bind(&addr).expect("bind");
+        listener.set_nonblocking(false).expect("blocking");
+        let local = listener.local_addr().expect("local address");
+        let _client = std::net::TcpStream::connect(local).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(
+            SockRef::from(&accepted).tcp_nodelay().expect("getsockopt"),
+            "the accepted socket has Nagle's algorithm on"
+        );
+    }
 }

@@ -25,6 +25,21 @@ pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).shutdown(Shutdown::Write)
 }
 
+/// Reads once from `stream` into `buffer`, which need not be initialised
+/// (`recv(2)`, no flags), and returns the bytes read: empty at end of stream.
+#[allow(unsafe_code)]
+pub fn recv<'a>(
+    stream: &TcpStream,
+    buffer: &'a mut [std::mem::MaybeUninit<u8>],
+) -> io::Result<&'a [u8]> {
+    let n = SockRef::from(stream).recv(buffer)?;
+    // SAFETY: recv(2) wrote (initialised) the first `n` bytes of `buffer`,
+    // and socket2 never writes uninitialised bytes into it; `n` is at most
+    // `buffer.len()`, and the returned slice borrows `buffer`, so nothing
+    // else can write to it while the slice is alive.
+    Ok(unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast::<u8>(), n.min(buffer.len())) })
+}
+
 /// A kernel pipe, both ends non-blocking and close-on-exec: the in-kernel
 /// buffer that [`splice`] moves socket pages through without copying them to
 /// user space. Closing happens when the [`OwnedFd`]s drop.
