@@ -928,3 +928,81 @@ fn server_with_a_taken_port_exits_1_naming_the_listener() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("listeners[0].addr"), "{stderr}");
 }
+
+/// One worker thread (the default on a 1–2 CPU host, or
+/// `TOKIO_WORKER_THREADS=1`) still serves many TLS connections at once, and
+/// the start line says how many workers run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_follow_the_environment_or_the_cpu_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let port = free_port();
+    let toml = config(
+        dir.path(),
+        &listener(&format!("127.0.0.1:{port}"), &[route("a.test", a.addr)]),
+    );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = if cpus <= 2 { 1 } else { cpus };
+    for (env, workers) in [(None, default), (Some("1"), 1), (Some("3"), 3)] {
+        let proxy = match env {
+            None => Proxy::start(dir.path(), &toml),
+            Some(n) => Proxy::start_with_env(dir.path(), &toml, &[("TOKIO_WORKER_THREADS", n)]),
+        };
+        let log = proxy.log_text();
+        assert!(
+            log.contains(&format!("workers={workers}")),
+            "{env:?}: {log}"
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let clients = (0..16).map(|i| {
+            let client_config = pki.client_config();
+            tokio::spawn(async move {
+                let mut tls = tls_connect(addr, "a.test", client_config).await.unwrap();
+                assert_eq!(read_line(&mut tls).await.unwrap(), "backend=A");
+                let line = format!("client {i}\n");
+                tls.write_all(line.as_bytes()).await.unwrap();
+                assert_eq!(read_line(&mut tls).await.unwrap(), line.trim_end());
+            })
+        });
+        for client in clients.collect::<Vec<_>>() {
+            tokio::time::timeout(Duration::from_secs(20), client)
+                .await
+                .expect("every client served")
+                .unwrap();
+        }
+        drop(proxy);
+    }
+}
+
+#[test]
+fn a_bad_worker_count_is_exit_2_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        config(
+            dir.path(),
+            &listener(&format!("127.0.0.1:{}", free_port()), &[]),
+        ),
+    )
+    .unwrap();
+    for bad in ["0", "many", "-2"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mc-proxy"))
+            .args(["server", "-c", path.to_str().unwrap()])
+            .env("TOKIO_WORKER_THREADS", bad)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("TOKIO_WORKER_THREADS"), "{bad}: {stderr}");
+        // Refused before the store was created.
+        assert!(
+            !dir.path().join("mc-proxy.db").exists(),
+            "{bad}: DB created"
+        );
+    }
+}

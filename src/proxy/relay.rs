@@ -218,6 +218,8 @@ async fn pump(
         // The splice rounds are boxed: their state (a pipe lease, a pending
         // write) exists only while bytes move, so an idle connection's future
         // holds just the readiness wait, not room for them.
+        #[allow(unused_mut)] // only Linux changes it
+        let mut limit = read_limit;
         #[cfg(target_os = "linux")]
         if splice && bulk {
             match Box::pin(zero_copy::round(from, to, activity, counter)).await {
@@ -226,10 +228,11 @@ async fn pump(
                     continue;
                 }
                 zero_copy::Round::End(end) => return end,
-                zero_copy::Round::Copy => {}
+                // Bulk that can't be spliced right now: copy it in big reads.
+                zero_copy::Round::Copy => limit = CHUNK,
             }
         }
-        match copy_once(from, to, activity, counter, read_limit) {
+        match copy_once(from, to, activity, counter, limit) {
             Copied::Drained | Copied::Nothing => {}
             Copied::Full => bulk = true,
             Copied::Unwritten(rest) => {

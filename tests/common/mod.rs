@@ -301,12 +301,24 @@ impl Proxy {
     }
 
     pub fn start_existing(dir: &Path, config: &Path) -> Proxy {
+        Proxy::start_existing_with_env(dir, config, &[])
+    }
+
+    /// [`Proxy::start`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, toml: &str, env: &[(&str, &str)]) -> Proxy {
+        let config = dir.join("mc-proxy.toml");
+        std::fs::write(&config, toml).unwrap();
+        Proxy::start_existing_with_env(dir, &config, env)
+    }
+
+    pub fn start_existing_with_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proxy {
         let log = dir.join(format!("proxy-{}.log", unique()));
         let child = Command::new(BIN)
             .args(["server", "-c"])
             .arg(config)
             .env_remove("RUST_LOG")
             .env_remove("JOURNAL_STREAM")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
