@@ -101,8 +101,16 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = worker_threads(setting.as_deref(), cpus).map_err(ServerError::config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+    // One worker is a current-thread runtime: the same event loop without
+    // the multi-threaded scheduler's work-stealing bookkeeping.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .thread_name("mc-proxy")
         .build()
