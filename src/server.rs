@@ -75,9 +75,10 @@ pub const WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
 /// more than it brings. Each thread falls asleep in `epoll_wait` and is woken
 /// for its share of the events, so two threads sleep and wake about twice as
 /// often for the same traffic. Measured on a 2-CPU host (`bench/RESULTS.md`):
-/// with one worker, proxy CPU per new TLS connection fell 27–32 %, and the
-/// whole box's connections/s, bulk MiB/s and added first-byte time all got
-/// better. Hosts with more CPUs keep one worker per CPU (not measured here).
+/// with one worker, proxy CPU per new TLS connection fell 11–32 % in four
+/// runs; bulk MiB/s and added first-byte time stayed within the run-to-run
+/// spread (each setting ahead in two runs). Hosts with more CPUs keep one
+/// worker per CPU (not measured here).
 pub fn worker_threads(setting: Option<&str>, cpus: usize) -> Result<usize, String> {
     match setting {
         Some(text) => match text.trim().parse::<usize>() {
