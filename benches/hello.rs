@@ -12,56 +12,23 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mc_proxy::hello::{parse, Parse};
 
-/// A well-formed TLS 1.3 ClientHello handshake message (type, length, body)
-/// with SNI `sni` and `padding` bytes of padding extension.
-fn hello_message(sni: &str, padding: usize) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&[0x03, 0x03]);
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(32);
-    body.extend_from_slice(&[9u8; 32]);
-    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
-    let name = sni.as_bytes();
-    let mut extensions = vec![0x00, 0x00];
-    extensions.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
-    extensions.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-    extensions.push(0);
-    extensions.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    extensions.extend_from_slice(name);
-    extensions.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
-    if padding > 0 {
-        extensions.extend_from_slice(&[0x00, 0x15]);
-        extensions.extend_from_slice(&(padding as u16).to_be_bytes());
-        extensions.resize(extensions.len() + padding, 0);
-    }
-    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
-    body.extend_from_slice(&extensions);
-    let mut message = vec![0x01];
-    message.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    message.extend_from_slice(&body);
-    message
-}
-
-/// Frames a handshake message into records of at most `size` bytes.
-fn records(message: &[u8], size: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for chunk in message.chunks(size) {
-        out.extend_from_slice(&[0x16, 0x03, 0x01]);
-        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
-}
+#[allow(dead_code)]
+#[path = "../tests/common/hello.rs"]
+mod fixture;
+use fixture::{hello_message, records};
 
 fn inputs() -> Vec<(&'static str, Vec<u8>)> {
     let chromium = include_bytes!("../tests/data/hellos/chromium-156-pq.bin").to_vec();
     // 16 KiB of handshake message: one full record, then the same message
     // split over two records (the reassembling path).
-    let base = hello_message("big.example.test", 0).len();
-    let big = hello_message("big.example.test", 16384 - base - 4);
+    let base = hello_message(Some("big.example.test"), 0).len();
+    let big = hello_message(Some("big.example.test"), 16384 - base - 4);
     assert_eq!(big.len(), 16384);
     vec![
-        ("small", records(&hello_message("a.example.test", 0), 16384)),
+        (
+            "small",
+            records(&hello_message(Some("a.example.test"), 0), 16384),
+        ),
         ("chromium-pq-1951B", chromium),
         ("16KiB-one-record", records(&big, 16384)),
         ("16KiB-two-records", records(&big, 8192)),

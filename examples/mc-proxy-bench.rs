@@ -46,6 +46,11 @@ use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The hello builder the integration tests use.
+#[allow(dead_code)]
+#[path = "../tests/common/hello.rs"]
+mod hello;
+
 #[derive(Parser, Debug)]
 #[command(about = "Loopback benchmark through a running mc-proxy")]
 struct Args {
@@ -164,27 +169,7 @@ async fn serve(mut stream: TcpStream) -> io::Result<()> {
 
 /// A one-record TLS 1.3 ClientHello with `sni`, followed by the op.
 fn opening(sni: &str, op: u8, arg: u64) -> Vec<u8> {
-    let name = sni.as_bytes();
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(32);
-    body.extend_from_slice(&[9u8; 32]);
-    body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
-    let mut ext = vec![0x00, 0x00];
-    ext.extend_from_slice(&((name.len() + 5) as u16).to_be_bytes());
-    ext.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    ext.extend_from_slice(name);
-    ext.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend_from_slice(&ext);
-    let mut message = vec![0x01];
-    message.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    message.extend_from_slice(&body);
-    let mut out = vec![0x16, 0x03, 0x01];
-    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
-    out.extend_from_slice(&message);
+    let mut out = hello::client_hello(Some(sni));
     out.push(op);
     out.extend_from_slice(&arg.to_be_bytes());
     out
