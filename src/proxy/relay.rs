@@ -41,7 +41,6 @@ const CHUNK: usize = 64 * 1024;
 /// The most one copy read takes while splicing is possible: a TLS record
 /// (16 KiB of payload) fits, so handshakes and request/response traffic are
 /// copied, and a read that fills it hands the direction over to splice.
-#[cfg(target_os = "linux")]
 const SMALL: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,10 +96,11 @@ pub async fn relay(
     idle: Duration,
     shutdown: Watcher,
 ) -> RelayResult {
-    relay_with(client, backend, idle, shutdown, true).await
+    relay_with(client, backend, idle, shutdown, cfg!(target_os = "linux")).await
 }
 
-/// [`relay`], with splicing allowed or not (tests pin the copy path with it).
+/// [`relay`], with splicing allowed or not (tests pin the copy path with it;
+/// off everywhere but Linux).
 async fn relay_with(
     client: TcpStream,
     backend: TcpStream,
@@ -204,22 +204,15 @@ async fn pump(
     // Whether this direction is moving bulk: its last copy filled the
     // buffer, or its last splice round moved more than a copy would have.
     let mut bulk = false;
-    #[cfg(target_os = "linux")]
-    let read_limit = if splice { SMALL } else { CHUNK };
-    #[cfg(not(target_os = "linux"))]
-    let read_limit = {
-        let _ = splice;
-        CHUNK
-    };
     loop {
         if let Err(e) = from.readable().await {
             return PumpEnd::ReadError(e);
         }
+        #[allow(unused_mut)] // only Linux changes it
+        let mut limit = if splice { SMALL } else { CHUNK };
         // The splice rounds are boxed: their state (a pipe lease, a pending
         // write) exists only while bytes move, so an idle connection's future
         // holds just the readiness wait, not room for them.
-        #[allow(unused_mut)] // only Linux changes it
-        let mut limit = read_limit;
         #[cfg(target_os = "linux")]
         if splice && bulk {
             match Box::pin(zero_copy::round(from, to, activity, counter)).await {
@@ -564,12 +557,31 @@ mod tests {
             .collect()
     }
 
+    /// One end of a relayed connection: writes `bytes` and a FIN while
+    /// reading everything the other end sends until its FIN.
+    async fn send_then_fin_while_reading(
+        mut stream: TcpStream,
+        bytes: Vec<u8>,
+        who: &'static str,
+    ) -> Vec<u8> {
+        let (mut read, mut write) = stream.split();
+        let send = async {
+            write.write_all(&bytes).await.expect(who);
+            write.shutdown().await.expect(who);
+        };
+        let mut got = Vec::new();
+        let receive = read.read_to_end(&mut got);
+        let ((), received) = tokio::join!(send, receive);
+        received.expect(who);
+        got
+    }
+
     /// Sends `up` from the client and `down` from the backend at the same
     /// time through a relay, half-closing each side after its bytes, and
     /// returns what each side received and the relay's result.
     async fn relay_both_ways(up: Vec<u8>, down: Vec<u8>, splice: bool) -> super::RelayResult {
-        let (mut client, client_side) = pair().await;
-        let (mut backend, backend_side) = pair().await;
+        let (client, client_side) = pair().await;
+        let (backend, backend_side) = pair().await;
         let shutdown = Shutdown::new();
         let relay = tokio::spawn(relay_with(
             client_side,
@@ -579,30 +591,8 @@ mod tests {
             splice,
         ));
         let (up_len, down_len) = (up.len(), down.len());
-        let client_task = tokio::spawn(async move {
-            let (mut read, mut write) = client.split();
-            let send = async {
-                write.write_all(&up).await.expect("client write");
-                write.shutdown().await.expect("client fin");
-            };
-            let mut got = Vec::new();
-            let receive = read.read_to_end(&mut got);
-            let ((), received) = tokio::join!(send, receive);
-            received.expect("client read");
-            got
-        });
-        let backend_task = tokio::spawn(async move {
-            let (mut read, mut write) = backend.split();
-            let send = async {
-                write.write_all(&down).await.expect("backend write");
-                write.shutdown().await.expect("backend fin");
-            };
-            let mut got = Vec::new();
-            let receive = read.read_to_end(&mut got);
-            let ((), received) = tokio::join!(send, receive);
-            received.expect("backend read");
-            got
-        });
+        let client_task = tokio::spawn(send_then_fin_while_reading(client, up, "client"));
+        let backend_task = tokio::spawn(send_then_fin_while_reading(backend, down, "backend"));
         let at_client = client_task.await.expect("client task");
         let at_backend = backend_task.await.expect("backend task");
         let result = relay.await.expect("relay task");
