@@ -347,6 +347,12 @@ impl ListenerMetrics {
         self.active.get()
     }
 
+    /// Connections the firewall refused, over all rules.
+    pub fn blocked(&self) -> i64 {
+        let blocked: u64 = self.blocked.iter().map(Counter::get).sum();
+        i64::try_from(blocked).unwrap_or(i64::MAX)
+    }
+
     /// A connection ended with `outcome` after relaying these bytes.
     pub fn closed(&self, outcome: Outcome, up: Option<u64>, down: Option<u64>) {
         self.closed[outcome.index()].inc();

@@ -236,7 +236,6 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
         let listener = Arc::new(Listener {
             routes: listener.clone(),
             firewall: firewall.clone(),
-            stats: stats.clone(),
             listener_stats: listener_stats.clone(),
             timeouts: config.proxy.clone(),
             proxy_protocol: listener_config.proxy_protocol,
@@ -266,9 +265,7 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
 
     // 7. Stop: close listeners at once, drain, force, exit.
     let signal = shutdown::terminate_signal().await;
-    let active = stats
-        .active_connections
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let active = stats.active_connections();
     tracing::info!(
         signal,
         active_connections = active,

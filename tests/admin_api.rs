@@ -1025,18 +1025,25 @@ async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
 
 #[tokio::test]
 async fn get_status_reports_live_counters() {
-    use std::sync::atomic::Ordering::Relaxed;
+    use mc_proxy::firewall::BlockReason;
+    use mc_proxy::proxy::conn::Outcome;
+    use mc_proxy::proxy::stats::ActiveGuard;
     let h = Harness::new().await;
     let (running, mut client) = unix_server(&h).await;
     // Five connections accepted on listener 1, four of them gone; two more
-    // counted only globally (as connections on another listener would be).
+    // on listener 0, both refused by the firewall and closed. The global
+    // figures are the listeners' sums.
     let stats = &h.state.stats;
     let mut guards: Vec<_> = (0..5)
-        .map(|_| mc_proxy::proxy::stats::ActiveGuard::accept(stats, &stats.listeners[1]))
+        .map(|_| ActiveGuard::accept(&stats.listeners[1]))
         .collect();
     guards.truncate(1);
-    stats.total_connections.fetch_add(2, Relaxed);
-    stats.blocked_connections.fetch_add(2, Relaxed);
+    for reason in [BlockReason::Ip, BlockReason::Rate] {
+        drop(ActiveGuard::accept(&stats.listeners[0]));
+        stats.listeners[0]
+            .metrics
+            .closed(Outcome::Blocked(reason), None, None);
+    }
     let status = client
         .get_status(proto::GetStatusRequest {})
         .await
@@ -1049,7 +1056,8 @@ async fn get_status_reports_live_counters() {
     assert_eq!(status.listeners[1].total_connections, 5);
     assert_eq!(status.listeners[1].active_connections, 1);
     assert_eq!(status.active_connections, 1);
-    assert_eq!(status.listeners[0].total_connections, 0);
+    assert_eq!(status.listeners[0].total_connections, 2);
+    assert_eq!(status.listeners[0].active_connections, 0);
     drop(guards);
     running.stop().await;
 }

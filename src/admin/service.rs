@@ -274,7 +274,6 @@ impl ProxyAdminService for AdminService {
         &self,
         _request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
-        use std::sync::atomic::Ordering::Relaxed;
         let stats = &self.state.stats;
         let listeners = self
             .state
@@ -286,8 +285,8 @@ impl ProxyAdminService for AdminService {
                 proto::ListenerStatus {
                     addr: listener.addr().to_string(),
                     route_count: saturating_i32(listener.snapshot().len()),
-                    active_connections: counters.map_or(0, |c| c.active()),
-                    total_connections: counters.map_or(0, |c| c.total()),
+                    active_connections: counters.map_or(0, |c| c.metrics.active()),
+                    total_connections: counters.map_or(0, |c| c.metrics.total()),
                 }
             })
             .collect();
@@ -297,9 +296,9 @@ impl ProxyAdminService for AdminService {
                 version: self.state.version.clone(),
                 started_at: Some(prost_types::Timestamp::from(stats.started_at)),
                 listeners,
-                total_connections: stats.total_connections.load(Relaxed),
-                active_connections: stats.active_connections.load(Relaxed),
-                blocked_connections: stats.blocked_connections.load(Relaxed),
+                total_connections: stats.total_connections(),
+                active_connections: stats.active_connections(),
+                blocked_connections: stats.blocked_connections(),
             })),
         )
     }

@@ -13,7 +13,6 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -182,10 +181,6 @@ async fn run(
 
     // 1. Firewall, before a ClientHello byte is read.
     if let Verdict::Block(reason) = listener.firewall.check(record.client.ip()) {
-        listener
-            .stats
-            .blocked_connections
-            .fetch_add(1, Ordering::Relaxed);
         sys::reset(client);
         return Outcome::Blocked(reason);
     }

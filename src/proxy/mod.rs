@@ -21,7 +21,7 @@ use crate::config::{BindAddr, ListenAddr, ProxyConfig};
 use crate::firewall::Firewall;
 use crate::routes::ListenerRoutes;
 use crate::shutdown::{DrainGuard, Phase, Watcher};
-use stats::{ActiveGuard, ListenerStats, Stats};
+use stats::{ActiveGuard, ListenerStats};
 
 /// Pending connections the kernel queues for us.
 const BACKLOG: i32 = 4096;
@@ -30,7 +30,6 @@ const BACKLOG: i32 = 4096;
 pub struct Listener {
     pub routes: Arc<ListenerRoutes>,
     pub firewall: Arc<Firewall>,
-    pub stats: Arc<Stats>,
     pub listener_stats: Arc<ListenerStats>,
     pub timeouts: ProxyConfig,
     /// Every connection starts with a PROXY v1/v2 header (trusted upstreams only).
@@ -95,7 +94,7 @@ pub async fn accept_loop(
                 // A dual-stack socket reports IPv4 clients as ::ffff:a.b.c.d;
                 // they are IPv4 clients everywhere (firewall, logs).
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                let active = ActiveGuard::accept(&listener.stats, &listener.listener_stats);
+                let active = ActiveGuard::accept(&listener.listener_stats);
                 let listener = listener.clone();
                 let watcher = watcher.clone();
                 let guard = drain.clone();
