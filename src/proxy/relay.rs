@@ -539,6 +539,7 @@ mod tests {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
 
     use super::{relay_with, RelayEnd};
     use crate::shutdown::Shutdown;
@@ -549,6 +550,31 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let (ours, theirs) = tokio::join!(TcpStream::connect(addr), listener.accept());
         (ours.expect("connect"), theirs.expect("accept").0)
+    }
+
+    /// A relay between two loopback pairs: (client end, backend end, the
+    /// relay task, its shutdown controller — keep it alive, dropping it
+    /// forces the relay closed).
+    async fn start_relay(
+        idle: Duration,
+        splice: bool,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        JoinHandle<super::RelayResult>,
+        Shutdown,
+    ) {
+        let (client, client_side) = pair().await;
+        let (backend, backend_side) = pair().await;
+        let shutdown = Shutdown::new();
+        let relay = tokio::spawn(relay_with(
+            client_side,
+            backend_side,
+            idle,
+            shutdown.watcher(),
+            splice,
+        ));
+        (client, backend, relay, shutdown)
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -580,16 +606,8 @@ mod tests {
     /// time through a relay, half-closing each side after its bytes, and
     /// returns what each side received and the relay's result.
     async fn relay_both_ways(up: Vec<u8>, down: Vec<u8>, splice: bool) -> super::RelayResult {
-        let (client, client_side) = pair().await;
-        let (backend, backend_side) = pair().await;
-        let shutdown = Shutdown::new();
-        let relay = tokio::spawn(relay_with(
-            client_side,
-            backend_side,
-            Duration::from_secs(30),
-            shutdown.watcher(),
-            splice,
-        ));
+        let (client, backend, relay, _shutdown) =
+            start_relay(Duration::from_secs(30), splice).await;
         let (up_len, down_len) = (up.len(), down.len());
         let client_task = tokio::spawn(send_then_fin_while_reading(client, up, "client"));
         let backend_task = tokio::spawn(send_then_fin_while_reading(backend, down, "backend"));
@@ -641,16 +659,8 @@ mod tests {
     async fn small_requests_and_responses_ping_pong_in_order() {
         // Request/response traffic (the copied path, readiness cleared on
         // every short read): no message is lost, stuck or reordered.
-        let (mut client, client_side) = pair().await;
-        let (mut backend, backend_side) = pair().await;
-        let shutdown = Shutdown::new();
-        let relay = tokio::spawn(relay_with(
-            client_side,
-            backend_side,
-            Duration::from_secs(30),
-            shutdown.watcher(),
-            true,
-        ));
+        let (mut client, mut backend, relay, _shutdown) =
+            start_relay(Duration::from_secs(30), true).await;
         let rounds = 500;
         let echo = tokio::spawn(async move {
             let mut total = 0u64;
@@ -708,16 +718,8 @@ mod tests {
         // The backend never reads, so bytes pile up in the kernel's socket
         // buffers and in the pipe, and the relay ends on its idle timeout
         // with the pipe still holding bytes.
-        let (mut client, client_side) = pair().await;
-        let (_backend, backend_side) = pair().await;
-        let shutdown = Shutdown::new();
-        let relay = tokio::spawn(relay_with(
-            client_side,
-            backend_side,
-            Duration::from_secs(1),
-            shutdown.watcher(),
-            true,
-        ));
+        let (mut client, _backend, relay, _shutdown) =
+            start_relay(Duration::from_secs(1), true).await;
         let flood = pattern(4 << 20, 7);
         let _ = tokio::time::timeout(Duration::from_secs(5), client.write_all(&flood)).await;
         let result = tokio::time::timeout(Duration::from_secs(10), relay)
