@@ -80,6 +80,7 @@ fn rules(c: &mut Criterion) {
             rules: Vec::new(),
             rate_limit: 0,
             rate_window: Duration::from_secs(10),
+            max_connections_per_ip: None,
         };
         let firewall = match Firewall::new(&config, &rules) {
             Ok(firewall) => firewall,

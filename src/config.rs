@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -167,6 +168,9 @@ pub struct FirewallConfig {
     /// New connections per client IP per `rate_window`; 0 = off.
     pub rate_limit: u32,
     pub rate_window: Duration,
+    /// Open connections one client (an IPv4 address or an IPv6 /64) may
+    /// hold at once; `None` = no limit (`max_connections_per_ip = 0`).
+    pub max_connections_per_ip: Option<NonZeroU32>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +179,9 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Client connections open at once over all listeners; `None` = derived
+    /// from RLIMIT_NOFILE at start (`max_connections = 0`).
+    pub max_connections: Option<NonZeroU32>,
 }
 
 impl Default for ProxyConfig {
@@ -184,6 +191,7 @@ impl Default for ProxyConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
+            max_connections: None,
         }
     }
 }
@@ -288,6 +296,8 @@ struct RawFirewall {
     #[serde(default)]
     rate_limit: u32,
     rate_window: Option<Parsed<ConfigDuration>>,
+    #[serde(default)]
+    max_connections_per_ip: u32,
 }
 
 #[derive(Deserialize, Default)]
@@ -297,6 +307,8 @@ struct RawProxy {
     handshake_timeout: Option<Parsed<ConfigDuration>>,
     idle_timeout: Option<Parsed<ConfigDuration>>,
     shutdown_timeout: Option<Parsed<ConfigDuration>>,
+    #[serde(default)]
+    max_connections: u32,
 }
 
 #[derive(Deserialize, Default)]
@@ -604,6 +616,7 @@ impl Config {
                 .proxy
                 .shutdown_timeout
                 .map_or(defaults.shutdown_timeout, |d| d.0 .0),
+            max_connections: NonZeroU32::new(raw.proxy.max_connections),
         };
         for (key, value) in [
             ("proxy.connect_timeout", &mut proxy.connect_timeout),
@@ -627,6 +640,7 @@ impl Config {
                 rules,
                 rate_limit: fw.rate_limit,
                 rate_window,
+                max_connections_per_ip: NonZeroU32::new(fw.max_connections_per_ip),
             },
             proxy,
             log: LogConfig {
@@ -852,6 +866,53 @@ level = "debug"
                 "{MINIMAL}[[listeners]]\naddr = \":1\"\nproxy_protocol = 1\n"
             )),
             "listeners[0].proxy_protocol"
+        );
+    }
+
+    #[test]
+    fn connection_limits_default_to_off_and_derived() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.firewall.max_connections_per_ip, None);
+        assert_eq!(config.proxy.max_connections, None);
+        let config = parse(&format!(
+            "{MINIMAL}[firewall]\nmax_connections_per_ip = 0\n[proxy]\nmax_connections = 0\n"
+        ))
+        .unwrap();
+        assert_eq!(config.firewall.max_connections_per_ip, None);
+        assert_eq!(config.proxy.max_connections, None);
+        let config = parse(&format!(
+            "{MINIMAL}[firewall]\nmax_connections_per_ip = 3\n[proxy]\nmax_connections = 4294967295\n"
+        ))
+        .unwrap();
+        assert_eq!(config.firewall.max_connections_per_ip, NonZeroU32::new(3));
+        assert_eq!(config.proxy.max_connections, NonZeroU32::new(u32::MAX));
+    }
+
+    #[test]
+    fn bad_connection_limits_name_their_toml_path() {
+        for (section, key) in [
+            ("firewall", "max_connections_per_ip"),
+            ("proxy", "max_connections"),
+        ] {
+            for bad in ["-1", "1.5", "\"10\"", "4294967296", "true", "[]"] {
+                let text = format!("{MINIMAL}[{section}]\n{key} = {bad}\n");
+                let err = parse(&text).expect_err(&text);
+                assert_eq!(err.key, format!("{section}.{key}"), "{bad}: {err}");
+                let shown = err.to_string();
+                assert!(
+                    shown.contains(&format!("{section}.{key}: ")) && !shown.contains('\n'),
+                    "{shown}"
+                );
+            }
+        }
+        // A misspelling is an unknown key, not a silent default.
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[proxy]\nmax_connection = 5\n")),
+            "proxy.max_connection"
+        );
+        assert_eq!(
+            key_of(&format!("{MINIMAL}[firewall]\nmax_connections = 5\n")),
+            "firewall.max_connections"
         );
     }
 

@@ -49,7 +49,7 @@ const LATENCY_BUCKETS: [f64; 14] = [
 ];
 
 /// The `rule` label of blocked connections, indexed by [`block_index`].
-const BLOCK_RULES: [&str; 4] = ["ip", "cidr", "country", "rate"];
+const BLOCK_RULES: [&str; 5] = ["ip", "cidr", "country", "rate", "conn_limit"];
 
 /// The media type of what [`Metrics::render`] writes.
 pub const CONTENT_TYPE_OPENMETRICS: &str =
@@ -137,6 +137,7 @@ fn block_index(reason: BlockReason) -> usize {
         BlockReason::Cidr => 1,
         BlockReason::Country(_) => 2,
         BlockReason::Rate => 3,
+        BlockReason::ConnLimit => 4,
     }
 }
 
@@ -175,7 +176,7 @@ impl Metrics {
         let blocked = Family::<BlockedLabels, Counter>::default();
         registry.register(
             "connections_blocked",
-            "Connections the firewall refused, by the type of rule that matched",
+            "Connections the firewall refused, by the type of rule or limit that refused them",
             blocked.clone(),
         );
         let bytes = Family::<BytesLabels, Counter>::default();
@@ -503,6 +504,7 @@ mod tests {
         first.released();
         first.closed(Outcome::Relayed, Some(100), Some(2000));
         first.closed(Outcome::Blocked(BlockReason::Cidr), None, None);
+        first.closed(Outcome::Blocked(BlockReason::ConnLimit), None, None);
         first.hello_took(Duration::from_millis(3));
         metrics.admin_call("AddRoute", "INVALID_ARGUMENT");
         metrics.admin_call("AddRoute", "INVALID_ARGUMENT");
@@ -515,6 +517,7 @@ mod tests {
                 rules: Vec::new(),
                 rate_limit: 0,
                 rate_window: Duration::from_secs(10),
+                max_connections_per_ip: None,
             },
             &[],
         )
@@ -524,9 +527,11 @@ mod tests {
             "mc_proxy_connections_accepted_total{listener=\":443\"} 2",
             "mc_proxy_connections_active{listener=\":443\"} 0",
             "mc_proxy_connections_closed_total{listener=\":443\",outcome=\"relayed\"} 1",
-            "mc_proxy_connections_closed_total{listener=\":443\",outcome=\"blocked\"} 1",
+            "mc_proxy_connections_closed_total{listener=\":443\",outcome=\"blocked\"} 2",
             "mc_proxy_connections_closed_total{listener=\"127.0.0.1:8443\",outcome=\"bad_proxy_header\"} 0",
             "mc_proxy_connections_blocked_total{listener=\":443\",rule=\"cidr\"} 1",
+            "mc_proxy_connections_blocked_total{listener=\":443\",rule=\"conn_limit\"} 1",
+            "mc_proxy_connections_blocked_total{listener=\"127.0.0.1:8443\",rule=\"conn_limit\"} 0",
             "mc_proxy_relayed_bytes_total{listener=\":443\",direction=\"up\"} 100",
             "mc_proxy_relayed_bytes_total{listener=\":443\",direction=\"down\"} 2000",
             "mc_proxy_hello_duration_seconds_count{listener=\":443\"} 1",

@@ -3,21 +3,26 @@
 //!
 //! Owns: the compiled rule set (swapped whole, atomically), the GeoIP
 //! database (reloaded on change or SIGHUP, a broken file never replacing a
-//! good one), and the per-client rate limiter. A decision never does I/O and
-//! never takes a lock, except the rate limiter's shard lock when a rate limit
-//! is set.
+//! good one), the per-client rate limiter and the per-client count of open
+//! connections. A decision never does I/O and never takes a lock, except the
+//! rate limiter's and the connection count's shard locks when those limits
+//! are set.
 //!
-//! Order of a decision ([`Firewall::check`]): the address is made canonical
+//! Order of a decision ([`Firewall::admit`]): the address is made canonical
 //! (IPv4-mapped IPv6 → IPv4); exact IP rules; CIDR rules; country rules (the
 //! GeoIP lookup only happens when there are country rules and a database);
 //! then the rate limit, so only connections the rules allow use up a
-//! client's budget.
+//! client's budget; then the open-connection limit, so only connections
+//! about to be served take a slot ([`Firewall::check`] is the same decision
+//! without that last step).
 //!
 //! - [`rule`]: rule values and their text forms.
 //! - `ipset`: IP and CIDR matching in logarithmic time.
 //! - [`geoip`]: the MaxMind database.
 //! - [`ratelimit`]: the per-client limiter.
+//! - [`concurrency`]: the per-client count of open connections.
 
+pub mod concurrency;
 pub mod geoip;
 mod ipset;
 pub mod ratelimit;
@@ -32,19 +37,22 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::config::FirewallConfig;
+pub use concurrency::{ConnLimiter, ConnSlot};
 pub use geoip::{GeoIp, GeoIpError};
 use ipset::{AddrMatch, AddrSet};
 pub use ratelimit::RateLimiter;
 pub use rule::{CountryCode, Rule, RuleError, RuleKind};
 
 /// Why a connection was refused. `Display` gives the log outcome suffix:
-/// `ip`, `cidr`, `country:XX`, `rate`.
+/// `ip`, `cidr`, `country:XX`, `rate`, `conn_limit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockReason {
     Ip,
     Cidr,
     Country(CountryCode),
     Rate,
+    /// The client already holds `max_connections_per_ip` open connections.
+    ConnLimit,
 }
 
 impl fmt::Display for BlockReason {
@@ -54,6 +62,7 @@ impl fmt::Display for BlockReason {
             BlockReason::Cidr => f.write_str("cidr"),
             BlockReason::Country(cc) => write!(f, "country:{cc}"),
             BlockReason::Rate => f.write_str("rate"),
+            BlockReason::ConnLimit => f.write_str("conn_limit"),
         }
     }
 }
@@ -134,12 +143,15 @@ struct GeoIpSource {
     db: ArcSwap<GeoIp>,
 }
 
-/// The firewall: rules, GeoIP and rate limit. Shared as `Arc<Firewall>`.
+/// The firewall: rules, GeoIP, rate limit and open-connection limit.
+/// Shared as `Arc<Firewall>` by every listener.
 pub struct Firewall {
     rules: ArcSwap<RuleSet>,
     geoip: Option<GeoIpSource>,
     /// `None` when `rate_limit` is 0.
     rate: Option<RateLimiter>,
+    /// `None` when `max_connections_per_ip` is 0.
+    conns: Option<ConnLimiter>,
 }
 
 impl fmt::Debug for Firewall {
@@ -148,6 +160,10 @@ impl fmt::Debug for Firewall {
             .field("rules", &self.rules.load().len())
             .field("geoip_db", &self.geoip.as_ref().map(|g| &g.path))
             .field("rate", &self.rate)
+            .field(
+                "max_connections_per_ip",
+                &self.conns.as_ref().map(ConnLimiter::limit),
+            )
             .finish()
     }
 }
@@ -179,13 +195,31 @@ impl Firewall {
             rules: ArcSwap::from_pointee(RuleSet::default()),
             geoip,
             rate,
+            conns: config.max_connections_per_ip.map(ConnLimiter::new),
         };
         firewall.replace_rules(rules);
         Ok(firewall)
     }
 
     /// The decision on a new connection from `ip`, made before any byte is
-    /// read. See the module documentation for the order.
+    /// read, counting it as open when allowed: the connection holds the
+    /// returned slot (`None` when there is no per-client limit) until it
+    /// closes. See the module documentation for the order.
+    pub fn admit(&self, ip: IpAddr) -> Result<Option<ConnSlot<'_>>, BlockReason> {
+        if let Verdict::Block(reason) = self.check(ip) {
+            return Err(reason);
+        }
+        match &self.conns {
+            None => Ok(None),
+            Some(conns) => conns
+                .try_acquire(ip)
+                .map(Some)
+                .ok_or(BlockReason::ConnLimit),
+        }
+    }
+
+    /// The decision on `ip` by the rules and the rate limit (a rate-limit
+    /// admission is counted), without the open-connection limit.
     pub fn check(&self, ip: IpAddr) -> Verdict {
         let ip = ip.to_canonical();
         let rules = self.rules.load();
@@ -236,6 +270,12 @@ impl Firewall {
     /// The rate limiter, if `rate_limit` is set (for metrics).
     pub fn rate_limiter(&self) -> Option<&RateLimiter> {
         self.rate.as_ref()
+    }
+
+    /// The per-client open-connection count, if `max_connections_per_ip`
+    /// is set.
+    pub fn conn_limiter(&self) -> Option<&ConnLimiter> {
+        self.conns.as_ref()
     }
 
     /// Re-reads the GeoIP file now. A missing or broken file is refused: the
@@ -358,6 +398,7 @@ mod tests {
             rules: Vec::new(),
             rate_limit,
             rate_window: Duration::from_secs(10),
+            max_connections_per_ip: None,
         }
     }
 
@@ -374,6 +415,7 @@ mod tests {
         assert_eq!(BlockReason::Cidr.to_string(), "cidr");
         assert_eq!(BlockReason::Country(cc("kp")).to_string(), "country:KP");
         assert_eq!(BlockReason::Rate.to_string(), "rate");
+        assert_eq!(BlockReason::ConnLimit.to_string(), "conn_limit");
     }
 
     #[test]
@@ -510,6 +552,38 @@ mod tests {
         );
         assert_eq!(fw.check(ip("192.0.2.2")), Verdict::Allow);
         assert_eq!(fw.rate_limiter().map(RateLimiter::tracked), Some(2));
+    }
+
+    #[test]
+    fn the_connection_limit_comes_after_the_rules_and_the_rate_limit() {
+        let mut cfg = config(None, 3);
+        cfg.rate_window = Duration::from_secs(3600);
+        cfg.max_connections_per_ip = std::num::NonZeroU32::new(1);
+        let fw = Firewall::new(&cfg, &[rule(RuleKind::Ip, "192.0.2.1")]).unwrap();
+        let conns = fw.conn_limiter().unwrap();
+        // A client blocked by a rule takes no slot.
+        assert_eq!(fw.admit(ip("192.0.2.1")).err(), Some(BlockReason::Ip));
+        assert_eq!(conns.tracked(), 0);
+
+        let a = ip("192.0.2.2");
+        let held = fw.admit(a).unwrap();
+        assert!(held.is_some());
+        // Refused while the first is open (this uses up rate budget: the
+        // rate limit comes first) ...
+        assert_eq!(fw.admit(a).err(), Some(BlockReason::ConnLimit));
+        assert_eq!(
+            fw.admit(ip("::ffff:192.0.2.2")).err(),
+            Some(BlockReason::ConnLimit)
+        );
+        // ... a rate refusal takes no slot either ...
+        assert_eq!(fw.admit(a).err(), Some(BlockReason::Rate));
+        assert_eq!(conns.open(a), 1);
+        drop(held);
+        assert_eq!(conns.open(a), 0);
+        // ... and without a limit configured there is no slot at all.
+        let plain = firewall(&[]);
+        assert!(plain.conn_limiter().is_none());
+        assert!(matches!(plain.admit(a), Ok(None)));
     }
 
     /// Puts `bytes` at `path` the way geoipupdate does: write a temporary

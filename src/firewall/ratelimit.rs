@@ -50,15 +50,16 @@ pub const DEFAULT_MAX_ENTRIES: usize = SHARDS * 14_336;
 /// A shard is not swept before it holds this many entries.
 const MIN_SWEEP_AT: usize = 64;
 
-/// Who is rate limited: an IPv4 address or an IPv6 /64.
+/// Who is rate limited (and whose open connections are counted, see
+/// `concurrency`): an IPv4 address or an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Client {
+pub(super) enum Client {
     V4(u32),
     V6Net64(u64),
 }
 
 impl Client {
-    fn of(ip: IpAddr) -> Client {
+    pub(super) fn of(ip: IpAddr) -> Client {
         match ip.to_canonical() {
             IpAddr::V4(v4) => Client::V4(u32::from(v4)),
             IpAddr::V6(v6) => Client::V6Net64((u128::from(v6) >> 64) as u64),

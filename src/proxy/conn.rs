@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::firewall::{BlockReason, Verdict};
+use crate::firewall::BlockReason;
 use crate::hello::{self, Parse};
 use crate::proxy_protocol::{self, Addresses};
 use crate::routes::{Backend, Target};
@@ -179,11 +179,16 @@ async fn run(
         }
     }
 
-    // 1. Firewall, before a ClientHello byte is read.
-    if let Verdict::Block(reason) = listener.firewall.check(record.client.ip()) {
-        sys::reset(client);
-        return Outcome::Blocked(reason);
-    }
+    // 1. Firewall, before a ClientHello byte is read. An admitted client's
+    // open-connection count (max_connections_per_ip) holds this connection
+    // until `run` returns.
+    let _slot = match listener.firewall.admit(record.client.ip()) {
+        Ok(slot) => slot,
+        Err(reason) => {
+            sys::reset(client);
+            return Outcome::Blocked(reason);
+        }
+    };
 
     // 2. The whole ClientHello, within handshake_timeout.
     let hello_started = Instant::now();

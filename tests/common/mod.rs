@@ -752,6 +752,39 @@ pub fn ensure_own_nofile(want: u64) {
     raise_nofile(std::process::id(), want);
 }
 
+// ---- /metrics ------------------------------------------------------------------
+
+/// `GET path` over plain HTTP/1.1; returns (status line, headers, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(all).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    (status.to_string(), headers.to_lowercase(), body.to_string())
+}
+
+/// Series → value from Prometheus text (`name{labels} value`).
+pub fn parse_metrics(body: &str) -> std::collections::HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
 /// A GeoIP (Country-shaped) database mapping each network to its ISO code.
 pub fn geoip_db(entries: &[(&str, &str)]) -> Vec<u8> {
     use mmdb_writer::{Value, Writer};
