@@ -109,6 +109,26 @@ pub struct Metrics {
     routes: Family<ListenerLabel, Gauge>,
     firewall_rules: Family<RuleLabel, Gauge>,
     admin_calls: Family<AdminCallLabels, Counter>,
+    capacity: CapacityMetrics,
+}
+
+/// The global connection cap's handles (`[proxy] max_connections`).
+#[derive(Clone, Debug, Default)]
+pub struct CapacityMetrics {
+    max: Gauge,
+    paused: Counter,
+}
+
+impl CapacityMetrics {
+    /// The cap in force.
+    pub fn set_max(&self, max: usize) {
+        self.max.set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
+
+    /// An accept loop found every slot taken and waits for one.
+    pub fn paused(&self) {
+        self.paused.inc();
+    }
 }
 
 /// One listener's handles, resolved at start: a connection bumps these
@@ -218,6 +238,17 @@ impl Metrics {
             "Admin API calls, by method and gRPC status code",
             admin_calls.clone(),
         );
+        let capacity = CapacityMetrics::default();
+        registry.register(
+            "connections_max",
+            "Client connections open at once over all listeners before the accept loops pause ([proxy] max_connections, or derived)",
+            capacity.max.clone(),
+        );
+        registry.register(
+            "accept_paused",
+            "Times an accept loop found max_connections open and waited for one to close before accepting",
+            capacity.paused.clone(),
+        );
         registry.register(
             "build",
             "The running mc-proxy version",
@@ -276,7 +307,13 @@ impl Metrics {
             routes,
             firewall_rules,
             admin_calls,
+            capacity,
         }
+    }
+
+    /// The global connection cap's handles.
+    pub fn capacity(&self) -> &CapacityMetrics {
+        &self.capacity
     }
 
     /// Each listener's handles, in the order given to [`Metrics::new`].
@@ -508,6 +545,8 @@ mod tests {
         first.hello_took(Duration::from_millis(3));
         metrics.admin_call("AddRoute", "INVALID_ARGUMENT");
         metrics.admin_call("AddRoute", "INVALID_ARGUMENT");
+        metrics.capacity().set_max(451);
+        metrics.capacity().paused();
         assert_eq!(metrics.listeners().len(), 2);
 
         let routes = Routes::new(Vec::new());
@@ -539,6 +578,8 @@ mod tests {
             "mc_proxy_admin_calls_total{method=\"AddRoute\",code=\"INVALID_ARGUMENT\"} 2",
             "mc_proxy_firewall_rules{rule=\"country\"} 0",
             "mc_proxy_build_info{version=\"9.9.9\"} 1",
+            "mc_proxy_connections_max 451",
+            "mc_proxy_accept_paused_total 1",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");

@@ -15,7 +15,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::firewall::Firewall;
 use crate::metrics;
-use crate::proxy::{self, stats::Stats, Listener};
+use crate::proxy::{self, capacity, stats::Stats, Listener};
 use crate::routes::{ListenerRoutes, Routes};
 use crate::shutdown::{self, Shutdown};
 use crate::store::{self, Store};
@@ -121,6 +121,8 @@ pub fn run(config: Config) -> Result<(), ServerError> {
 
 async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
     let source = config.source.display().to_string();
+    // The soft descriptor limit up to the hard one, before anything opens.
+    let nofile = capacity::raise_nofile_limit();
 
     // 0. The GeoIP file first: a config error must stop the start before
     // the store is created or seeded from this config. The rules come from
@@ -226,7 +228,9 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
         None => None,
     };
 
-    // 6. Serve.
+    // 6. Serve, within the descriptor budget measured now that the server's
+    // own descriptors are open.
+    let (capacity, fd_limit) = connection_capacity(&config, &stats, nofile);
     for (((socket, listener), listener_stats), listener_config) in sockets
         .into_iter()
         .zip(routes.listeners())
@@ -239,6 +243,7 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
             listener_stats: listener_stats.clone(),
             timeouts: config.proxy.clone(),
             proxy_protocol: listener_config.proxy_protocol,
+            capacity: capacity.clone(),
         });
         tokio::spawn(proxy::accept_loop(
             socket,
@@ -259,6 +264,8 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
         admin = config.grpc.as_ref().map(|g| g.addr.to_string()).as_deref(),
         metrics = config.metrics.as_ref().map(|m| m.addr.to_string()).as_deref(),
         workers,
+        max_connections = capacity.max(),
+        fd_limit,
         "mc-proxy started"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -289,6 +296,58 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
     store.close();
     tracing::info!(forced, "mc-proxy stopped");
     Ok(())
+}
+
+/// The connection cap (`[proxy] max_connections`, else derived from the
+/// descriptor limit) and the splice pipes that fit beside it; returns the
+/// cap and the soft descriptor limit. See `proxy::capacity`.
+fn connection_capacity(
+    config: &Config,
+    stats: &Stats,
+    raised: std::io::Result<(u64, u64)>,
+) -> (Arc<capacity::Capacity>, Option<u64>) {
+    match raised {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                from = before,
+                to = after,
+                "raised the soft RLIMIT_NOFILE to the hard limit"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the soft RLIMIT_NOFILE"),
+    }
+    let configured = config.proxy.max_connections;
+    let (max, pipes, fd_limit) = match capacity::FdBudget::measure() {
+        Ok(budget) => {
+            let plan = budget.plan(configured, proxy::relay::PIPES_MAX);
+            if !plan.derived && plan.max_connections > plan.affordable {
+                tracing::warn!(
+                    max_connections = plan.max_connections,
+                    fd_limit = budget.limit,
+                    fds_in_use = budget.in_use,
+                    affordable = plan.affordable,
+                    "proxy.max_connections is more than RLIMIT_NOFILE allows at two descriptors a connection: \
+                     near it accepts fail with EMFILE (and back off); raise LimitNOFILE or lower max_connections"
+                );
+            }
+            tracing::debug!(
+                ?plan,
+                fd_limit = budget.limit,
+                fds_in_use = budget.in_use,
+                "descriptor budget"
+            );
+            (plan.max_connections, plan.pipes, Some(budget.limit))
+        }
+        Err(e) => {
+            let max = configured.map_or(usize::MAX, |n| n.get() as usize);
+            tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE; max_connections is not derived from it");
+            (max, proxy::relay::PIPES_MAX, None)
+        }
+    };
+    proxy::relay::set_pipe_limit(pipes);
+    let capacity = capacity::Capacity::new(max, stats.metrics.capacity().clone());
+    (Arc::new(capacity), fd_limit)
 }
 
 async fn reload_on_hangup(firewall: Arc<Firewall>) {

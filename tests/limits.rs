@@ -170,3 +170,129 @@ async fn per_ip_limit_refuses_the_fourth_open_connection_across_listeners() {
     drop(held);
     proxy.stop();
 }
+
+/// The `key=VALUE` number in the start line.
+fn start_field(proxy: &Proxy, key: &str) -> u64 {
+    let log = proxy.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mc-proxy started"))
+        .expect("start line");
+    let needle = format!("{key}=");
+    let at = line
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no {key}= in {line}"));
+    line[at + needle.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{key}= is not a number in {line}"))
+}
+
+/// Started under a 128-descriptor limit, the server derives its cap from
+/// it (90 % of what is left at two descriptors a connection) and logs it.
+/// With that many relayed connections open, 30 more clients connect (the
+/// kernel queues them; without the cap they would take the proxy past its
+/// descriptors) but are neither accepted nor reset: their handshakes wait.
+/// 30 of the open ones close and the 30 waiting are served at once. The log
+/// has one pause warning and never an EMFILE or a failed accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_the_accept_loop_waits_instead_of_running_out_of_descriptors() {
+    const EXTRA: usize = 30;
+    ensure_own_nofile(4096);
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("cap CA");
+    let backend = tls_backend(&pki, "B", &["ok.test"]).await;
+    let (port, metrics_port) = (free_port(), free_port());
+    let addr = local(port);
+    let proxy = Proxy::start_with_nofile(
+        dir.path(),
+        &config(
+            dir.path(),
+            &format!(
+                "[[listeners]]\naddr = \"{addr}\"\n  [[listeners.routes]]\n  hostname = \"ok.test\"\n  backend = \"{}\"\n\n\
+                 [proxy]\nhandshake_timeout = \"60s\"\n\
+                 [metrics]\naddr = \"127.0.0.1:{metrics_port}\"\n",
+                backend.addr
+            ),
+        ),
+        128,
+    );
+    assert_eq!(nofile_limits(proxy.pid()), (128, 128));
+    assert_eq!(start_field(&proxy, "fd_limit"), 128);
+    let cap = start_field(&proxy, "max_connections") as usize;
+    // 90 % of (128 − what the server holds) / 2; it holds at least a dozen
+    // (and, as measured, about 16).
+    assert!((EXTRA..=51).contains(&cap), "max_connections={cap}");
+    let metrics = local(metrics_port);
+    assert_eq!(
+        metric(metrics, "mc_proxy_connections_max").await,
+        cap as f64
+    );
+
+    let mut held = Vec::with_capacity(cap);
+    for _ in 0..cap {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        held.push(relayed_on(tcp, &pki).await.expect("served below the cap"));
+    }
+    // Past the cap: connected by the kernel, not accepted, not reset.
+    let mut waiting = tokio::task::JoinSet::new();
+    for _ in 0..EXTRA {
+        let pki_config = pki.client_config();
+        waiting.spawn(async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let name = ServerName::try_from("ok.test").unwrap();
+            let mut tls = TlsConnector::from(pki_config).connect(name, tcp).await?;
+            let line = read_line(&mut tls).await?;
+            Ok::<_, std::io::Error>((line, tls))
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        waiting.try_join_next().is_none(),
+        "a client past the cap was answered (or reset) before a slot freed"
+    );
+    proxy.wait_count("max_connections reached", 1, Duration::from_secs(10));
+    let fds = proc_fds(proxy.pid());
+    assert!(fds < 128, "the proxy holds {fds} of its 128 descriptors");
+    assert_eq!(
+        backend.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        cap,
+        "the backend saw a connection past the cap"
+    );
+
+    // As many close: the waiting are served.
+    held.truncate(cap - EXTRA);
+    let closed = std::time::Instant::now();
+    let served = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut served = Vec::new();
+        while let Some(result) = waiting.join_next().await {
+            let (line, tls) = result.unwrap().expect("a waiting client is served");
+            assert_eq!(line, "backend=B");
+            served.push(tls);
+        }
+        served
+    })
+    .await
+    .expect("the waiting clients were not served after as many closed");
+    eprintln!(
+        "cap {cap}: {EXTRA} waiting clients served {:?} after {EXTRA} closed",
+        closed.elapsed()
+    );
+    assert_eq!(served.len(), EXTRA);
+    assert!(metric(metrics, "mc_proxy_accept_paused_total").await >= 1.0);
+
+    let log = proxy.log_text();
+    for bad in [
+        "accept failed",
+        "Too many open files",
+        "EMFILE",
+        "os error 24",
+    ] {
+        assert!(!log.contains(bad), "{bad:?} in the log:\n{log}");
+    }
+    assert_eq!(proxy.count_log("max_connections reached"), 1, "{log}");
+    drop(served);
+    drop(held);
+    proxy.stop();
+}

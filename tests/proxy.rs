@@ -795,6 +795,10 @@ fn sigterm_with_no_connections_exits_at_once_and_second_signal_forces() {
     assert!(second.elapsed() < Duration::from_secs(2));
 }
 
+/// The EMFILE back-off is the safety net when the connection cap does not
+/// keep the descriptors in budget: here `max_connections` is set far above
+/// what 64 descriptors allow (the derived cap would never reach EMFILE; see
+/// tests/limits.rs).
 #[test]
 fn accept_loop_survives_running_out_of_file_descriptors() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -806,7 +810,10 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
         &config_path,
         config(
             dir.path(),
-            &listener(&format!("127.0.0.1:{port}"), &[route("a.test", backend)]),
+            &format!(
+                "{}[proxy]\nmax_connections = 1000\n",
+                listener(&format!("127.0.0.1:{port}"), &[route("a.test", backend)])
+            ),
         ),
     )
     .unwrap();

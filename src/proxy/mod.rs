@@ -3,7 +3,16 @@
 //! Owns: binding (dual stack for `":PORT"`), the accept loop (which never dies
 //! and never spins on EMFILE and friends), and spawning one task per
 //! connection ([`conn`]), whose relay lives in [`relay`].
+//!
+//! The accept loop takes a slot of the global connection cap
+//! ([`capacity`], `[proxy] max_connections`) before each `accept`, and the
+//! connection's task holds it to the end: at the cap the loop waits instead
+//! of accepting, so the kernel's backlog holds new clients and nothing is
+//! accepted only to be dropped. While it waits, the slot it will use is
+//! reserved for it, so with N listeners up to N slots are held by loops
+//! waiting for a client.
 
+pub mod capacity;
 pub mod conn;
 pub mod relay;
 pub mod stats;
@@ -21,6 +30,7 @@ use crate::config::{BindAddr, ListenAddr, ProxyConfig};
 use crate::firewall::Firewall;
 use crate::routes::ListenerRoutes;
 use crate::shutdown::{DrainGuard, Phase, Watcher};
+use capacity::Capacity;
 use stats::{ActiveGuard, ListenerStats};
 
 /// Pending connections the kernel queues for us.
@@ -34,6 +44,8 @@ pub struct Listener {
     pub timeouts: ProxyConfig,
     /// Every connection starts with a PROXY v1/v2 header (trusted upstreams only).
     pub proxy_protocol: bool,
+    /// The connection cap shared by every listener.
+    pub capacity: Arc<Capacity>,
 }
 
 /// The next wait after an `accept` that failed for lack of resources
@@ -82,7 +94,19 @@ pub async fn accept_loop(
     let watcher = shutdown.clone();
     let draining = shutdown.reached(Phase::Draining);
     tokio::pin!(draining);
+    let addr = listener.routes.addr().to_string();
     loop {
+        // A slot first: at the cap, wait here (clients queue in the
+        // backlog) rather than accept and drop.
+        let slot = tokio::select! {
+            biased;
+            () = &mut draining => break,
+            slot = listener.capacity.slot(&addr) => slot,
+        };
+        let Some(slot) = slot else {
+            tracing::error!(listener = %addr, "connection slots closed; accept loop ends");
+            break;
+        };
         let accepted = tokio::select! {
             biased;
             () = &mut draining => break,
@@ -101,6 +125,7 @@ pub async fn accept_loop(
                 tokio::spawn(async move {
                     conn::handle(stream, peer, listener, watcher).await;
                     drop(active);
+                    drop(slot);
                     drop(guard);
                 });
             }

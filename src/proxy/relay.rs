@@ -324,6 +324,20 @@ fn read_clearing<'a>(
     }
 }
 
+/// Pipes that may exist at once for splicing, at most 1,024 (the default);
+/// past it bulk is copied. Set at start from the descriptor budget
+/// (`capacity.rs`). Does nothing where splice is off.
+pub fn set_pipe_limit(limit: usize) {
+    #[cfg(target_os = "linux")]
+    zero_copy::set_pipe_limit(limit);
+    #[cfg(not(target_os = "linux"))]
+    let _ = limit;
+}
+
+/// The most pipes [`set_pipe_limit`] allows: a cap on what bulk transfers
+/// can take from the file-descriptor budget (two descriptors a pipe).
+pub const PIPES_MAX: usize = 1024;
+
 /// The Linux fast path: socket → pipe → socket with `splice(2)`, so relayed
 /// bytes never enter user space.
 ///
@@ -345,7 +359,7 @@ mod zero_copy {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::{pass_fin, sys, Activity, PumpEnd};
+    use super::{pass_fin, sys, Activity, PumpEnd, PIPES_MAX};
 
     /// Capacity asked for each new pipe, and so the most one splice moves:
     /// four times the default 64 KiB halves the splices per GiB and lets a
@@ -354,8 +368,16 @@ mod zero_copy {
     /// capacity and splices simply move less at a time.
     const PIPE_SIZE: usize = 256 * 1024;
     /// Pipes that may exist at once (two descriptors each): a cap on what
-    /// bulk transfers can take from the file-descriptor budget.
-    pub const PIPES_MAX: usize = 1024;
+    /// bulk transfers can take from the file-descriptor budget. The server
+    /// lowers it at start to what its descriptor budget leaves beside
+    /// `max_connections` ([`super::set_pipe_limit`]); at most
+    /// [`PIPES_MAX`].
+    static PIPE_LIMIT: AtomicUsize = AtomicUsize::new(PIPES_MAX);
+
+    pub fn set_pipe_limit(limit: usize) {
+        PIPE_LIMIT.store(limit.min(PIPES_MAX), Ordering::Relaxed);
+    }
+
     /// Empty pipes kept for reuse; more than this are closed when returned.
     const POOL_MAX: usize = 64;
 
@@ -388,7 +410,7 @@ mod zero_copy {
             let pipe = match pooled {
                 Some(pipe) => pipe,
                 None => {
-                    if LIVE.fetch_add(1, Ordering::Relaxed) >= PIPES_MAX {
+                    if LIVE.fetch_add(1, Ordering::Relaxed) >= PIPE_LIMIT.load(Ordering::Relaxed) {
                         LIVE.fetch_sub(1, Ordering::Relaxed);
                         return None;
                     }

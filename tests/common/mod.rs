@@ -312,8 +312,28 @@ impl Proxy {
     }
 
     pub fn start_existing_with_env(dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proxy {
+        Proxy::spawn(Command::new(BIN), dir, config, env)
+    }
+
+    /// [`Proxy::start`] under `prlimit --nofile=LIMIT:LIMIT`, so the server
+    /// starts with (and derives its connection cap from) that descriptor
+    /// limit, soft and hard alike.
+    pub fn start_with_nofile(dir: &Path, toml: &str, limit: u64) -> Proxy {
+        let config = dir.join("mc-proxy.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg("--")
+            .arg(BIN);
+        Proxy::spawn(prlimit, dir, &config, &[])
+    }
+
+    /// Runs `command` (the binary, or a wrapper that execs it) with
+    /// `server -c CONFIG` and waits until it logs that it started.
+    fn spawn(mut command: Command, dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proxy {
         let log = dir.join(format!("proxy-{}.log", unique()));
-        let child = Command::new(BIN)
+        let child = command
             .args(["server", "-c"])
             .arg(config)
             .env_remove("RUST_LOG")
@@ -323,7 +343,7 @@ impl Proxy {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
-            .unwrap();
+            .expect("spawn mc-proxy (or prlimit, from util-linux)");
         let mut proxy = Proxy {
             child,
             dir: dir.to_path_buf(),
