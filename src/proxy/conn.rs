@@ -11,10 +11,9 @@
 //! write as the ClientHello bytes.
 
 use std::fmt;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,9 +21,9 @@ use tokio::net::TcpStream;
 use crate::firewall::BlockReason;
 use crate::hello::{self, Parse};
 use crate::proxy_protocol::{self, Addresses};
-use crate::routes::{Backend, Target};
 use crate::shutdown::Watcher;
 
+use super::connect;
 use super::relay::{self, RelayEnd};
 use super::{sys, Listener};
 
@@ -234,7 +233,7 @@ async fn run(
 
     // 4. Backend.
     let connect_started = Instant::now();
-    let mut backend = match connect(&target, timeouts.connect_timeout).await {
+    let mut backend = match connect::connect(&target.backend, timeouts.connect_timeout).await {
         Ok(stream) => {
             metrics.connect_took(connect_started.elapsed());
             stream
@@ -343,38 +342,4 @@ async fn read_proxy_header(
             return result;
         }
     }
-}
-
-/// Connects within `timeout` overall, trying every resolved address in order.
-async fn connect(target: &Target, timeout: Duration) -> io::Result<TcpStream> {
-    let attempt = async {
-        let addrs: Vec<SocketAddr> = match target.backend.socket_addr() {
-            Some(addr) => vec![addr],
-            None => resolve(&target.backend).await?,
-        };
-        let mut last = io::Error::new(
-            io::ErrorKind::NotFound,
-            "backend name resolved to no address",
-        );
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
-            }
-        }
-        Err(last)
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect timed out after {timeout:?}"),
-        )),
-    }
-}
-
-async fn resolve(backend: &Backend) -> io::Result<Vec<SocketAddr>> {
-    let (host, port) = backend.host_port();
-    let addrs = tokio::net::lookup_host((host.as_str(), port)).await?;
-    Ok(addrs.collect())
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns: binding (dual stack for `":PORT"`), the accept loop (which never dies
 //! and never spins on EMFILE and friends), and spawning one task per
-//! connection ([`conn`]), whose relay lives in [`relay`].
+//! connection ([`conn`]), whose backend connect lives in [`connect`] and
+//! relay in [`relay`].
 //!
 //! The accept loop takes a slot of the global connection cap
 //! ([`capacity`], `[proxy] max_connections`) before each `accept`, and the
@@ -14,6 +15,7 @@
 
 pub mod capacity;
 pub mod conn;
+pub mod connect;
 pub mod relay;
 pub mod stats;
 mod sys;
