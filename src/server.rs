@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::config::Config;
 use crate::firewall::Firewall;
+use crate::logging;
 use crate::metrics;
 use crate::proxy::{self, stats::Stats, Listener};
 use crate::routes::{ListenerRoutes, Routes};
@@ -29,6 +30,10 @@ const GEOIP_POLL: Duration = Duration::from_secs(1);
 /// How long a second signal waits for the store to finish the change in
 /// hand (one short transaction) and close the DB before the process exits.
 const STORE_CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long an exit waits for queued log lines to be written (more only
+/// when the reader of stderr or journald is stalled; then they are lost).
+pub const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 
 /// A startup failure: the message (one line) and the exit status.
 #[derive(Debug)]
@@ -316,7 +321,8 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
 /// fails as usual; whether its caller still hears back is a race with the
 /// exit, and a change that was acknowledged is committed) and closed the DB
 /// (which checkpoints the WAL), within [`STORE_CLOSE_LIMIT`]; later
-/// commands are refused.
+/// commands are refused. Then the log lines queued so far are written,
+/// within [`LOG_FLUSH_LIMIT`].
 async fn exit_now(store: Store, code: i32) -> ! {
     let closing = tokio::task::spawn_blocking(move || store.close());
     if tokio::time::timeout(STORE_CLOSE_LIMIT, closing)
@@ -328,6 +334,7 @@ async fn exit_now(store: Store, code: i32) -> ! {
             "the store did not close in time; exiting anyway"
         );
     }
+    logging::flush(LOG_FLUSH_LIMIT);
     std::process::exit(code)
 }
 

@@ -1,13 +1,14 @@
 //! Signals and log output through the real binary (SPEC §4.5, §6.1): a
 //! signal at any moment after start has its documented effect, a second
-//! SIGTERM/SIGINT exits 143/130 after the store is flushed.
+//! SIGTERM/SIGINT exits 143/130 after the store is flushed, and a stalled
+//! stderr reader costs log lines, never traffic.
 
 mod common;
 
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -335,4 +336,138 @@ fn second_sigterm_exits_143_after_the_store_is_flushed() {
 #[test]
 fn second_sigint_exits_130_after_the_store_is_flushed() {
     second_signal_exits_with("INT", 130);
+}
+
+/// Relayed connections made while nobody reads the proxy's stderr pipe:
+/// more close lines than the pipe and the log queue hold together.
+const STALLED_CONNECTIONS: usize = 6_000;
+/// Connections in flight at once.
+const STALLED_CONCURRENCY: usize = 8;
+
+/// The proxy's stderr is a pipe that nobody reads. A blocking log write
+/// would stall the relay after the pipe's 64 KiB (a few hundred close
+/// lines); instead every connection is relayed, the lines that do not fit
+/// are dropped and counted in `mc_proxy_log_lines_dropped_total`, and a
+/// SIGTERM still exits 0 promptly.
+#[test]
+fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut backend = runtime.block_on(raw_backend(b"pong"));
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("mc-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\npath = \"{}\"\n\n{}[metrics]\naddr = \"{metrics}\"\n\n[log]\nlevel = \"info\"\n",
+            dir.path().join("mc-proxy.db").display(),
+            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["server", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held open and never read.
+    let stalled: ChildStderr = child.stderr.take().unwrap();
+    wait_bound(&mut child, metrics);
+
+    let started = Instant::now();
+    let relayed = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..STALLED_CONCURRENCY {
+            tasks.spawn(async move {
+                let mut done = 0;
+                for i in (worker..STALLED_CONNECTIONS).step_by(STALLED_CONCURRENCY) {
+                    let payload = format!("c{i}");
+                    match relay_once(addr, "a.test", payload.as_bytes()).await {
+                        Ok(reply) if reply == b"pong" => done += 1,
+                        other => return Err(format!("connection {i}: {other:?}")),
+                    }
+                }
+                Ok(done)
+            });
+        }
+        let mut total = 0;
+        while let Some(result) = tasks.join_next().await {
+            total += result.unwrap()?;
+        }
+        Ok::<usize, String>(total)
+    });
+    let took = started.elapsed();
+    let relayed = match relayed {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relaying stopped with stderr stalled: {e}");
+        }
+    };
+    assert_eq!(relayed, STALLED_CONNECTIONS);
+    // The backend got every connection's bytes: the hello, then `cN`.
+    let hello = client_hello(Some("a.test"));
+    let mut seen = 0;
+    while let Ok(bytes) = backend.received.try_recv() {
+        assert!(bytes.starts_with(&hello), "{} bytes", bytes.len());
+        seen += 1;
+    }
+    assert_eq!(seen, STALLED_CONNECTIONS);
+
+    let dropped = runtime.block_on(scrape(metrics, "mc_proxy_log_lines_dropped_total"));
+    assert!(
+        dropped.is_some_and(|n| n > 0.0),
+        "mc_proxy_log_lines_dropped_total = {dropped:?} after {STALLED_CONNECTIONS} connections"
+    );
+
+    // Stopping does not wait forever on the stalled pipe either.
+    let stop = Instant::now();
+    send_signal(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "on SIGTERM with stderr stalled: {}",
+        describe(status)
+    );
+    drop(stalled);
+    eprintln!(
+        "{STALLED_CONNECTIONS} connections relayed in {took:?} with stderr stalled; \
+         {dropped:?} log lines dropped; exit after SIGTERM in {:?}",
+        stop.elapsed()
+    );
+}
+
+/// One sample's value from the `/metrics` endpoint at `addr`.
+async fn scrape(addr: SocketAddr, series: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(all).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
