@@ -241,16 +241,20 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
     {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    match server::run(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line on stderr per failure: the plain line below. Under
-            // journald the structured record is logged as well.
-            if sink == logging::Sink::Journald {
-                tracing::error!(error = %e, "mc-proxy failed");
-            }
-            fail(e.exit_code, e)
+    let result = server::run(config);
+    if let Err(e) = &result {
+        // One line on stderr per failure: the plain line below. Under
+        // journald the structured record is logged as well.
+        if sink == logging::Sink::Journald {
+            tracing::error!(error = %e, "mc-proxy failed");
         }
+    }
+    // The log writer thread ends with the process: let it write what is
+    // queued ("mc-proxy stopped", the last close lines) first.
+    logging::flush(server::LOG_FLUSH_LIMIT);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e.exit_code, e),
     }
 }
 

@@ -10,7 +10,8 @@
 //! ([`ListenerMetrics`]) are resolved once at start and a connection only
 //! does a few relaxed atomic adds (and one short lock per latency
 //! histogram observation). Route and rule counts are read from the live
-//! tables when scraped, so they cannot drift from them.
+//! tables when scraped, so they cannot drift from them; so is the count of
+//! log lines dropped, from [`crate::logging`].
 
 use std::convert::Infallible;
 use std::io;
@@ -26,8 +27,9 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -128,6 +130,24 @@ impl CapacityMetrics {
     /// An accept loop found every slot taken and waits for one.
     pub fn paused(&self) {
         self.paused.inc();
+    }
+}
+
+/// `log_lines_dropped_total`: read from [`crate::logging::dropped_lines`]
+/// at each scrape (the log writer counts; nothing here can drift from it).
+#[derive(Debug)]
+struct LogLinesDropped;
+
+impl Collector for LogLinesDropped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(crate::logging::dropped_lines());
+        let metric = encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines lost because stderr or journald did not take them in time (queue full or write failed)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
     }
 }
 
@@ -249,6 +269,7 @@ impl Metrics {
             "Times an accept loop found max_connections open and waited for one to close before accepting",
             capacity.paused.clone(),
         );
+        registry.register_collector(Box::new(LogLinesDropped));
         registry.register(
             "build",
             "The running mc-proxy version",
@@ -580,6 +601,8 @@ mod tests {
             "mc_proxy_build_info{version=\"9.9.9\"} 1",
             "mc_proxy_connections_max 451",
             "mc_proxy_accept_paused_total 1",
+            "# TYPE mc_proxy_log_lines_dropped counter",
+            "mc_proxy_log_lines_dropped_total 0",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");

@@ -1,9 +1,12 @@
 //! `mc-proxy server`: opens the store, builds the tables, binds the
 //! listeners and the admin API, serves until a signal, then drains.
 //!
-//! Start order matters: the DB is opened (and seeded on first run) before any
-//! socket is bound, so the first connection already sees the DB's routes; the
-//! readiness notification goes out only when every listener is bound.
+//! Start order matters: the signal handlers come first, so a SIGHUP, SIGTERM
+//! or SIGINT at any moment after start has its documented effect, never the
+//! default action (which kills); the DB is opened (and seeded on first run)
+//! before any socket is bound, so the first connection already sees the DB's
+//! routes; the readiness notification goes out only when every listener is
+//! bound.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,14 +17,23 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::config::Config;
 use crate::firewall::Firewall;
+use crate::logging;
 use crate::metrics;
 use crate::proxy::{self, capacity, stats::Stats, Listener};
 use crate::routes::{ListenerRoutes, Routes};
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{Shutdown, Signals};
 use crate::store::{self, Store};
 
 /// How often the GeoIP file is checked for replacement.
 const GEOIP_POLL: Duration = Duration::from_secs(1);
+
+/// How long a second signal waits for the store to finish the change in
+/// hand (one short transaction) and close the DB before the process exits.
+const STORE_CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long an exit waits for queued log lines to be written (more only
+/// when the reader of stderr or journald is stalled; then they are lost).
+pub const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 
 /// A startup failure: the message (one line) and the exit status.
 #[derive(Debug)]
@@ -123,6 +135,16 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
     let source = config.source.display().to_string();
     // The soft descriptor limit up to the hard one, before anything opens.
     let nofile = capacity::raise_nofile_limit();
+
+    // Signal handlers before anything else: from here on a signal is queued
+    // for the code below, however early it comes (SIGTERM during start-up:
+    // the start completes, then the drain begins at once; SIGHUP: a GeoIP
+    // reload once serving).
+    let Signals {
+        stop: mut stop_signals,
+        hangup,
+    } = Signals::install()
+        .map_err(|e| ServerError::runtime(format!("cannot install signal handlers: {e}")))?;
 
     // 0. The GeoIP file first: a config error must stop the start before
     // the store is created or seeded from this config. The rules come from
@@ -253,7 +275,7 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
         ));
     }
     firewall.spawn_geoip_watcher(GEOIP_POLL, stop_rx.clone());
-    tokio::spawn(reload_on_hangup(firewall.clone()));
+    tokio::spawn(reload_on_hangup(firewall.clone(), hangup));
 
     tracing::info!(
         version = %version(),
@@ -271,19 +293,22 @@ async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     // 7. Stop: close listeners at once, drain, force, exit.
-    let signal = shutdown::terminate_signal().await;
+    let signal = stop_signals.next().await;
     let active = stats.active_connections();
     tracing::info!(
-        signal,
+        signal = signal.name(),
         active_connections = active,
         shutdown_timeout_ms = config.proxy.shutdown_timeout.as_millis() as u64,
         "shutting down: listeners closed, draining"
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tokio::spawn(async {
-        let second = shutdown::terminate_signal().await;
-        tracing::warn!(signal = second, "second signal: exiting at once");
-        std::process::exit(0);
+    tokio::spawn({
+        let store = store.clone();
+        async move {
+            let second = stop_signals.next().await;
+            tracing::warn!(signal = second.name(), "second signal: exiting at once");
+            exit_now(store, second.exit_code()).await
+        }
     });
     let forced = shutdown.drain(config.proxy.shutdown_timeout).await;
     let _ = stop_tx.send(true);
@@ -350,11 +375,29 @@ fn connection_capacity(
     (Arc::new(capacity), fd_limit)
 }
 
-async fn reload_on_hangup(firewall: Arc<Firewall>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-        return;
-    };
+/// Exits with `code` without waiting for connections, but not before the
+/// store has finished the commands queued before this (each commits or
+/// fails as usual; whether its caller still hears back is a race with the
+/// exit, and a change that was acknowledged is committed) and closed the DB
+/// (which checkpoints the WAL), within [`STORE_CLOSE_LIMIT`]; later
+/// commands are refused. Then the log lines queued so far are written,
+/// within [`LOG_FLUSH_LIMIT`].
+async fn exit_now(store: Store, code: i32) -> ! {
+    let closing = tokio::task::spawn_blocking(move || store.close());
+    if tokio::time::timeout(STORE_CLOSE_LIMIT, closing)
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            limit_ms = STORE_CLOSE_LIMIT.as_millis() as u64,
+            "the store did not close in time; exiting anyway"
+        );
+    }
+    logging::flush(LOG_FLUSH_LIMIT);
+    std::process::exit(code)
+}
+
+async fn reload_on_hangup(firewall: Arc<Firewall>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
         let firewall = firewall.clone();
         let result = tokio::task::spawn_blocking(move || firewall.reload_geoip()).await;

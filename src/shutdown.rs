@@ -5,8 +5,10 @@
 //! once. Every connection task holds a [`DrainGuard`]; the server knows the
 //! last one is gone when [`Shutdown::wait_drained`] returns.
 
+use std::io;
 use std::time::Duration;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -108,21 +110,86 @@ impl Watcher {
     }
 }
 
-/// Waits for SIGTERM or SIGINT. Returns the signal's name.
-pub async fn terminate_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        },
-        _ => {
-            // Signal registration only fails if the runtime lacks a signal
-            // driver; Ctrl-C is the portable fallback.
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
+/// The signals the server acts on, registered with the runtime in one go
+/// by [`Signals::install`]. From then on none of them has its default
+/// action (SIGHUP's and SIGTERM's kill the process): each is queued for the
+/// stream below until someone waits on it, so one that arrives while the
+/// server is still starting takes effect as soon as it is served.
+pub struct Signals {
+    /// SIGTERM and SIGINT: stop (drain), and a second one exits at once.
+    pub stop: StopSignals,
+    /// SIGHUP: reload the GeoIP database.
+    pub hangup: Signal,
+}
+
+/// SIGTERM and SIGINT.
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+/// Which stop signal arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Term,
+    Int,
+}
+
+impl Signals {
+    /// Registers the handlers. Call it inside the runtime, before the
+    /// first socket is bound. Fails only if the runtime has no signal
+    /// driver or the handler cannot be installed.
+    pub fn install() -> io::Result<Signals> {
+        Ok(Signals {
+            stop: StopSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            },
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+impl StopSignals {
+    /// Waits for the next SIGTERM or SIGINT (one that came since the
+    /// previous call, or since [`Signals::install`], returns at once).
+    pub async fn next(&mut self) -> Stop {
+        tokio::select! {
+            Some(()) = self.term.recv() => Stop::Term,
+            Some(()) = self.int.recv() => Stop::Int,
+            // Both streams end only when the runtime shuts down.
+            else => std::future::pending().await,
         }
+    }
+}
+
+impl Stop {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stop::Term => "SIGTERM",
+            Stop::Int => "SIGINT",
+        }
+    }
+
+    /// The status of an exit on a second signal: 128 + the signal number,
+    /// what a shell reports for a process the signal killed.
+    pub fn exit_code(self) -> i32 {
+        128 + match self {
+            Stop::Term => libc::SIGTERM,
+            Stop::Int => libc::SIGINT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stop;
+
+    #[test]
+    fn second_signal_exit_codes_are_128_plus_the_signal_number() {
+        assert_eq!(Stop::Term.exit_code(), 143);
+        assert_eq!(Stop::Int.exit_code(), 130);
+        assert_eq!(Stop::Term.name(), "SIGTERM");
+        assert_eq!(Stop::Int.name(), "SIGINT");
     }
 }

@@ -1,0 +1,473 @@
+//! Signals and log output through the real binary (SPEC §4.5, §6.1): a
+//! signal at any moment after start has its documented effect, a second
+//! SIGTERM/SIGINT exits 143/130 after the store is flushed, and a stalled
+//! stderr reader costs log lines, never traffic.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `signal` to process `pid` at once (no `kill` child process: the
+/// point is to hit the first milliseconds after the port is bound).
+fn send_signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Starts `mc-proxy server` on `toml` (stderr to a log file) without
+/// waiting for it to say it started: the caller races it.
+fn spawn(dir: &Path, name: &str, toml: &str) -> Proxy {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(BIN)
+        .args(["server", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proxy {
+        child,
+        dir: dir.to_path_buf(),
+        config,
+        log,
+    }
+}
+
+/// Polls `addr` in a tight loop until it accepts a connection; panics if
+/// the process exits first or nothing listens within 20 s.
+fn wait_bound(child: &mut Child, addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(stream) = std::net::TcpStream::connect(addr) {
+            // A connect to a loopback port nobody listens on can, in
+            // principle, pick that very port as its source and connect to
+            // itself (TCP simultaneous open). That is not the proxy.
+            if stream.local_addr().ok() != Some(addr) {
+                return;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("mc-proxy exited with {status} before binding {addr}");
+        }
+        assert!(Instant::now() < deadline, "{addr} never bound");
+    }
+}
+
+/// Sends a ClientHello for `sni` and `payload` through the proxy, half
+/// closes, and returns what came back (the raw backend replies after EOF).
+async fn relay_once(proxy: SocketAddr, sni: &str, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(proxy).await?;
+        stream.write_all(&client_hello(Some(sni))).await?;
+        stream.write_all(payload).await?;
+        stream.shutdown().await?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).await?;
+        Ok(reply)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "relay_once"))?
+}
+
+fn describe(status: Option<ExitStatus>) -> String {
+    match status {
+        None => "still running".to_string(),
+        Some(s) => match s.signal() {
+            Some(signal) => format!("killed by signal {signal}"),
+            None => format!("exit {:?}", s.code()),
+        },
+    }
+}
+
+const STARTS: usize = 50;
+
+/// SIGHUP's default action kills. A config-management tool that reloads
+/// right after a start must find the handler already installed: it is,
+/// before the first socket is bound.
+#[test]
+fn sighup_the_moment_the_port_is_bound_never_kills_the_process() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let backend = runtime.block_on(raw_backend(b"pong"));
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    for run in 0..STARTS {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let toml = format!(
+            "[database]\npath = \"{}\"\n\n{}",
+            dir.path().join(format!("hup-{run}.db")).display(),
+            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+        );
+        let mut proxy = spawn(dir.path(), &format!("hup-{run}"), &toml);
+        wait_bound(&mut proxy.child, addr);
+        send_signal(proxy.pid(), libc::SIGHUP);
+        // Alive, and serving: a connection is relayed end to end.
+        let relayed = runtime.block_on(relay_once(addr, "a.test", b"ping"));
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            failures.push(format!(
+                "run {run}: {}\n{}",
+                describe(Some(status)),
+                proxy.log_text()
+            ));
+            continue;
+        }
+        match relayed {
+            Ok(reply) if reply == b"pong" => {}
+            other => failures.push(format!(
+                "run {run}: relay gave {other:?}\n{}",
+                proxy.log_text()
+            )),
+        }
+        proxy.signal("TERM");
+        let status = proxy.wait_exit(Duration::from_secs(20));
+        if !matches!(status, Some(s) if s.success()) {
+            failures.push(format!(
+                "run {run}: on SIGTERM: {}\n{}",
+                describe(status),
+                proxy.log_text()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {STARTS} starts went wrong after an early SIGHUP:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "{STARTS} starts with an early SIGHUP in {:?}",
+        started.elapsed()
+    );
+}
+
+/// SIGTERM at the same moment: the handler is there, so the process
+/// finishes starting, drains nothing and exits 0 — never the default
+/// action (death by signal 15).
+#[test]
+fn sigterm_the_moment_the_port_is_bound_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    for run in 0..STARTS {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let toml = format!(
+            "[database]\npath = \"{}\"\n\n{}",
+            dir.path().join(format!("term-{run}.db")).display(),
+            listener_toml(&addr.to_string(), &[])
+        );
+        let mut proxy = spawn(dir.path(), &format!("term-{run}"), &toml);
+        wait_bound(&mut proxy.child, addr);
+        send_signal(proxy.pid(), libc::SIGTERM);
+        let status = proxy.wait_exit(Duration::from_secs(20));
+        if !matches!(status, Some(s) if s.success()) {
+            failures.push(format!(
+                "run {run}: {}\n{}",
+                describe(status),
+                proxy.log_text()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {STARTS} starts did not exit 0 on an early SIGTERM:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!(
+        "{STARTS} starts with an early SIGTERM in {:?}",
+        started.elapsed()
+    );
+}
+
+/// First signal: drain (a relayed connection holds it open for up to 60 s).
+/// Second signal: exit at once with 128 + the signal number, after the
+/// store has committed what it acknowledged and closed the DB cleanly (the
+/// WAL is checkpointed into the main file and removed), and after the log
+/// lines written so far reached stderr.
+fn second_signal_exits_with(signal: &str, code: i32) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let backend = runtime.block_on(raw_backend(b"pong"));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let toml = admin_config(
+        dir.path(),
+        &format!(
+            "{}[proxy]\nshutdown_timeout = \"60s\"\n",
+            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+        ),
+    );
+    let mut proxy = Proxy::start(dir.path(), &toml);
+
+    // Acknowledged changes: one through the CLI, more through the API
+    // while the signals arrive.
+    let listener = addr.to_string();
+    let (status, _, stderr) = proxy.cli(&[
+        "routes",
+        "add",
+        "--listener",
+        &listener,
+        "--hostname",
+        "cli.test",
+        "--backend",
+        "127.0.0.1:1",
+    ]);
+    assert_eq!(status, 0, "{stderr}");
+
+    // A relayed connection, open: the first signal waits for it.
+    let held = runtime.block_on(async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(&client_hello(Some("a.test")))
+            .await
+            .unwrap();
+        stream
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.accepted.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the backend never saw the connection"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Admin writes keep going until the store refuses them.
+    let socket = proxy.admin_socket();
+    let writer = runtime.spawn(async move {
+        let mut client = admin_client(&socket).await;
+        let mut acked = Vec::new();
+        for i in 0..100_000 {
+            let hostname = format!("r{i}.test");
+            let request = mc_proxy::admin::proto::AddRouteRequest {
+                route: Some(mc_proxy::admin::proto::Route {
+                    listener_addr: listener.clone(),
+                    hostname: hostname.clone(),
+                    backend: "127.0.0.1:1".to_string(),
+                    send_proxy_protocol: false,
+                }),
+            };
+            match client.add_route(request).await {
+                Ok(_) => acked.push(hostname),
+                Err(_) => break,
+            }
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    proxy.signal(signal);
+    proxy.wait_log(&["shutting down"], Duration::from_secs(10));
+    assert!(
+        proxy.wait_exit(Duration::from_millis(500)).is_none(),
+        "exited on the first signal with a connection open"
+    );
+    let second = Instant::now();
+    proxy.signal(signal);
+    let status = proxy.wait_exit(Duration::from_secs(10));
+    let took = second.elapsed();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(code),
+        "after a second SIG{signal}: {}\n{}",
+        describe(status),
+        proxy.log_text()
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    drop(held);
+
+    let acked = runtime.block_on(writer).unwrap();
+    let rows: Vec<String> = db_routes(&proxy.db()).into_iter().map(|r| r.1).collect();
+    assert!(rows.contains(&"cli.test".to_string()), "{rows:?}");
+    let missing: Vec<&String> = acked.iter().filter(|h| !rows.contains(h)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged routes are not in the DB: {missing:?}",
+        missing.len()
+    );
+    // Closed cleanly: SQLite checkpoints and removes the WAL on close.
+    let wal = dir.path().join("mc-proxy.db-wal");
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(
+        wal_len,
+        0,
+        "{} left behind: the DB was not closed",
+        wal.display()
+    );
+    // The last lines reached stderr before the exit.
+    assert!(
+        proxy.log_text().contains("second signal: exiting at once"),
+        "{}",
+        proxy.log_text()
+    );
+    eprintln!(
+        "second SIG{signal}: exit {code} in {took:?}; {} routes acknowledged, all on disk",
+        acked.len() + 1
+    );
+}
+
+#[test]
+fn second_sigterm_exits_143_after_the_store_is_flushed() {
+    second_signal_exits_with("TERM", 143);
+}
+
+#[test]
+fn second_sigint_exits_130_after_the_store_is_flushed() {
+    second_signal_exits_with("INT", 130);
+}
+
+/// Relayed connections made while nobody reads the proxy's stderr pipe:
+/// more close lines than the pipe and the log queue hold together.
+const STALLED_CONNECTIONS: usize = 6_000;
+/// Connections in flight at once.
+const STALLED_CONCURRENCY: usize = 8;
+
+/// The proxy's stderr is a pipe that nobody reads. A blocking log write
+/// would stall the relay after the pipe's 64 KiB (a few hundred close
+/// lines); instead every connection is relayed, the lines that do not fit
+/// are dropped and counted in `mc_proxy_log_lines_dropped_total`, and a
+/// SIGTERM still exits 0 promptly.
+#[test]
+fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut backend = runtime.block_on(raw_backend(b"pong"));
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("mc-proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\npath = \"{}\"\n\n{}[metrics]\naddr = \"{metrics}\"\n\n[log]\nlevel = \"info\"\n",
+            dir.path().join("mc-proxy.db").display(),
+            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["server", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held open and never read.
+    let stalled: ChildStderr = child.stderr.take().unwrap();
+    wait_bound(&mut child, metrics);
+
+    let started = Instant::now();
+    let relayed = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..STALLED_CONCURRENCY {
+            tasks.spawn(async move {
+                let mut done = 0;
+                for i in (worker..STALLED_CONNECTIONS).step_by(STALLED_CONCURRENCY) {
+                    let payload = format!("c{i}");
+                    match relay_once(addr, "a.test", payload.as_bytes()).await {
+                        Ok(reply) if reply == b"pong" => done += 1,
+                        other => return Err(format!("connection {i}: {other:?}")),
+                    }
+                }
+                Ok(done)
+            });
+        }
+        let mut total = 0;
+        while let Some(result) = tasks.join_next().await {
+            total += result.unwrap()?;
+        }
+        Ok::<usize, String>(total)
+    });
+    let took = started.elapsed();
+    let relayed = match relayed {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relaying stopped with stderr stalled: {e}");
+        }
+    };
+    assert_eq!(relayed, STALLED_CONNECTIONS);
+    // The backend got every connection's bytes: the hello, then `cN`.
+    let hello = client_hello(Some("a.test"));
+    let mut seen = 0;
+    while let Ok(bytes) = backend.received.try_recv() {
+        assert!(bytes.starts_with(&hello), "{} bytes", bytes.len());
+        seen += 1;
+    }
+    assert_eq!(seen, STALLED_CONNECTIONS);
+
+    let dropped = runtime.block_on(scrape(metrics, "mc_proxy_log_lines_dropped_total"));
+    assert!(
+        dropped.is_some_and(|n| n > 0.0),
+        "mc_proxy_log_lines_dropped_total = {dropped:?} after {STALLED_CONNECTIONS} connections"
+    );
+
+    // Stopping does not wait forever on the stalled pipe either.
+    let stop = Instant::now();
+    send_signal(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "on SIGTERM with stderr stalled: {}",
+        describe(status)
+    );
+    drop(stalled);
+    eprintln!(
+        "{STALLED_CONNECTIONS} connections relayed in {took:?} with stderr stalled; \
+         {dropped:?} log lines dropped; exit after SIGTERM in {:?}",
+        stop.elapsed()
+    );
+}
+
+/// One sample's value from the `/metrics` endpoint at `addr`.
+async fn scrape(addr: SocketAddr, series: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(all).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
