@@ -1,7 +1,10 @@
 //! ClientHello reader: bytes in, Need/Done/Reject out. No I/O. Never blocks,
 //! never allocates per byte, never panics on input, never reads past what it is given.
 //!
-//! [`parse`] is handed everything read from a client so far and answers one of:
+//! A [`HelloReader`] is kept per connection and handed, after every read,
+//! everything read from the client so far (the buffer only grows; the caller
+//! keeps it because those exact bytes go to the backend). It resumes where
+//! it stopped last time and answers one of:
 //!
 //! - `Ok(Parse::NeedMore)`: the bytes are a valid prefix of a ClientHello
 //!   carried in TLS handshake records; read more and call again with the
@@ -9,14 +12,29 @@
 //! - `Ok(Parse::Done(hello))`: the whole ClientHello handshake message is in
 //!   hand, with its SNI host_name and ALPN protocol list.
 //! - `Err(reject)`: the bytes seen so far cannot begin a valid ClientHello.
-//!   Rejection is early: a first byte other than 22 is rejected at one byte,
-//!   a bad record header as soon as the offending byte is in, a wrong
-//!   handshake type as soon as that byte is in, an oversized declared length
-//!   as soon as its three bytes are in, a length field that overruns the
-//!   vector enclosing it as soon as it is read, a repeated extension type as
-//!   soon as the second one is read.
-//!   Every rejection depends only on bytes already seen, so no prefix of a
-//!   valid hello is ever rejected.
+//!
+//! [`parse`] is the same for one buffer: `HelloReader::new().advance(buf)`.
+//!
+//! # When a rejection is known
+//!
+//! The bytes are checked in stream order: each record header, then that
+//! record's fragment appended to the message and the message checked as far
+//! as it goes, then the next record header. So the problem reported is the
+//! first one in byte order, and it is the same however the input is cut into
+//! reads. Every rejection depends only on bytes already seen, so no prefix of
+//! a valid hello is ever rejected. Rejection is early:
+//!
+//! - a first byte other than 22 at one byte, a bad record header as soon as
+//!   the offending byte is in (the length as soon as its two bytes are in);
+//! - a wrong handshake type as soon as that byte is in, an oversized declared
+//!   length as soon as its three bytes are in;
+//! - in the fields before the extensions and in the extension headers, a
+//!   length field that overruns the vector enclosing it, or an impossible
+//!   length, as soon as that field is in; a repeated extension type as soon
+//!   as its two bytes are in; too many extensions as soon as the length of
+//!   the last one allowed is in;
+//! - the contents of server_name and ALPN (their list lengths, entries and
+//!   names) once that extension's data is all in hand, not byte by byte.
 //!
 //! # What is accepted
 //!
@@ -50,10 +68,25 @@
 //!
 //! # Cost
 //!
-//! Each call walks the buffer once: O(n) work, no loop that does not consume
-//! input. A hello inside one record is parsed in place. A hello spanning
-//! several records is reassembled into one `Vec` (the only allocation besides
-//! the returned strings, which are built only for `Done`).
+//! Linear in the bytes received, however they are framed or cut into reads:
+//! each raw byte is examined a bounded number of times over all calls.
+//!
+//! - The record layer keeps its position: the record header bytes checked so
+//!   far, the end of the current fragment, whether it is the first record.
+//!   A call starts at the first byte it has not seen.
+//! - While the hello sits in one record it is parsed in place in the
+//!   caller's buffer. Once a second record contributes, the message bytes so
+//!   far are copied once into an owned `Vec` and each later fragment is
+//!   appended (never beyond the declared length, at most 64 KiB + 4).
+//! - The fields before the extensions are re-read on each call until the
+//!   extensions start: a handful of reads, since vectors are skipped by
+//!   their lengths and need not be in hand. The extensions walk resumes at
+//!   the last extension boundary, keeping where the server_name and ALPN are
+//!   and the extension types seen (sorted, so a duplicate check is a binary
+//!   search). server_name and ALPN contents are validated once, when their
+//!   data is all in hand.
+//! - The only allocations are that `Vec`, the list of extension types, and
+//!   the returned strings, built once for `Done`.
 
 use std::fmt;
 use std::ops::Range;
@@ -71,6 +104,16 @@ pub const MAX_EXTENSIONS: usize = 512;
 
 /// Longest accepted SNI host_name, in bytes (a DNS name is at most 255 octets).
 pub const MAX_HOST_NAME_LEN: usize = 255;
+
+/// The most bytes the records carrying one ClientHello can take (409,623):
+/// every byte of the largest message but the last in a one-byte record of
+/// its own, the last one in a full-size record whose rest is further
+/// handshake data. A buffer this long always has an answer other than
+/// `NeedMore`, so a caller never needs to hold more.
+pub const MAX_RECORDS_LEN: usize = (RECORD_HEADER_LEN + 1)
+    * (HANDSHAKE_HEADER_LEN + MAX_HELLO_LEN - 1)
+    + RECORD_HEADER_LEN
+    + MAX_RECORD_LEN;
 
 const RECORD_HEADER_LEN: usize = 5;
 const HANDSHAKE_HEADER_LEN: usize = 4;
@@ -154,170 +197,280 @@ impl fmt::Display for Reject {
 impl std::error::Error for Reject {}
 
 /// Reads the ClientHello at the start of `buf`, the bytes read from the
-/// client so far. See the module documentation for what is accepted.
+/// client so far, in one go: `HelloReader::new().advance(buf)`. See the
+/// module documentation for what is accepted.
 pub fn parse(buf: &[u8]) -> Result<Parse, Reject> {
-    let framing = match walk_records(buf)? {
-        Some(framing) => framing,
-        None => return Ok(Parse::NeedMore),
-    };
+    HelloReader::new().advance(buf)
+}
 
-    // The handshake message bytes in hand, header included, at most `msg_len`.
-    let reassembled: Vec<u8>;
-    let message: &[u8] = if framing.records == 1 {
-        let start = RECORD_HEADER_LEN;
-        &buf[start..start + framing.have]
-    } else {
-        reassembled = reassemble(buf, framing.have);
-        &reassembled
-    };
-    let body = &message[HANDSHAKE_HEADER_LEN..];
-    let body_len = framing.msg_len - HANDSHAKE_HEADER_LEN;
+/// An incremental ClientHello reader: one per connection, fed the growing
+/// buffer of bytes read so far. See the module documentation.
+#[derive(Debug, Default)]
+pub struct HelloReader {
+    /// Bytes of the input examined so far; a call starts here.
+    pos: usize,
+    /// Where in the record layer `pos` is.
+    record: RecordAt,
+    /// The handshake header bytes in hand (`have.min(4)` of them).
+    handshake_header: [u8; HANDSHAKE_HEADER_LEN],
+    /// Handshake message bytes in hand, its 4-byte header included.
+    have: usize,
+    /// The message length, header included, once the header is in.
+    msg_len: Option<usize>,
+    /// The message bytes once a second record has contributed; before that
+    /// they are read in place, right after the first record header.
+    owned: Option<Vec<u8>>,
+    /// How far the body has been checked.
+    body: Body,
+    found: Found,
+    /// Extension types seen so far, sorted.
+    seen: Vec<u16>,
+    /// Once every message byte is in and the body is valid: the end of the
+    /// record holding the last one, which must be in hand for `Done`.
+    records_end: Option<usize>,
+    /// The answer once there is one; later calls repeat it.
+    answer: Option<Result<ClientHello, Reject>>,
+}
 
-    let found = match parse_body(body, body_len) {
-        Ok(found) => found,
-        Err(Stop::NeedMore) => return Ok(Parse::NeedMore),
-        Err(Stop::Reject(reject)) => return Err(reject),
-    };
-    match framing.record_len {
-        Some(record_len) => Ok(Parse::Done(found.into_hello(body, record_len)?)),
-        None => Ok(Parse::NeedMore),
+/// Where the reader is in the record layer.
+#[derive(Debug, Clone, Copy)]
+enum RecordAt {
+    /// In the header of the record that starts at this offset.
+    Header { start: usize },
+    /// In the fragment of the record that starts at `start` and ends at `end`.
+    Fragment { start: usize, end: usize },
+}
+
+impl Default for RecordAt {
+    fn default() -> Self {
+        RecordAt::Header { start: 0 }
     }
 }
 
-/// What the record walk learnt about a buffer whose handshake header is in.
-struct Framing {
-    /// Length of the handshake message, its 4-byte header included.
-    msg_len: usize,
-    /// Handshake message bytes in hand (header included), at most `msg_len`.
-    have: usize,
-    /// Records that contributed those bytes (the last one possibly
-    /// incomplete). With one, the message is parsed in place.
-    records: usize,
-    /// Set once every message byte is in and the record holding the last one
-    /// is complete: the length of the records, headers included.
-    record_len: Option<usize>,
+/// How far the ClientHello body has been checked.
+#[derive(Debug, Default)]
+enum Body {
+    /// Before the extensions: those fields are re-read on each call.
+    #[default]
+    Head,
+    /// In the extensions block, which ends at `end`: the next extension
+    /// header starts at `at`. `pending` is a server_name or ALPN extension
+    /// (its type and where its data is) to validate once its data is in.
+    Extensions {
+        at: usize,
+        end: usize,
+        pending: Option<(u16, Range<usize>)>,
+    },
+    /// Every field checked.
+    Complete,
 }
 
-/// Walks the record layer, checking every record header and the handshake
-/// header as far as the bytes go. `Ok(None)` means the handshake header is
-/// not complete yet.
-fn walk_records(buf: &[u8]) -> Result<Option<Framing>, Reject> {
-    let mut pos = 0;
-    let mut records = 0;
-    let mut have = 0;
-    let mut header = [0u8; HANDSHAKE_HEADER_LEN];
-    let mut msg_len = None;
+impl HelloReader {
+    pub fn new() -> HelloReader {
+        HelloReader::default()
+    }
 
-    loop {
-        let record_header = &buf[pos..buf.len().min(pos + RECORD_HEADER_LEN)];
-        let fragment_len = match check_record_header(record_header, pos == 0)? {
-            Some(len) => len,
-            None => break,
-        };
-        let fragment_start = pos + RECORD_HEADER_LEN;
-        let record_end = fragment_start + fragment_len;
-        let mut fragment = &buf[fragment_start..buf.len().min(record_end)];
-        let complete = fragment.len() == fragment_len;
-        if !fragment.is_empty() {
-            records += 1;
+    /// Reads on. `buf` is everything read from the client so far: it must
+    /// begin with the bytes of every earlier call (the reader does not look
+    /// at the bytes it has already seen again). Once the answer is `Done` or
+    /// an error, every later call returns that same answer.
+    pub fn advance(&mut self, buf: &[u8]) -> Result<Parse, Reject> {
+        if let Some(answer) = &self.answer {
+            return answer.clone().map(Parse::Done);
         }
+        work(1);
+        match self.read(buf) {
+            Ok(None) => Ok(Parse::NeedMore),
+            Ok(Some(hello)) => {
+                self.answer = Some(Ok(hello.clone()));
+                Ok(Parse::Done(hello))
+            }
+            Err(reject) => {
+                self.answer = Some(Err(reject));
+                Err(reject)
+            }
+        }
+    }
 
-        // The handshake header may itself be split over records.
-        while have < HANDSHAKE_HEADER_LEN {
-            let Some((&byte, rest)) = fragment.split_first() else {
+    fn read(&mut self, buf: &[u8]) -> Result<Option<ClientHello>, Reject> {
+        loop {
+            if let Some(end) = self.records_end {
+                // The rest of the record holding the last message byte is
+                // not inspected, but it must be in hand.
+                if buf.len() < end {
+                    return Ok(None);
+                }
+                return self.finish(buf, end).map(Some);
+            }
+            match self.record {
+                RecordAt::Header { start } => {
+                    while self.pos < start + RECORD_HEADER_LEN {
+                        let Some(&byte) = buf.get(self.pos) else {
+                            return Ok(None);
+                        };
+                        work(1);
+                        check_record_header_byte(self.pos - start, byte, start == 0)?;
+                        self.pos += 1;
+                    }
+                    let len = usize::from(u16::from_be_bytes([buf[start + 3], buf[start + 4]]));
+                    if len == 0 {
+                        return Err(Reject::ZeroLengthRecord);
+                    }
+                    if len > MAX_RECORD_LEN {
+                        return Err(Reject::RecordTooLong);
+                    }
+                    self.record = RecordAt::Fragment {
+                        start,
+                        end: self.pos + len,
+                    };
+                }
+                RecordAt::Fragment { start, end } => {
+                    let available = buf.len().min(end);
+                    if self.pos >= available {
+                        return Ok(None);
+                    }
+                    let fragment = &buf[self.pos..available];
+                    self.pos = available;
+                    self.take_fragment(buf, start, end, fragment)?;
+                    if self.pos == end {
+                        self.record = RecordAt::Header { start: end };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the next bytes of the fragment of the record at `start`
+    /// (ending at `end`), then checks the message as far as it goes.
+    fn take_fragment(
+        &mut self,
+        buf: &[u8],
+        start: usize,
+        end: usize,
+        fragment: &[u8],
+    ) -> Result<(), Reject> {
+        let had = self.have;
+        // The handshake header, byte by byte: it may itself be split over records.
+        let mut rest = fragment;
+        while self.have < HANDSHAKE_HEADER_LEN {
+            let Some((&byte, tail)) = rest.split_first() else {
                 break;
             };
-            fragment = rest;
-            header[have] = byte;
-            have += 1;
-            if have == 1 && byte != HANDSHAKE_TYPE_CLIENT_HELLO {
+            rest = tail;
+            self.handshake_header[self.have] = byte;
+            self.have += 1;
+            if self.have == 1 && byte != HANDSHAKE_TYPE_CLIENT_HELLO {
                 return Err(Reject::NotClientHello);
             }
-            if have == HANDSHAKE_HEADER_LEN {
-                let body_len = u24(header[1], header[2], header[3]);
+            if self.have == HANDSHAKE_HEADER_LEN {
+                let [_, high, mid, low] = self.handshake_header;
+                let body_len = u24(high, mid, low);
                 if body_len > MAX_HELLO_LEN {
                     return Err(Reject::TooLarge);
                 }
-                msg_len = Some(HANDSHAKE_HEADER_LEN + body_len);
+                self.msg_len = Some(HANDSHAKE_HEADER_LEN + body_len);
             }
         }
+        if let Some(msg_len) = self.msg_len {
+            // Bytes past the end of the message are not inspected.
+            self.have += rest.len().min(msg_len - self.have);
+        }
+        let taken = &fragment[..self.have - had];
+        work(taken.len());
+        if start != 0 {
+            let message = self.owned.get_or_insert_with(|| {
+                // The first record's share, copied once.
+                work(had);
+                let mut message = Vec::with_capacity(had + taken.len());
+                message.extend_from_slice(&buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + had]);
+                message
+            });
+            append_capped(message, taken, self.msg_len.unwrap_or(HANDSHAKE_HEADER_LEN));
+        }
 
-        if let Some(len) = msg_len {
-            have += fragment.len().min(len - have);
-            if have == len {
-                let record_len = complete.then_some(record_end);
-                return Ok(Some(Framing {
-                    msg_len: len,
-                    have,
-                    records,
-                    record_len,
-                }));
+        let Some(msg_len) = self.msg_len else {
+            return Ok(());
+        };
+        let message = match &self.owned {
+            Some(message) => message.as_slice(),
+            None => &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.have],
+        };
+        let body = &message[HANDSHAKE_HEADER_LEN..];
+        let complete = self.body.advance(
+            body,
+            msg_len - HANDSHAKE_HEADER_LEN,
+            &mut self.found,
+            &mut self.seen,
+        )?;
+        if self.have == msg_len {
+            // With the whole body in hand its check cannot stop short.
+            if !complete {
+                return Err(Reject::Malformed("hello body"));
             }
+            self.records_end = Some(end);
         }
-        if !complete {
-            break;
-        }
-        pos = record_end;
+        Ok(())
     }
 
-    Ok(msg_len.map(|msg_len| Framing {
-        msg_len,
-        have,
-        records,
-        record_len: None,
-    }))
+    /// Builds the answer once the message is in and checked and the records
+    /// carrying it end at `records_end`, in hand.
+    fn finish(&mut self, buf: &[u8], records_end: usize) -> Result<ClientHello, Reject> {
+        let message = match &self.owned {
+            Some(message) => message.as_slice(),
+            None => &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + self.have],
+        };
+        std::mem::take(&mut self.found).into_hello(&message[HANDSHAKE_HEADER_LEN..], records_end)
+    }
 }
 
-/// Checks a (possibly partial) record header. Returns the fragment length
-/// once all five bytes are in, `None` before.
-fn check_record_header(header: &[u8], first: bool) -> Result<Option<usize>, Reject> {
-    if let Some(&content_type) = header.first() {
-        if first && content_type & 0x80 != 0 {
-            return Err(Reject::SslV2);
-        }
-        if content_type != CONTENT_TYPE_HANDSHAKE {
-            return Err(Reject::NotHandshake);
-        }
+/// Checks byte `index` (0..5) of a record header. The length is checked
+/// once both its bytes are in.
+fn check_record_header_byte(index: usize, byte: u8, first: bool) -> Result<(), Reject> {
+    match index {
+        0 if first && byte & 0x80 != 0 => Err(Reject::SslV2),
+        0 if byte != CONTENT_TYPE_HANDSHAKE => Err(Reject::NotHandshake),
+        1 if byte != 3 => Err(Reject::BadRecordVersion),
+        2 if byte > 4 => Err(Reject::BadRecordVersion),
+        _ => Ok(()),
     }
-    let major_bad = header.get(1).is_some_and(|&major| major != 3);
-    let minor_bad = header.get(2).is_some_and(|&minor| minor > 4);
-    if major_bad || minor_bad {
-        return Err(Reject::BadRecordVersion);
-    }
-    let &[_, _, _, high, low] = header else {
-        return Ok(None);
-    };
-    let len = usize::from(u16::from_be_bytes([high, low]));
-    if len == 0 {
-        return Err(Reject::ZeroLengthRecord);
-    }
-    if len > MAX_RECORD_LEN {
-        return Err(Reject::RecordTooLong);
-    }
-    Ok(Some(len))
 }
 
-/// Copies the first `have` handshake message bytes out of the records of an
-/// already-walked buffer.
-fn reassemble(buf: &[u8], have: usize) -> Vec<u8> {
-    let mut message = Vec::with_capacity(have);
-    let mut pos = 0;
-    while message.len() < have && pos + RECORD_HEADER_LEN <= buf.len() {
-        let fragment_len = usize::from(u16::from_be_bytes([buf[pos + 3], buf[pos + 4]]));
-        let start = pos + RECORD_HEADER_LEN;
-        let end = buf.len().min(start + fragment_len);
-        let wanted = have - message.len();
-        let fragment = &buf[start..end];
-        message.extend_from_slice(&fragment[..fragment.len().min(wanted)]);
-        pos = start + fragment_len;
+/// Appends `bytes` to `message`, growing it by doubling but never beyond
+/// `cap` bytes of capacity (the caller never appends past `cap`).
+fn append_capped(message: &mut Vec<u8>, bytes: &[u8], cap: usize) {
+    let needed = message.len() + bytes.len();
+    if needed > message.capacity() {
+        let target = (message.capacity() * 2).max(needed).min(cap.max(needed));
+        message.reserve_exact(target - message.len());
     }
-    message
+    message.extend_from_slice(bytes);
 }
 
-/// Why body parsing stopped short of an answer.
+/// Counts work (bytes and steps examined) in unit tests, so a test can tell
+/// linear from quadratic; nothing outside tests.
+#[cfg(test)]
+fn work(n: usize) {
+    tests::WORK.with(|work| work.set(work.get() + n));
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+fn work(_n: usize) {}
+
+/// Why a check of the bytes in hand stopped short of an answer.
 enum Stop {
     NeedMore,
     Reject(Reject),
+}
+
+impl Stop {
+    /// As the answer of a check that is not complete: false (need more) or the rejection.
+    fn answer(self) -> Result<bool, Reject> {
+        match self {
+            Stop::NeedMore => Ok(false),
+            Stop::Reject(reject) => Err(reject),
+        }
+    }
 }
 
 impl From<Reject> for Stop {
@@ -386,6 +539,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Where the interesting extensions are, as ranges of the body.
+#[derive(Debug, Default)]
 struct Found {
     host_name: Option<Range<usize>>,
     alpn_list: Option<Range<usize>>,
@@ -423,9 +577,45 @@ impl Found {
     }
 }
 
-/// Parses the ClientHello body (after the handshake header). `data` is what
-/// is in hand, `body_len` the declared length.
-fn parse_body(data: &[u8], body_len: usize) -> Result<Found, Stop> {
+impl Body {
+    /// Checks the body as far as `data` (the body bytes in hand) goes;
+    /// `body_len` is its declared length. True once every field is checked.
+    fn advance(
+        &mut self,
+        data: &[u8],
+        body_len: usize,
+        found: &mut Found,
+        seen: &mut Vec<u16>,
+    ) -> Result<bool, Reject> {
+        loop {
+            work(1);
+            let next = match self {
+                Body::Head => match parse_head(data, body_len) {
+                    Ok(Some(block)) => Body::Extensions {
+                        at: block.start,
+                        end: block.end,
+                        pending: None,
+                    },
+                    Ok(None) => Body::Complete,
+                    Err(stop) => return stop.answer(),
+                },
+                Body::Extensions { at, end, pending } => {
+                    match walk_extensions(data, at, *end, pending, found, seen) {
+                        Ok(()) => Body::Complete,
+                        Err(stop) => return stop.answer(),
+                    }
+                }
+                Body::Complete => return Ok(true),
+            };
+            *self = next;
+        }
+    }
+}
+
+/// Checks the fields before the extensions; returns where the extensions
+/// block is, or `None` if the body ends after the compression methods. A
+/// handful of reads whatever the lengths: vectors are skipped, not read.
+fn parse_head(data: &[u8], body_len: usize) -> Result<Option<Range<usize>>, Stop> {
     let mut body = Reader {
         data,
         pos: 0,
@@ -456,55 +646,70 @@ fn parse_body(data: &[u8], body_len: usize) -> Result<Found, Stop> {
     }
     body.skip(compression_methods_len, "compression_methods")?;
 
-    let mut found = Found {
-        host_name: None,
-        alpn_list: None,
-    };
     if body.at_end() {
-        return Ok(found);
+        return Ok(None);
     }
-
     let extensions_len = usize::from(body.u16("extensions")?);
     if extensions_len != body.remaining() {
         return Err(Reject::Malformed("extensions length does not fill the hello").into());
     }
-    let mut extensions = body.sub(extensions_len, "extensions")?;
-
-    let mut seen = [0u16; MAX_EXTENSIONS];
-    let mut count = 0;
-    let walked = walk_extensions(&mut extensions, &mut seen, &mut count, &mut found);
-    // Duplicates among the extensions seen so far are a definite error even
-    // when the rest of the hello has not arrived yet.
-    let seen = &mut seen[..count];
-    seen.sort_unstable();
-    if seen.windows(2).any(|pair| pair[0] == pair[1]) {
-        return Err(Reject::DuplicateExtension.into());
-    }
-    walked?;
-    Ok(found)
+    Ok(Some(body.pos..body.end))
 }
 
+/// Walks the extensions block (ending at `end`) from the extension header
+/// at `at`, moving `at` past every extension whose header is in. A
+/// server_name or ALPN extension is validated once its data is in hand
+/// (`pending` until then).
 fn walk_extensions(
-    extensions: &mut Reader<'_>,
-    seen: &mut [u16; MAX_EXTENSIONS],
-    count: &mut usize,
+    data: &[u8],
+    at: &mut usize,
+    end: usize,
+    pending: &mut Option<(u16, Range<usize>)>,
     found: &mut Found,
+    seen: &mut Vec<u16>,
 ) -> Result<(), Stop> {
-    while !extensions.at_end() {
-        if *count == MAX_EXTENSIONS {
+    loop {
+        if let Some((extension_type, range)) = pending {
+            if range.end > data.len() {
+                return Err(Stop::NeedMore);
+            }
+            work(range.len());
+            let mut reader = Reader {
+                data,
+                pos: range.start,
+                end: range.end,
+            };
+            if *extension_type == EXTENSION_SERVER_NAME {
+                found.host_name = parse_server_name(&mut reader)?;
+            } else {
+                found.alpn_list = Some(parse_alpn(&mut reader)?);
+            }
+            *pending = None;
+        }
+        if *at == end {
+            return Ok(());
+        }
+        if seen.len() == MAX_EXTENSIONS {
             return Err(Reject::Malformed("too many extensions").into());
         }
-        let extension_type = extensions.u16("extension type")?;
-        seen[*count] = extension_type;
-        *count += 1;
-        let mut data = extensions.sub_u16("extension length")?;
-        match extension_type {
-            EXTENSION_SERVER_NAME => found.host_name = parse_server_name(&mut data)?,
-            EXTENSION_ALPN => found.alpn_list = Some(parse_alpn(&mut data)?),
-            _ => {}
+        work(1);
+        let mut block = Reader {
+            data,
+            pos: *at,
+            end,
+        };
+        let extension_type = block.u16("extension type")?;
+        // A duplicate is known as soon as its type is in.
+        let Err(index) = seen.binary_search(&extension_type) else {
+            return Err(Reject::DuplicateExtension.into());
+        };
+        let extension = block.sub_u16("extension length")?;
+        seen.insert(index, extension_type);
+        *at = extension.end;
+        if matches!(extension_type, EXTENSION_SERVER_NAME | EXTENSION_ALPN) {
+            *pending = Some((extension_type, extension.pos..extension.end));
         }
     }
-    Ok(())
 }
 
 /// Validates a server_name extension; returns where its host_name is.
@@ -570,6 +775,11 @@ fn u24(high: u8, mid: u8, low: u8) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// What [`work`] counted on this thread.
+        pub(super) static WORK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
 
     /// (name, bytes, sni, alpn) as listed in tests/data/hellos/README.md.
     const FIXTURES: &[(&str, &[u8], &str, &[&str])] = &[
@@ -1292,5 +1502,268 @@ mod tests {
             Reject::Malformed("alpn list length").to_string(),
             "malformed: alpn list length"
         );
+    }
+
+    // ---- incremental reading ----------------------------------------------
+
+    /// Feeds `input` to one reader in growing prefixes ending at each of
+    /// `ends` (increasing, the last one `input.len()`), stopping at the
+    /// first answer other than NeedMore: that answer and the prefix length
+    /// it came at.
+    fn feed(input: &[u8], ends: impl IntoIterator<Item = usize>) -> (Result<Parse, Reject>, usize) {
+        let mut reader = HelloReader::new();
+        let mut at = 0;
+        for end in ends {
+            at = end;
+            match reader.advance(&input[..end]) {
+                Ok(Parse::NeedMore) => {}
+                answer => return (answer, at),
+            }
+        }
+        (Ok(Parse::NeedMore), at)
+    }
+
+    /// Prefix ends for chunks of `size` bytes.
+    fn chunk_ends(len: usize, size: usize) -> Vec<usize> {
+        let mut ends: Vec<usize> = (size..len).step_by(size).collect();
+        ends.push(len);
+        ends
+    }
+
+    /// Prefix ends for random chunks of 1..=`max` bytes.
+    fn random_ends(len: usize, max: usize, rng: &mut XorShift) -> Vec<usize> {
+        let mut ends = Vec::new();
+        let mut end = 0;
+        while end < len {
+            end = (end + 1 + rng.below(max)).min(len);
+            ends.push(end);
+        }
+        ends
+    }
+
+    /// Prefix ends at every record boundary of well-formed `records`: one
+    /// call per record.
+    fn record_ends(records: &[u8]) -> Vec<usize> {
+        let mut ends = Vec::new();
+        let mut pos = 0;
+        while pos < records.len() {
+            pos += 5 + usize::from(u16::from_be_bytes([records[pos + 3], records[pos + 4]]));
+            ends.push(pos);
+        }
+        ends
+    }
+
+    /// Asserts that `input` fed in each of several chunkings gives
+    /// `parse(input)`, and that an answer other than NeedMore comes at
+    /// the prefix where one call on that prefix gives it too.
+    fn check_chunkings(input: &[u8], rng: &mut XorShift, what: &str) {
+        let whole = parse(input);
+        let mut chunkings = vec![chunk_ends(input.len(), 1), chunk_ends(input.len(), 7)];
+        for max in [3, 64, 2000] {
+            chunkings.push(random_ends(input.len(), max, rng));
+        }
+        for ends in chunkings {
+            let (answer, at) = feed(input, ends);
+            assert_eq!(answer, whole, "{what}: chunked answer at {at}");
+            if answer != Ok(Parse::NeedMore) {
+                assert_eq!(parse(&input[..at]), answer, "{what}: prefix {at}");
+            }
+        }
+    }
+
+    #[test]
+    fn fixtures_fed_in_chunks_give_the_same_answer_as_one_call() {
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for &(name, bytes, sni, _) in FIXTURES {
+            let message = unframe(bytes);
+            let mut framings = vec![bytes.to_vec(), frame(&message, 1), frame(&message, 5)];
+            for _ in 0..5 {
+                framings.push(frame_with(&message, || 1 + rng.below(300)));
+            }
+            for records in framings {
+                check_chunkings(&records, &mut rng, name);
+                // One call per record, as a client sending one record per
+                // segment is read.
+                let (answer, at) = feed(&records, record_ends(&records));
+                assert_eq!(at, records.len(), "{name}");
+                assert_eq!(done(answer).sni.as_deref(), Some(sni), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn mutated_fixtures_fed_in_chunks_give_the_same_answer_as_one_call() {
+        let mut rng = XorShift(0xdead_beef_cafe_f00d);
+        for &(name, bytes, _, _) in FIXTURES {
+            for records in [bytes.to_vec(), frame(&unframe(bytes), 7)] {
+                let mut mutated = records.clone();
+                for i in (0..mutated.len()).step_by(3) {
+                    let original = mutated[i];
+                    for value in [!original, 0, original.wrapping_add(1)] {
+                        mutated[i] = value;
+                        let whole = parse(&mutated);
+                        for ends in [
+                            chunk_ends(mutated.len(), 1),
+                            random_ends(mutated.len(), 50, &mut rng),
+                        ] {
+                            let (answer, at) = feed(&mutated, ends);
+                            assert_eq!(answer, whole, "{name}: byte {i} = {value}, answer at {at}");
+                        }
+                    }
+                    mutated[i] = original;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_problem_in_byte_order_is_reported() {
+        // A bad legacy_version in the first record, then a record that is
+        // not a handshake record: the version comes first in the stream.
+        let mut message = handshake(&body(&simple_extensions()));
+        message[4] = 2;
+        let mut records = frame(&message, 20);
+        records[25] = 23;
+        assert_eq!(parse(&records), Err(Reject::BadHelloVersion));
+        // The other way round: a good first record, then a bad record
+        // header before the bad body byte of the second record.
+        let mut message = handshake(&body(&simple_extensions()));
+        message[4 + 34] = 33; // session_id length, in the second record
+        let mut records = frame(&message, 20);
+        assert_eq!(
+            parse(&records),
+            Err(Reject::Malformed("session_id longer than 32"))
+        );
+        records[26] = 9;
+        assert_eq!(parse(&records), Err(Reject::BadRecordVersion));
+        let mut rng = XorShift(7);
+        check_chunkings(&records, &mut rng, "bad record version");
+    }
+
+    #[test]
+    fn server_name_contents_are_judged_once_the_extension_is_in() {
+        let ext = server_name(b"bad name.test");
+        let records = hello_records(&[ext.clone(), extension(21, &[0; 10])]);
+        let ext_end = EXTENSIONS + 2 + ext.len();
+        assert_eq!(parse(&records[..ext_end - 1]), Ok(Parse::NeedMore));
+        assert_eq!(parse(&records[..ext_end]), Err(Reject::BadServerName));
+        let (answer, at) = feed(&records, chunk_ends(records.len(), 1));
+        assert_eq!((answer, at), (Err(Reject::BadServerName), ext_end));
+    }
+
+    #[test]
+    fn answer_is_repeated_once_known() {
+        let records = hello_records(&simple_extensions());
+        let mut reader = HelloReader::new();
+        let hello = done(reader.advance(&records));
+        let mut longer = records.clone();
+        longer.extend_from_slice(b"\x17\x03\x03\x00\x01x");
+        assert_eq!(reader.advance(&longer), Ok(Parse::Done(hello)));
+        let mut reader = HelloReader::new();
+        assert_eq!(reader.advance(b"GET /"), Err(Reject::NotHandshake));
+        assert_eq!(reader.advance(&records), Err(Reject::NotHandshake));
+    }
+
+    /// A hello of `MAX_HELLO_LEN` body bytes in one-byte records, the last
+    /// record full-size: the longest records a hello can take.
+    fn longest_records() -> Vec<u8> {
+        let message = handshake(&hello_of_body_len(MAX_HELLO_LEN));
+        let mut records = frame(&message[..message.len() - 1], 1);
+        let mut last = vec![message[message.len() - 1]];
+        // Further handshake data fills the last record.
+        last.resize(MAX_RECORD_LEN, 0x0b);
+        records.extend_from_slice(&frame(&last, MAX_RECORD_LEN));
+        records
+    }
+
+    #[test]
+    fn longest_records_of_a_hello_are_max_records_len() {
+        let records = longest_records();
+        assert_eq!(records.len(), MAX_RECORDS_LEN);
+        let (answer, at) = feed(&records, record_ends(&records));
+        assert_eq!(at, MAX_RECORDS_LEN);
+        assert_eq!(done(answer).record_len, MAX_RECORDS_LEN);
+    }
+
+    /// Feeds `input` in growing prefixes ending at `ends`, one reader, and
+    /// fails as soon as the work counted by [`work`] exceeds `per_byte`
+    /// steps per input byte (so quadratic reading fails fast). The answer.
+    fn feed_within(input: &[u8], ends: &[usize], per_byte: usize) -> Result<Parse, Reject> {
+        let budget = per_byte * input.len();
+        let start = WORK.with(|work| work.get());
+        let mut reader = HelloReader::new();
+        let mut answer = Ok(Parse::NeedMore);
+        for (calls, &end) in ends.iter().enumerate() {
+            answer = reader.advance(&input[..end]);
+            let work = WORK.with(|work| work.get()) - start;
+            assert!(
+                work <= budget,
+                "{work} steps after {} calls, {end} of {} bytes",
+                calls + 1,
+                input.len()
+            );
+            if answer != Ok(Parse::NeedMore) {
+                break;
+            }
+        }
+        answer
+    }
+
+    #[test]
+    fn one_byte_records_read_one_call_per_record_cost_linear_work() {
+        let message = handshake(&hello_of_body_len(MAX_HELLO_LEN));
+        let records = frame(&message, 1);
+        // About 9 steps per 6-byte record.
+        let answer = feed_within(&records, &record_ends(&records), 2);
+        assert_eq!(done(answer).sni.as_deref(), Some("max.test"));
+        // The same in one call.
+        assert!(matches!(
+            feed_within(&records, &[records.len()], 2),
+            Ok(Parse::Done(_))
+        ));
+    }
+
+    #[test]
+    fn a_60_kib_alpn_list_in_one_byte_records_costs_linear_work() {
+        let names: Vec<Vec<u8>> = (0..250).map(|i| vec![b'a' + (i % 26) as u8; 250]).collect();
+        let names: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+        let message = handshake(&body(&[server_name(b"alpn.test"), alpn(&names)]));
+        assert!(message.len() > 60 * 1024);
+        let records = frame(&message, 1);
+        let answer = feed_within(&records, &record_ends(&records), 2);
+        assert_eq!(done(answer).alpn.len(), 250);
+    }
+
+    #[test]
+    fn big_records_read_a_byte_at_a_time_cost_linear_work() {
+        let records = frame(
+            &handshake(&hello_of_body_len(MAX_HELLO_LEN)),
+            MAX_RECORD_LEN,
+        );
+        // About 4 steps per call of one byte.
+        let answer = feed_within(&records, &chunk_ends(records.len(), 1), 5);
+        assert!(matches!(answer, Ok(Parse::Done(_))));
+    }
+
+    #[test]
+    fn the_reassembled_message_never_outgrows_its_declared_length() {
+        for size in [1, 100, 3000, MAX_RECORD_LEN] {
+            let message = handshake(&hello_of_body_len(MAX_HELLO_LEN));
+            let records = frame(&message, size);
+            let mut reader = HelloReader::new();
+            for end in record_ends(&records) {
+                let _ = reader.advance(&records[..end]);
+                if let Some(owned) = &reader.owned {
+                    assert!(owned.capacity() <= message.len(), "records of {size}");
+                }
+            }
+            assert!(matches!(reader.answer, Some(Ok(_))), "records of {size}");
+            assert_eq!(reader.owned.map(|owned| owned.len()), Some(message.len()));
+        }
+        // In one record the message is read in place: nothing is copied.
+        let mut reader = HelloReader::new();
+        let records = hello_records(&simple_extensions());
+        assert!(matches!(reader.advance(&records), Ok(Parse::Done(_))));
+        assert!(reader.owned.is_none());
     }
 }

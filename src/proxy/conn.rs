@@ -189,11 +189,16 @@ async fn run(
         }
     };
 
-    // 2. The whole ClientHello, within handshake_timeout.
+    // 2. The whole ClientHello, within handshake_timeout. The reader resumes
+    // where it stopped on each read, so the work is linear in the bytes
+    // however they are framed. The buffer keeps every byte for the backend
+    // and doubles as needed, never beyond the longest records a hello can
+    // take (hello::MAX_RECORDS_LEN), at which the reader has answered.
     let hello_started = Instant::now();
     let mut buffer = Vec::with_capacity(HELLO_BUFFER);
+    let mut reader = hello::HelloReader::new();
     let hello = loop {
-        match hello::parse(&buffer) {
+        match reader.advance(&buffer) {
             Ok(Parse::Done(hello)) => break hello,
             Ok(Parse::NeedMore) => {}
             Err(reject) => {
@@ -202,7 +207,13 @@ async fn run(
             }
         }
         if buffer.len() == buffer.capacity() {
-            buffer.reserve(buffer.len());
+            let grown = (buffer.len() * 2).min(hello::MAX_RECORDS_LEN);
+            buffer.reserve_exact(grown.saturating_sub(buffer.len()));
+        }
+        if buffer.len() == buffer.capacity() {
+            // Not reached: a buffer of MAX_RECORDS_LEN bytes has an answer.
+            record.detail = Some("hello records longer than any ClientHello".into());
+            return Outcome::BadHello;
         }
         match tokio::time::timeout_at(deadline, client.read_buf(&mut buffer)).await {
             Err(_) => return Outcome::HelloTimeout,
