@@ -15,45 +15,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Sends `signal` to process `pid` at once (no `kill` child process: the
-/// point is to hit the first milliseconds after the port is bound).
-fn send_signal(pid: u32, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).unwrap();
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::kill(pid, signal) };
-    assert_eq!(
-        rc,
-        0,
-        "kill({pid}, {signal}): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Starts `mc-proxy server` on `toml` (stderr to a log file) without
-/// waiting for it to say it started: the caller races it.
-fn spawn(dir: &Path, name: &str, toml: &str) -> Proxy {
-    let config = dir.join(format!("{name}.toml"));
-    std::fs::write(&config, toml).unwrap();
-    let log = dir.join(format!("{name}.log"));
-    let child = Command::new(BIN)
-        .args(["server", "-c"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proxy {
-        child,
-        dir: dir.to_path_buf(),
-        config,
-        log,
-    }
-}
-
 /// Polls `addr` in a tight loop until it accepts a connection; panics if
 /// the process exits first or nothing listens within 20 s.
 fn wait_bound(child: &mut Child, addr: SocketAddr) {
@@ -103,6 +64,26 @@ fn describe(status: Option<ExitStatus>) -> String {
 
 const STARTS: usize = 50;
 
+/// Start `run` of an early-signal test: a fresh DB and listener, the
+/// server launched, and `signal` sent the moment its port is bound.
+fn start_and_signal_when_bound(
+    dir: &Path,
+    name: &str,
+    routes: &[(&str, SocketAddr)],
+    signal: &str,
+) -> (Proxy, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let toml = format!(
+        "[database]\npath = \"{}\"\n\n{}",
+        dir.join(format!("{name}.db")).display(),
+        listener_toml(&addr.to_string(), routes)
+    );
+    let mut proxy = Proxy::launch(dir, name, &toml);
+    wait_bound(&mut proxy.child, addr);
+    proxy.signal(signal);
+    (proxy, addr)
+}
+
 /// SIGHUP's default action kills. A config-management tool that reloads
 /// right after a start must find the handler already installed: it is,
 /// before the first socket is bound.
@@ -114,15 +95,12 @@ fn sighup_the_moment_the_port_is_bound_never_kills_the_process() {
     let started = Instant::now();
     let mut failures = Vec::new();
     for run in 0..STARTS {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let toml = format!(
-            "[database]\npath = \"{}\"\n\n{}",
-            dir.path().join(format!("hup-{run}.db")).display(),
-            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+        let (mut proxy, addr) = start_and_signal_when_bound(
+            dir.path(),
+            &format!("hup-{run}"),
+            &[("a.test", backend.addr)],
+            "HUP",
         );
-        let mut proxy = spawn(dir.path(), &format!("hup-{run}"), &toml);
-        wait_bound(&mut proxy.child, addr);
-        send_signal(proxy.pid(), libc::SIGHUP);
         // Alive, and serving: a connection is relayed end to end.
         let relayed = runtime.block_on(relay_once(addr, "a.test", b"ping"));
         if let Some(status) = proxy.child.try_wait().unwrap() {
@@ -171,15 +149,8 @@ fn sigterm_the_moment_the_port_is_bound_exits_zero() {
     let started = Instant::now();
     let mut failures = Vec::new();
     for run in 0..STARTS {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let toml = format!(
-            "[database]\npath = \"{}\"\n\n{}",
-            dir.path().join(format!("term-{run}.db")).display(),
-            listener_toml(&addr.to_string(), &[])
-        );
-        let mut proxy = spawn(dir.path(), &format!("term-{run}"), &toml);
-        wait_bound(&mut proxy.child, addr);
-        send_signal(proxy.pid(), libc::SIGTERM);
+        let (mut proxy, _) =
+            start_and_signal_when_bound(dir.path(), &format!("term-{run}"), &[], "TERM");
         let status = proxy.wait_exit(Duration::from_secs(20));
         if !matches!(status, Some(s) if s.success()) {
             failures.push(format!(
@@ -421,7 +392,9 @@ fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
     }
     assert_eq!(seen, STALLED_CONNECTIONS);
 
-    let dropped = runtime.block_on(scrape(metrics, "mc_proxy_log_lines_dropped_total"));
+    let dropped = parse_metrics(&runtime.block_on(http_get(metrics, "/metrics")).2)
+        .get("mc_proxy_log_lines_dropped_total")
+        .copied();
     assert!(
         dropped.is_some_and(|n| n > 0.0),
         "mc_proxy_log_lines_dropped_total = {dropped:?} after {STALLED_CONNECTIONS} connections"
@@ -429,7 +402,7 @@ fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
 
     // Stopping does not wait forever on the stalled pipe either.
     let stop = Instant::now();
-    send_signal(child.id(), libc::SIGTERM);
+    send_signal(child.id(), "TERM");
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -453,21 +426,4 @@ fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
          {dropped:?} log lines dropped; exit after SIGTERM in {:?}",
         stop.elapsed()
     );
-}
-
-/// One sample's value from the `/metrics` endpoint at `addr`.
-async fn scrape(addr: SocketAddr, series: &str) -> Option<f64> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut all = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut all))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8(all).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -329,27 +329,19 @@ impl Proxy {
         Proxy::spawn(prlimit, dir, &config, &[])
     }
 
+    /// Writes `toml` to `DIR/NAME.toml` and starts `mc-proxy server` on it
+    /// without waiting for it to say it started: for tests that race the
+    /// start itself.
+    pub fn launch(dir: &Path, name: &str, toml: &str) -> Proxy {
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        Proxy::launch_command(Command::new(BIN), dir, &config, &[])
+    }
+
     /// Runs `command` (the binary, or a wrapper that execs it) with
     /// `server -c CONFIG` and waits until it logs that it started.
-    fn spawn(mut command: Command, dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proxy {
-        let log = dir.join(format!("proxy-{}.log", unique()));
-        let child = command
-            .args(["server", "-c"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn mc-proxy (or prlimit, from util-linux)");
-        let mut proxy = Proxy {
-            child,
-            dir: dir.to_path_buf(),
-            config: config.to_path_buf(),
-            log,
-        };
+    fn spawn(command: Command, dir: &Path, config: &Path, env: &[(&str, &str)]) -> Proxy {
+        let mut proxy = Proxy::launch_command(command, dir, config, env);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if proxy.log_text().contains("mc-proxy started") {
@@ -365,6 +357,33 @@ impl Proxy {
                 panic!("mc-proxy did not start:\n{}", proxy.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `command` with `server -c CONFIG`, stderr to a log file.
+    fn launch_command(
+        mut command: Command,
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        let log = dir.join(format!("proxy-{}.log", unique()));
+        let child = command
+            .args(["server", "-c"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn mc-proxy (or prlimit, from util-linux)");
+        Proxy {
+            child,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            log,
         }
     }
 
@@ -399,13 +418,9 @@ impl Proxy {
         }
     }
 
+    /// Sends the signal `name` (`"TERM"`, `"INT"`, `"HUP"`) to the server.
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.id(), name);
     }
 
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
@@ -439,6 +454,28 @@ fn unique() -> usize {
 }
 
 /// Runs the binary with `args`; returns (exit code, stdout, stderr).
+/// Sends the signal `name` (`"TERM"`, `"INT"`, `"HUP"`) to process `pid`
+/// at once, with kill(2) rather than a `kill` child process (tests race the
+/// first milliseconds after a port is bound).
+pub fn send_signal(pid: u32, name: &str) {
+    let signal = match name {
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        other => panic!("no signal {other:?} in the tests' table"),
+    };
+    let pid = libc::pid_t::try_from(pid).unwrap();
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, SIG{name}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN)
         .args(args)
