@@ -40,20 +40,38 @@ static RESOLVING: Semaphore = Semaphore::const_new(MAX_RESOLVING);
 /// Connects to `backend` within `timeout`, resolution included.
 pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStream> {
     let deadline = Instant::now() + timeout;
-    let addrs = match backend.socket_addr() {
-        Some(addr) => vec![addr],
-        None => match tokio::time::timeout_at(deadline, resolve(backend)).await {
-            Ok(resolved) => resolved?,
-            Err(_) => {
-                let (host, _) = backend.host_port();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("resolving {host} did not finish within connect_timeout ({timeout:?})"),
-                ));
-            }
-        },
+    if let Some(addr) = backend.socket_addr() {
+        return connect_one(addr, deadline, timeout).await;
+    }
+    let addrs = match tokio::time::timeout_at(deadline, resolve(backend)).await {
+        Ok(resolved) => resolved?,
+        Err(_) => {
+            let (host, _) = backend.host_port();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("resolving {host} did not finish within connect_timeout ({timeout:?})"),
+            ));
+        }
     };
     connect_any(&addrs, deadline, timeout).await
+}
+
+/// One address: one attempt against the deadline, without the race's
+/// vectors, boxed attempts and second timer. This is every connection to a
+/// backend written as `IP:port`, so it stays as cheap as a plain connect.
+async fn connect_one(
+    addr: SocketAddr,
+    deadline: Instant,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(io::Error::new(e.kind(), format!("{addr}: {e}"))),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?} (1 of 1 addresses tried)"),
+        )),
+    }
 }
 
 /// Resolves a backend name with the system resolver (`getaddrinfo`: hosts
@@ -111,6 +129,9 @@ pub async fn connect_any(
     deadline: Instant,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    if let [addr] = addrs {
+        return connect_one(*addr, deadline, timeout).await;
+    }
     let order = interleave(addrs);
     let mut next = order.iter().copied();
     let mut pending: Vec<(SocketAddr, Attempt)> = Vec::with_capacity(order.len().min(4));
@@ -318,6 +339,37 @@ mod tests {
         assert!(took < timeout + Duration::from_secs(2), "{took:?}");
         assert!(
             error.to_string().contains("2 of 2 addresses tried"),
+            "{error}"
+        );
+    }
+
+    /// The single-address path (every `IP:port` backend) keeps the same
+    /// deadline and error texts as the race.
+    #[tokio::test]
+    async fn one_address_is_connected_refused_or_timed_out_like_the_race() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let backend = Backend::parse(&live_addr.to_string()).unwrap();
+        let stream = connect(&backend, TIMEOUT).await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), live_addr);
+
+        let gone = refused();
+        let error = connect_any(&[gone], deadline(TIMEOUT), TIMEOUT)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
+        assert!(error.to_string().contains(&gone.to_string()), "{error}");
+
+        let hole = blackhole();
+        let timeout = Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let error = connect_any(&[hole.addr], deadline(timeout), timeout)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut, "{error}");
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+        assert!(
+            error.to_string().contains("1 of 1 addresses tried"),
             "{error}"
         );
     }
