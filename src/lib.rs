@@ -21,7 +21,7 @@
 //! - [`metrics`]: Prometheus metrics (per-listener handles resolved at
 //!   start) and the optional `/metrics` endpoint.
 //! - [`shutdown`]: signals, drain, force-close.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
