@@ -8,7 +8,9 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mc_proxy::admin::cli::{self as admin_cli, ClientOverrides};
 use mc_proxy::config::{Config, DEFAULT_CONFIG_PATH};
 use mc_proxy::firewall::{GeoIp, RuleKind};
-use mc_proxy::{logging, server, store};
+use mc_proxy::server::{self, App, ServerError};
+use mc_proxy::shutdown::Signals;
+use mc_proxy::{logging, store};
 
 #[derive(Parser)]
 #[command(name = "mc-proxy", about = "Layer 4 TLS SNI proxy and router")]
@@ -241,7 +243,7 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
     {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    let result = server::run(config);
+    let result = serve(config);
     if let Err(e) = &result {
         // One line on stderr per failure: the plain line below. Under
         // journald the structured record is logged as well.
@@ -254,8 +256,40 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
     logging::flush(server::LOG_FLUSH_LIMIT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e.exit_code, e),
+        Err(e) => fail(e.exit_code(), e),
     }
+}
+
+/// `mc-proxy server`: the runtime, the signal handlers (first: from here
+/// on a signal is queued for the code below, however early it comes —
+/// SIGTERM during start-up lets the start complete, then the drain begins
+/// at once; SIGHUP is a GeoIP reload once serving), then [`App::build`]
+/// (the DB, every socket bound), READY=1, and [`App::run`] until SIGTERM or
+/// SIGINT. A second one exits at once with 128 + its number.
+fn serve(config: Config) -> Result<(), ServerError> {
+    let runtime = server::runtime()?;
+    runtime.block_on(async move {
+        let Signals {
+            stop: mut stop_signals,
+            hangup,
+        } = Signals::install()
+            .map_err(|e| ServerError::Runtime(format!("cannot install signal handlers: {e}")))?;
+        let app = App::build(&config).await?;
+        app.reload_geoip_on(hangup);
+        let exit = app.exit_handle();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let shutdown = async move {
+            let signal = stop_signals.next().await;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+            tokio::spawn(async move {
+                let second = stop_signals.next().await;
+                tracing::warn!(signal = second.name(), "second signal: exiting at once");
+                exit.now(second.exit_code()).await
+            });
+            signal.name()
+        };
+        app.run(shutdown).await
+    })
 }
 
 fn cmd_check(config: &ConfigArg) -> ExitCode {

@@ -1,27 +1,34 @@
-//! `mc-proxy server`: opens the store, builds the tables, binds the
-//! listeners and the admin API, serves until a signal, then drains.
+//! `mc-proxy server` as a value: [`App::build`] opens the store, builds the
+//! tables and binds every socket (listeners, admin API, metrics endpoint),
+//! returning the bound addresses; [`App::run`] serves until the shutdown
+//! future resolves, then drains. `main` owns the process-wide parts around
+//! them: the runtime ([`runtime`]), the signal handlers (installed before
+//! `build`), readiness (`sd_notify`) and the second-signal exit
+//! ([`exit_now`]). Tests build an `App` on port 0 in-process and read the
+//! real ports back.
 //!
-//! Start order matters: the signal handlers come first, so a SIGHUP, SIGTERM
-//! or SIGINT at any moment after start has its documented effect, never the
-//! default action (which kills); the DB is opened (and seeded on first run)
-//! before any socket is bound, so the first connection already sees the DB's
-//! routes; the readiness notification goes out only when every listener is
-//! bound.
+//! Start order inside `build` matters: the DB is opened (and seeded on
+//! first run) before any socket is bound, so the first connection already
+//! sees the DB's routes; the connection cap is measured once the server's
+//! own descriptors are open.
 
-use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-use crate::admin;
-use crate::config::Config;
+use crate::admin::{self, AdminError, AdminServer};
+use crate::config::{AdminAddr, Config};
 use crate::firewall::Firewall;
 use crate::logging;
 use crate::metrics;
-use crate::proxy::{self, capacity, stats::Stats, Listener};
+use crate::proxy::{self, capacity, stats::ListenerStats, stats::Stats, Listener};
 use crate::routes::{ListenerRoutes, Routes};
-use crate::shutdown::{Shutdown, Signals};
+use crate::shutdown::Shutdown;
 use crate::store::{self, Store};
 
 /// How often the GeoIP file is checked for replacement.
@@ -35,35 +42,35 @@ const STORE_CLOSE_LIMIT: Duration = Duration::from_secs(2);
 /// when the reader of stderr or journald is stalled; then they are lost).
 pub const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 
-/// A startup failure: the message (one line) and the exit status.
-#[derive(Debug)]
-pub struct ServerError {
-    pub exit_code: u8,
-    pub message: String,
+/// A startup failure. Its text is the one line `main` prints; the variant
+/// decides the exit status ([`ServerError::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration (or the environment that configures) is wrong:
+    /// exit 2.
+    #[error("{0}")]
+    Config(String),
+    /// The config is fine but the start failed (a port taken, the DB
+    /// unreadable): exit 1.
+    #[error("{0}")]
+    Runtime(String),
+    /// The admin API could not start (`config_file` names the config): exit 1.
+    #[error("{config_file}: {error}")]
+    Admin {
+        config_file: String,
+        error: AdminError,
+    },
 }
 
 impl ServerError {
-    fn config(message: String) -> Self {
-        ServerError {
-            exit_code: 2,
-            message,
-        }
-    }
-
-    fn runtime(message: String) -> Self {
-        ServerError {
-            exit_code: 1,
-            message,
+    /// The process exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServerError::Config(_) => 2,
+            ServerError::Runtime(_) | ServerError::Admin { .. } => 1,
         }
     }
 }
-
-impl fmt::Display for ServerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
 /// The version: the crate version, plus `git describe` when built from a
 /// checkout. `--version` and `GetStatus.version` print it as `mc-proxy VERSION`.
 pub fn version() -> String {
@@ -104,18 +111,19 @@ pub fn worker_threads(setting: Option<&str>, cpus: usize) -> Result<usize, Strin
     }
 }
 
-/// Runs the server to completion on its own runtime.
-pub fn run(config: Config) -> Result<(), ServerError> {
+/// The runtime the server runs on: [`worker_threads`] workers (from
+/// [`WORKERS_ENV`] or the CPU count). One worker is a current-thread
+/// runtime: the same event loop without the multi-threaded scheduler's
+/// work-stealing bookkeeping.
+pub fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
     let setting = match std::env::var_os(WORKERS_ENV) {
         None => None,
         Some(value) => Some(value.into_string().map_err(|value| {
-            ServerError::config(format!("{WORKERS_ENV}={value:?} is not valid UTF-8"))
+            ServerError::Config(format!("{WORKERS_ENV}={value:?} is not valid UTF-8"))
         })?),
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = worker_threads(setting.as_deref(), cpus).map_err(ServerError::config)?;
-    // One worker is a current-thread runtime: the same event loop without
-    // the multi-threaded scheduler's work-stealing bookkeeping.
+    let workers = worker_threads(setting.as_deref(), cpus).map_err(ServerError::Config)?;
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -123,204 +131,397 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         builder.worker_threads(workers);
         builder
     };
-    let runtime = builder
+    builder
         .enable_all()
         .thread_name("mc-proxy")
         .build()
-        .map_err(|e| ServerError::runtime(format!("cannot start the runtime: {e}")))?;
-    runtime.block_on(serve(config, workers))
+        .map_err(|e| ServerError::Runtime(format!("cannot start the runtime: {e}")))
 }
 
-async fn serve(config: Config, workers: usize) -> Result<(), ServerError> {
-    let source = config.source.display().to_string();
-    // The soft descriptor limit up to the hard one, before anything opens.
-    let nofile = capacity::raise_nofile_limit();
+/// One `[[listeners]]` entry, bound: its socket and everything its
+/// connections share.
+struct BoundListener {
+    socket: TcpListener,
+    /// The bound address (the real port when the config asked for `:0`).
+    local_addr: SocketAddr,
+    routes: Arc<ListenerRoutes>,
+    stats: Arc<ListenerStats>,
+    proxy_protocol: bool,
+}
 
-    // Signal handlers before anything else: from here on a signal is queued
-    // for the code below, however early it comes (SIGTERM during start-up:
-    // the start completes, then the drain begins at once; SIGHUP: a GeoIP
-    // reload once serving).
-    let Signals {
-        stop: mut stop_signals,
-        hangup,
-    } = Signals::install()
-        .map_err(|e| ServerError::runtime(format!("cannot install signal handlers: {e}")))?;
+/// The addresses an [`App`] listens on, as bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// One per `[[listeners]]` entry, in config order: (the `addr` as
+    /// written in the config, the bound address).
+    pub listeners: Vec<(String, SocketAddr)>,
+    /// The admin API (`[grpc]`), if configured.
+    pub admin: Option<AdminAddr>,
+    /// The metrics endpoint (`[metrics]`), if configured.
+    pub metrics: Option<SocketAddr>,
+}
 
-    // 0. The GeoIP file first: a config error must stop the start before
-    // the store is created or seeded from this config. The rules come from
-    // the store below.
-    let firewall = Firewall::new(&config.firewall, &[])
-        .map_err(|e| ServerError::config(format!("{source}: firewall.geoip_db: {e}")))?;
+/// A server, built and bound but not yet serving. See the module docs.
+pub struct App {
+    config: Config,
+    firewall: Arc<Firewall>,
+    routes: Arc<Routes>,
+    stats: Arc<Stats>,
+    store: Store,
+    listeners: Vec<BoundListener>,
+    admin: Option<AdminServer>,
+    admin_addr: Option<AdminAddr>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Tells the admin API, the metrics endpoint and the GeoIP watcher to stop.
+    stop: watch::Sender<bool>,
+    capacity: Arc<capacity::Capacity>,
+    fd_limit: Option<u64>,
+}
 
-    // 1. The store: the truth for routes and rules (seeded on first run).
-    let db_path = config.database.path.clone();
-    let opened = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || store::open(&config))
-            .await
-            .map_err(|e| ServerError::runtime(format!("store: {e}")))?
-            .map_err(|e| {
-                ServerError::runtime(format!("database.path {}: {e}", db_path.display()))
-            })?
-    };
-    let loaded = opened.state;
-
-    // 2. The in-memory tables.
-    firewall.replace_rules(&loaded.rules);
-    let firewall = Arc::new(firewall);
-    let routes = Arc::new(Routes::new(
-        loaded
-            .listeners
-            .into_iter()
-            .map(|(addr, map)| Arc::new(ListenerRoutes::new(addr, map)))
-            .collect(),
-    ));
-    let stats = Arc::new(Stats::new(
-        config.listeners.iter().map(|l| l.addr.text.clone()),
-    ));
-
-    // 3. Listening sockets: all bound before anything is served.
-    let mut sockets = Vec::with_capacity(config.listeners.len());
-    for (index, listener) in config.listeners.iter().enumerate() {
-        let socket = proxy::bind(&listener.addr)
-            .and_then(TcpListener::from_std)
-            .map_err(|e| {
-                ServerError::runtime(format!(
-                    "{source}: listeners[{index}].addr: cannot listen on {:?}: {e}",
-                    listener.addr.text
-                ))
-            })?;
-        sockets.push(socket);
+impl App {
+    /// Opens the store (seeding it on first run), builds the route tables
+    /// and the firewall, binds every `[[listeners]]` address, the admin API
+    /// and the metrics endpoint, and starts the store's writer thread, the
+    /// admin API and the metrics endpoint (nothing is proxied before
+    /// [`App::run`]; connections wait in the backlog). Call it inside the
+    /// runtime, after the signal handlers are installed.
+    pub async fn build(config: &Config) -> Result<App, ServerError> {
+        App::build_with(config, Vec::new()).await
     }
 
-    // 4. Writers: the store thread applies admin changes to the tables.
-    let store = Store::start(
-        opened.conn,
-        routes.clone(),
-        loaded.rules.clone(),
-        Box::new({
-            let firewall = firewall.clone();
-            move |rules| firewall.replace_rules(rules)
-        }),
-    );
+    /// [`App::build`], with listening sockets handed in instead of bound:
+    /// a listener whose config `addr` text equals an entry's name takes
+    /// that socket (already bound and listening; made non-blocking here).
+    pub async fn build_with(
+        config: &Config,
+        mut inherited: Vec<(String, std::net::TcpListener)>,
+    ) -> Result<App, ServerError> {
+        let source = config.source.display().to_string();
+        // The soft descriptor limit up to the hard one, before anything opens.
+        let nofile = capacity::raise_nofile_limit();
 
-    let mut shutdown = Shutdown::new();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // 0. The GeoIP file first: a config error must stop the start before
+        // the store is created or seeded from this config. The rules come
+        // from the store below.
+        let firewall = Firewall::new(&config.firewall, &[])
+            .map_err(|e| ServerError::Config(format!("{source}: firewall.geoip_db: {e}")))?;
 
-    // 5. The admin API.
-    let admin = match &config.grpc {
-        Some(grpc) => {
-            let state = admin::server::AdminState {
-                routes: routes.clone(),
-                store: store.clone(),
-                firewall: firewall.clone(),
-                stats: stats.clone(),
-                version: format!("mc-proxy {}", version()),
-            };
-            let mut stop = stop_rx.clone();
-            let handle = admin::server::serve(grpc, state, async move {
-                let _ = stop.wait_for(|stopped| *stopped).await;
-            })
-            .await
-            .map_err(|e| ServerError::runtime(format!("{source}: {e}")))?;
-            Some(handle)
-        }
-        None => None,
-    };
-
-    // 5b. The metrics endpoint.
-    let metrics = match &config.metrics {
-        Some(metrics) => {
-            let scrape = metrics::Scrape {
-                metrics: stats.metrics.clone(),
-                routes: routes.clone(),
-                firewall: firewall.clone(),
-            };
-            let (local, task) = metrics::serve(metrics.addr, scrape, stop_rx.clone())
+        // 1. The store: the truth for routes and rules (seeded on first run).
+        let db_path = config.database.path.clone();
+        let opened = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || store::open(&config))
                 .await
+                .map_err(|e| ServerError::Runtime(format!("store: {e}")))?
                 .map_err(|e| {
-                    ServerError::runtime(format!(
-                        "{source}: metrics.addr: cannot listen on {}: {e}",
-                        metrics.addr
-                    ))
-                })?;
-            tracing::info!(addr = %local, "metrics endpoint listening on /metrics");
-            Some(task)
-        }
-        None => None,
-    };
+                    ServerError::Runtime(format!("database.path {}: {e}", db_path.display()))
+                })?
+        };
+        let loaded = opened.state;
 
-    // 6. Serve, within the descriptor budget measured now that the server's
-    // own descriptors are open.
-    let (capacity, fd_limit) = connection_capacity(&config, &stats, nofile);
-    for (((socket, listener), listener_stats), listener_config) in sockets
-        .into_iter()
-        .zip(routes.listeners())
-        .zip(stats.listeners.iter())
-        .zip(&config.listeners)
-    {
-        let listener = Arc::new(Listener {
-            routes: listener.clone(),
-            firewall: firewall.clone(),
-            listener_stats: listener_stats.clone(),
-            timeouts: config.proxy.clone(),
-            proxy_protocol: listener_config.proxy_protocol,
-            capacity: capacity.clone(),
-        });
-        tokio::spawn(proxy::accept_loop(
-            socket,
-            listener,
-            shutdown.watcher(),
-            shutdown.guard(),
+        // 2. The in-memory tables.
+        firewall.replace_rules(&loaded.rules);
+        let firewall = Arc::new(firewall);
+        let routes = Arc::new(Routes::new(
+            loaded
+                .listeners
+                .into_iter()
+                .map(|(addr, map)| Arc::new(ListenerRoutes::new(addr, map)))
+                .collect(),
         ));
-    }
-    firewall.spawn_geoip_watcher(GEOIP_POLL, stop_rx.clone());
-    tokio::spawn(reload_on_hangup(firewall.clone(), hangup));
+        let stats = Arc::new(Stats::new(
+            config.listeners.iter().map(|l| l.addr.text.clone()),
+        ));
 
-    tracing::info!(
-        version = %version(),
-        config = %source,
-        listeners = config.listeners.len(),
-        routes = routes.listeners().iter().map(|l| l.snapshot().len()).sum::<usize>(),
-        firewall_rules = firewall.rules().len(),
-        admin = config.grpc.as_ref().map(|g| g.addr.to_string()).as_deref(),
-        metrics = config.metrics.as_ref().map(|m| m.addr.to_string()).as_deref(),
-        workers,
-        max_connections = capacity.max(),
-        fd_limit,
-        "mc-proxy started"
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-
-    // 7. Stop: close listeners at once, drain, force, exit.
-    let signal = stop_signals.next().await;
-    let active = stats.active_connections();
-    tracing::info!(
-        signal = signal.name(),
-        active_connections = active,
-        shutdown_timeout_ms = config.proxy.shutdown_timeout.as_millis() as u64,
-        "shutting down: listeners closed, draining"
-    );
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    tokio::spawn({
-        let store = store.clone();
-        async move {
-            let second = stop_signals.next().await;
-            tracing::warn!(signal = second.name(), "second signal: exiting at once");
-            exit_now(store, second.exit_code()).await
+        // 3. Listening sockets: all bound before anything is served.
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (index, listener) in config.listeners.iter().enumerate() {
+            let text = &listener.addr.text;
+            let cannot_listen = |e: std::io::Error| {
+                ServerError::Runtime(format!(
+                    "{source}: listeners[{index}].addr: cannot listen on {text:?}: {e}"
+                ))
+            };
+            let socket = match inherited.iter().position(|(name, _)| name == text) {
+                Some(i) => {
+                    let (_, socket) = inherited.swap_remove(i);
+                    socket.set_nonblocking(true).map(|()| socket)
+                }
+                None => proxy::bind(&listener.addr),
+            }
+            .and_then(TcpListener::from_std)
+            .map_err(cannot_listen)?;
+            let local_addr = socket.local_addr().map_err(cannot_listen)?;
+            // Both tables are built from the config's listeners above; a
+            // miss would be a bug here, reported rather than panicking.
+            let missing = || {
+                ServerError::Runtime(format!(
+                    "{source}: listeners[{index}].addr: {text:?} has no route table"
+                ))
+            };
+            let routes = routes.listener(text).cloned().ok_or_else(missing)?;
+            let stats = stats.listener(text).cloned().ok_or_else(missing)?;
+            tracing::info!(listener = %text, addr = %local_addr, "listening");
+            listeners.push(BoundListener {
+                socket,
+                local_addr,
+                routes,
+                stats,
+                proxy_protocol: listener.proxy_protocol,
+            });
         }
-    });
-    let forced = shutdown.drain(config.proxy.shutdown_timeout).await;
-    let _ = stop_tx.send(true);
-    if let Some(handle) = admin {
-        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+
+        // 4. Writers: the store thread applies admin changes to the tables.
+        let store = Store::start(
+            opened.conn,
+            routes.clone(),
+            loaded.rules.clone(),
+            Box::new({
+                let firewall = firewall.clone();
+                move |rules| firewall.replace_rules(rules)
+            }),
+        );
+
+        let (stop, stop_rx) = watch::channel(false);
+
+        // 5. The admin API.
+        let admin = match &config.grpc {
+            Some(grpc) => {
+                let state = admin::AdminState {
+                    routes: routes.clone(),
+                    store: store.clone(),
+                    firewall: firewall.clone(),
+                    stats: stats.clone(),
+                    version: format!("mc-proxy {}", version()),
+                };
+                let mut stop = stop_rx.clone();
+                let handle = admin::serve(grpc, state, async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                })
+                .await
+                .map_err(|error| ServerError::Admin {
+                    config_file: source.clone(),
+                    error,
+                })?;
+                Some(handle)
+            }
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|a| a.local_addr().clone());
+
+        // 5b. The metrics endpoint.
+        let metrics = match &config.metrics {
+            Some(metrics) => {
+                let scrape = metrics::Scrape {
+                    metrics: stats.metrics.clone(),
+                    routes: routes.clone(),
+                    firewall: firewall.clone(),
+                };
+                let (local, task) = metrics::serve(metrics.addr, scrape, stop_rx.clone())
+                    .await
+                    .map_err(|e| {
+                        ServerError::Runtime(format!(
+                            "{source}: metrics.addr: cannot listen on {}: {e}",
+                            metrics.addr
+                        ))
+                    })?;
+                tracing::info!(addr = %local, "metrics endpoint listening on /metrics");
+                Some((local, task))
+            }
+            None => None,
+        };
+
+        // 6. The descriptor budget, measured now that the server's own
+        // descriptors are open.
+        let (capacity, fd_limit) = connection_capacity(config, &stats, nofile);
+
+        Ok(App {
+            config: config.clone(),
+            firewall,
+            routes,
+            stats,
+            store,
+            listeners,
+            admin,
+            admin_addr,
+            metrics,
+            stop,
+            capacity,
+            fd_limit,
+        })
     }
-    if let Some(task) = metrics {
-        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+
+    /// Every bound address at once.
+    pub fn addrs(&self) -> BoundAddrs {
+        BoundAddrs {
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| (l.routes.addr().to_string(), l.local_addr))
+                .collect(),
+            admin: self.admin_addr.clone(),
+            metrics: self.metrics_addr(),
+        }
     }
-    store.close();
-    tracing::info!(forced, "mc-proxy stopped");
-    Ok(())
+
+    /// The listeners' bound addresses, in config order.
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.local_addr).collect()
+    }
+
+    /// Where the admin API listens (for TCP, the bound port).
+    pub fn admin_addr(&self) -> Option<&AdminAddr> {
+        self.admin_addr.as_ref()
+    }
+
+    /// Where the metrics endpoint listens.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// The live route tables (what the admin API changes).
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
+    /// The firewall (rules, GeoIP, rate limit).
+    pub fn firewall(&self) -> &Arc<Firewall> {
+        &self.firewall
+    }
+
+    /// The connection counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// What a second signal needs to exit at once: see [`Exit::now`].
+    pub fn exit_handle(&self) -> Exit {
+        Exit {
+            store: self.store.clone(),
+        }
+    }
+
+    /// Reloads the GeoIP database on every SIGHUP (or whatever `hangup`
+    /// delivers), in a task of its own.
+    pub fn reload_geoip_on(&self, mut hangup: tokio::signal::unix::Signal) {
+        let firewall = self.firewall.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                let firewall = firewall.clone();
+                let result = tokio::task::spawn_blocking(move || firewall.reload_geoip()).await;
+                if let Ok(Ok(true)) = result {
+                    tracing::info!("SIGHUP: GeoIP database reloaded");
+                }
+            }
+        });
+    }
+
+    /// Serves until `shutdown` resolves (to the name of what stopped it,
+    /// logged as `signal=`), then closes the listeners at once, drains the
+    /// connections within `proxy.shutdown_timeout` (forcing the rest),
+    /// stops the admin API and the metrics endpoint, and closes the store.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = &'static str>,
+    ) -> Result<(), ServerError> {
+        let App {
+            config,
+            firewall,
+            routes,
+            stats,
+            store,
+            listeners,
+            admin,
+            admin_addr: _,
+            metrics,
+            stop,
+            capacity,
+            fd_limit,
+        } = self;
+        let source = config.source.display().to_string();
+        let mut drain = Shutdown::new();
+        for bound in listeners {
+            let listener = Arc::new(Listener {
+                routes: bound.routes,
+                firewall: firewall.clone(),
+                listener_stats: bound.stats,
+                timeouts: config.proxy.clone(),
+                proxy_protocol: bound.proxy_protocol,
+                capacity: capacity.clone(),
+            });
+            tokio::spawn(proxy::accept_loop(
+                bound.socket,
+                listener,
+                drain.watcher(),
+                drain.guard(),
+            ));
+        }
+        firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());
+
+        tracing::info!(
+            version = %version(),
+            config = %source,
+            listeners = config.listeners.len(),
+            routes = routes.listeners().iter().map(|l| l.snapshot().len()).sum::<usize>(),
+            firewall_rules = firewall.rules().len(),
+            admin = config.grpc.as_ref().map(|g| g.addr.to_string()).as_deref(),
+            metrics = config.metrics.as_ref().map(|m| m.addr.to_string()).as_deref(),
+            workers = tokio::runtime::Handle::current().metrics().num_workers(),
+            max_connections = capacity.max(),
+            fd_limit,
+            "mc-proxy started"
+        );
+
+        // Stop: close listeners at once, drain, force, exit.
+        let signal = shutdown.await;
+        tracing::info!(
+            signal,
+            active_connections = stats.active_connections(),
+            shutdown_timeout_ms = config.proxy.shutdown_timeout.as_millis() as u64,
+            "shutting down: listeners closed, draining"
+        );
+        let forced = drain.drain(config.proxy.shutdown_timeout).await;
+        let _ = stop.send(true);
+        if let Some(handle) = admin {
+            let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+        }
+        if let Some((_, task)) = metrics {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+        store.close();
+        tracing::info!(forced, "mc-proxy stopped");
+        Ok(())
+    }
+}
+
+/// The store's handle for an exit that does not wait for connections.
+pub struct Exit {
+    store: Store,
+}
+
+impl Exit {
+    /// Exits with `code` without waiting for connections, but not before
+    /// the store has finished the commands queued before this (each commits
+    /// or fails as usual; whether its caller still hears back is a race
+    /// with the exit, and a change that was acknowledged is committed) and
+    /// closed the DB (which checkpoints the WAL), within
+    /// [`STORE_CLOSE_LIMIT`]; later commands are refused. Then the log
+    /// lines queued so far are written, within [`LOG_FLUSH_LIMIT`].
+    pub async fn now(self, code: i32) -> ! {
+        let store = self.store;
+        let closing = tokio::task::spawn_blocking(move || store.close());
+        if tokio::time::timeout(STORE_CLOSE_LIMIT, closing)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                limit_ms = STORE_CLOSE_LIMIT.as_millis() as u64,
+                "the store did not close in time; exiting anyway"
+            );
+        }
+        logging::flush(LOG_FLUSH_LIMIT);
+        std::process::exit(code)
+    }
 }
 
 /// The connection cap (`[proxy] max_connections`, else derived from the
@@ -373,38 +574,6 @@ fn connection_capacity(
     proxy::relay::set_pipe_limit(pipes);
     let capacity = capacity::Capacity::new(max, stats.metrics.capacity().clone());
     (Arc::new(capacity), fd_limit)
-}
-
-/// Exits with `code` without waiting for connections, but not before the
-/// store has finished the commands queued before this (each commits or
-/// fails as usual; whether its caller still hears back is a race with the
-/// exit, and a change that was acknowledged is committed) and closed the DB
-/// (which checkpoints the WAL), within [`STORE_CLOSE_LIMIT`]; later
-/// commands are refused. Then the log lines queued so far are written,
-/// within [`LOG_FLUSH_LIMIT`].
-async fn exit_now(store: Store, code: i32) -> ! {
-    let closing = tokio::task::spawn_blocking(move || store.close());
-    if tokio::time::timeout(STORE_CLOSE_LIMIT, closing)
-        .await
-        .is_err()
-    {
-        tracing::error!(
-            limit_ms = STORE_CLOSE_LIMIT.as_millis() as u64,
-            "the store did not close in time; exiting anyway"
-        );
-    }
-    logging::flush(LOG_FLUSH_LIMIT);
-    std::process::exit(code)
-}
-
-async fn reload_on_hangup(firewall: Arc<Firewall>, mut hangup: tokio::signal::unix::Signal) {
-    while hangup.recv().await.is_some() {
-        let firewall = firewall.clone();
-        let result = tokio::task::spawn_blocking(move || firewall.reload_geoip()).await;
-        if let Ok(Ok(true)) = result {
-            tracing::info!("SIGHUP: GeoIP database reloaded");
-        }
-    }
 }
 
 #[cfg(test)]

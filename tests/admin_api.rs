@@ -1,7 +1,7 @@
 //! The gRPC admin API over its real transports: unix socket and TLS/mTLS
 //! TCP, health, reflection, and every status code the service returns.
-//! The proxy itself is not running; the service works on the same route
-//! tables, store and firewall it would.
+//! Each server is the real one, built in-process by `App::build_with`
+//! (tests/common/inproc.rs runs it); the tests look at its tables directly.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,26 +13,32 @@ use mc_proxy::admin::cli::{self, ClientTarget};
 use mc_proxy::admin::client;
 use mc_proxy::admin::proto::proxy_admin_service_client::ProxyAdminServiceClient;
 use mc_proxy::admin::proto::{self, FirewallRuleType};
-use mc_proxy::admin::{serve, AdminError, AdminServer, AdminState};
+use mc_proxy::admin::AdminError;
 use mc_proxy::config::{AdminAddr, ClientTls, Config, GrpcConfig, ServerTls};
-use mc_proxy::firewall::{Firewall, Rule};
+use mc_proxy::firewall::Firewall;
 use mc_proxy::proxy::stats::Stats;
-use mc_proxy::routes::{ListenerRoutes, Routes};
-use mc_proxy::store::{self, Store};
-use tokio::sync::oneshot;
+use mc_proxy::routes::Routes;
+use mc_proxy::server::{App, ServerError};
 use tonic::transport::Channel;
 use tonic::Code;
+
+mod common;
+use common::InProcess;
 
 // ---- harness --------------------------------------------------------------
 
 const LISTENERS: [&str; 2] = [":443", "127.0.0.1:8443"];
 
-/// What the server would hand the admin API, built from a real config, a
-/// real DB file and the real store.
+/// A real config and a DB file in a temp dir. Each server is the real
+/// one, built by `App::build_with` (the listeners get loopback sockets on
+/// port 0 handed in under their config names).
 struct Harness {
     dir: tempfile::TempDir,
     db: PathBuf,
-    state: AdminState,
+    config: Config,
+    /// Servers started so far: the first uses `db`, later ones a DB of
+    /// their own (a second server beside a running one must not share it).
+    started: std::cell::Cell<usize>,
 }
 
 impl Harness {
@@ -46,32 +52,11 @@ impl Harness {
         }
         std::fs::write(&source, &toml).unwrap();
         let config = Config::load(&source).unwrap();
-        let opened = store::open(&config).unwrap();
-        let routes = Arc::new(Routes::new(
-            opened
-                .state
-                .listeners
-                .into_iter()
-                .map(|(addr, map)| Arc::new(ListenerRoutes::new(addr, map)))
-                .collect(),
-        ));
-        let firewall = Arc::new(Firewall::new(&config.firewall, &opened.state.rules).unwrap());
-        let on_rules = {
-            let firewall = firewall.clone();
-            Box::new(move |rules: &[Rule]| firewall.replace_rules(rules))
-        };
-        let store = Store::start(opened.conn, routes.clone(), opened.state.rules, on_rules);
-        let stats = Arc::new(Stats::new(LISTENERS.iter().map(|s| s.to_string())));
         Harness {
             dir,
             db,
-            state: AdminState {
-                routes,
-                store,
-                firewall,
-                stats,
-                version: "mc-proxy 0.0.0-test".into(),
-            },
+            config,
+            started: std::cell::Cell::new(0),
         }
     }
 
@@ -95,35 +80,58 @@ impl Harness {
     }
 }
 
-/// A server and the switch that stops it.
+/// What `GetStatus.version` says.
+fn version() -> String {
+    format!("mc-proxy {}", mc_proxy::server::version())
+}
+
+/// A running server, its tables, and the switch that stops it.
 struct Running {
-    server: Option<AdminServer>,
-    stop: Option<oneshot::Sender<()>>,
+    addr: AdminAddr,
+    routes: Arc<Routes>,
+    firewall: Arc<Firewall>,
+    stats: Arc<Stats>,
+    server: Option<InProcess>,
 }
 
 impl Running {
-    async fn start(config: &GrpcConfig, state: AdminState) -> Result<Running, AdminError> {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = serve(config, state, async move {
-            let _ = stopped.await;
-        })
-        .await?;
+    /// `App::build_with` on the harness's config with `[grpc]` = `grpc`;
+    /// the admin API's own error if that is what failed.
+    async fn start(grpc: &GrpcConfig, h: &Harness) -> Result<Running, AdminError> {
+        let mut config = h.config.clone();
+        config.grpc = Some(grpc.clone());
+        let n = h.started.get();
+        h.started.set(n + 1);
+        if n > 0 {
+            config.database.path = h.path(&format!("mc-proxy-{n}.db"));
+        }
+        let sockets = LISTENERS
+            .iter()
+            .map(|name| {
+                let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                (name.to_string(), socket)
+            })
+            .collect();
+        let app = match App::build_with(&config, sockets).await {
+            Ok(app) => app,
+            Err(ServerError::Admin { error, .. }) => return Err(error),
+            Err(other) => panic!("the server failed before the admin API: {other}"),
+        };
         Ok(Running {
-            server: Some(server),
-            stop: Some(stop),
+            addr: app.admin_addr().unwrap().clone(),
+            routes: app.routes().clone(),
+            firewall: app.firewall().clone(),
+            stats: app.stats().clone(),
+            server: Some(InProcess::run(app)),
         })
     }
 
     fn addr(&self) -> AdminAddr {
-        self.server.as_ref().unwrap().local_addr().clone()
+        self.addr.clone()
     }
 
     async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        // An `AdminServer` is a future that resolves once it has stopped.
-        tokio::time::timeout(Duration::from_secs(10), self.server.take().unwrap())
-            .await
-            .expect("admin server did not stop");
+        self.server.take().unwrap().stop().await;
     }
 }
 
@@ -136,7 +144,7 @@ fn unix_config(path: &Path) -> GrpcConfig {
 }
 
 async fn unix_server(h: &Harness) -> (Running, ProxyAdminServiceClient<Channel>) {
-    let running = Running::start(&unix_config(&h.path("admin.sock")), h.state.clone())
+    let running = Running::start(&unix_config(&h.path("admin.sock")), h)
         .await
         .unwrap();
     let client = client::connect(&running.addr(), &ClientTls::default())
@@ -281,18 +289,16 @@ async fn unix_socket_is_0660_replaces_a_stale_socket_and_is_removed_on_stop() {
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     assert!(path.exists());
 
-    let running = Running::start(&unix_config(&path), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&unix_config(&path), &h).await.unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "socket mode {mode:o}");
     assert_eq!(
         status_over(&running.addr(), &ClientTls::default()).await,
-        Ok("mc-proxy 0.0.0-test".to_string())
+        Ok(version())
     );
 
     // A second server must not steal a live socket.
-    let err = Running::start(&unix_config(&path), h.state.clone())
+    let err = Running::start(&unix_config(&path), &h)
         .await
         .err()
         .expect("second server started on a live socket");
@@ -306,9 +312,7 @@ async fn unix_socket_is_0660_replaces_a_stale_socket_and_is_removed_on_stop() {
 async fn unix_socket_parent_directory_is_created() {
     let h = Harness::new().await;
     let path = h.path("a/b/admin.sock");
-    let running = Running::start(&unix_config(&path), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&unix_config(&path), &h).await.unwrap();
     assert!(path.exists());
     running.stop().await;
 }
@@ -320,9 +324,7 @@ async fn unix_socket_with_a_path_near_the_length_limit_is_0660() {
     let base = h.dir.path().display().to_string().len();
     let path = h.path(&format!("{}.sock", "s".repeat(104 - base - 6)));
     assert_eq!(path.as_os_str().len(), 104);
-    let running = Running::start(&unix_config(&path), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&unix_config(&path), &h).await.unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "socket mode {mode:o}");
     assert!(status_over(&running.addr(), &ClientTls::default())
@@ -337,7 +339,7 @@ async fn unix_socket_path_holding_a_regular_file_is_refused_and_kept() {
     let h = Harness::new().await;
     let path = h.path("admin.sock");
     std::fs::write(&path, "operator data").unwrap();
-    let err = Running::start(&unix_config(&path), h.state.clone())
+    let err = Running::start(&unix_config(&path), &h)
         .await
         .err()
         .expect("started over a regular file");
@@ -347,9 +349,7 @@ async fn unix_socket_path_holding_a_regular_file_is_refused_and_kept() {
 
     let dir = h.path("a-directory");
     std::fs::create_dir(&dir).unwrap();
-    assert!(Running::start(&unix_config(&dir), h.state.clone())
-        .await
-        .is_err());
+    assert!(Running::start(&unix_config(&dir), &h).await.is_err());
     assert!(dir.is_dir());
 }
 
@@ -360,7 +360,7 @@ async fn tcp_bind_failure_is_reported_before_serving() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut config = tcp_config(&pki, false);
     config.addr = AdminAddr::Tcp(taken.local_addr().unwrap());
-    let err = Running::start(&config, h.state.clone())
+    let err = Running::start(&config, &h)
         .await
         .err()
         .expect("bound a taken port");
@@ -380,7 +380,7 @@ async fn tcp_without_tls_is_refused() {
         client: ClientTls::default(),
     };
     assert!(matches!(
-        Running::start(&config, h.state.clone()).await.err(),
+        Running::start(&config, &h).await.err(),
         Some(AdminError::TlsRequired)
     ));
 }
@@ -391,7 +391,7 @@ async fn unreadable_server_key_names_the_field() {
     let pki = pki(h.dir.path());
     let mut config = tcp_config(&pki, false);
     config.tls.as_mut().unwrap().key = h.path("missing.key");
-    let err = Running::start(&config, h.state.clone())
+    let err = Running::start(&config, &h)
         .await
         .err()
         .expect("started without a key");
@@ -497,17 +497,12 @@ async fn reflection_lists_and_describes_the_admin_service() {
 async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
     let h = Harness::new().await;
     let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, false), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&tcp_config(&pki, false), &h).await.unwrap();
     let tls = ClientTls {
         ca_cert: Some(pki.ca_pem.clone()),
         ..ClientTls::default()
     };
-    assert_eq!(
-        status_over(&running.addr(), &tls).await,
-        Ok("mc-proxy 0.0.0-test".to_string())
-    );
+    assert_eq!(status_over(&running.addr(), &tls).await, Ok(version()));
     // A client that does not trust the server's CA gives up.
     let wrong = ClientTls {
         ca_cert: Some(pki.rogue_cert.clone()),
@@ -526,9 +521,7 @@ async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
 async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
     let h = Harness::new().await;
     let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, true), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&tcp_config(&pki, true), &h).await.unwrap();
     let addr = running.addr();
 
     let good = ClientTls {
@@ -536,10 +529,7 @@ async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
         client_cert: Some(pki.client_cert.clone()),
         client_key: Some(pki.client_key.clone()),
     };
-    assert_eq!(
-        status_over(&addr, &good).await,
-        Ok("mc-proxy 0.0.0-test".to_string())
-    );
+    assert_eq!(status_over(&addr, &good).await, Ok(version()));
 
     let no_cert = ClientTls {
         ca_cert: Some(pki.ca_pem.clone()),
@@ -578,9 +568,7 @@ async fn tls_1_2_clients_are_refused() {
 
     let h = Harness::new().await;
     let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, true), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&tcp_config(&pki, true), &h).await.unwrap();
     let AdminAddr::Tcp(addr) = running.addr() else {
         unreachable!()
     };
@@ -623,9 +611,7 @@ async fn tls_1_2_clients_are_refused() {
 async fn a_stalled_handshake_does_not_block_other_clients() {
     let h = Harness::new().await;
     let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, false), h.state.clone())
-        .await
-        .unwrap();
+    let running = Running::start(&tcp_config(&pki, false), &h).await.unwrap();
     let AdminAddr::Tcp(addr) = running.addr() else {
         unreachable!()
     };
@@ -677,8 +663,7 @@ async fn add_route_upserts_and_normalises_hostnames() {
         )]
     );
     // The live table, not just the listing, has the new backend.
-    let live = h
-        .state
+    let live = running
         .routes
         .listener(":443")
         .unwrap()
@@ -847,7 +832,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     }
     // Nothing was changed by any of it.
     assert!(list_all(&mut client).await.is_empty());
-    assert!(h.state.firewall.rules().rules().is_empty());
+    assert!(running.firewall.rules().rules().is_empty());
     running.stop().await;
 }
 
@@ -940,7 +925,7 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
         })
         .await
         .unwrap();
-    assert_eq!(h.state.firewall.rules().rules().len(), 2);
+    assert_eq!(running.firewall.rules().rules().len(), 2);
     running.stop().await;
 }
 
@@ -1002,7 +987,7 @@ async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
 
     assert_eq!(list_all(&mut client).await, before);
     assert_eq!(
-        h.state
+        running
             .routes
             .listener(":443")
             .unwrap()
@@ -1012,14 +997,13 @@ async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
             .to_string(),
         "127.0.0.1:1"
     );
-    assert!(h
-        .state
+    assert!(running
         .routes
         .listener(":443")
         .unwrap()
         .lookup("new.test")
         .is_none());
-    assert_eq!(h.state.firewall.rules().rules().len(), 1);
+    assert_eq!(running.firewall.rules().rules().len(), 1);
     running.stop().await;
 }
 
@@ -1033,7 +1017,7 @@ async fn get_status_reports_live_counters() {
     // Five connections accepted on listener 1, four of them gone; two more
     // on listener 0, both refused by the firewall and closed. The global
     // figures are the listeners' sums.
-    let stats = &h.state.stats;
+    let stats = &running.stats;
     let mut guards: Vec<_> = (0..5)
         .map(|_| ActiveGuard::accept(&stats.listeners[1]))
         .collect();
@@ -1049,7 +1033,7 @@ async fn get_status_reports_live_counters() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.version, "mc-proxy 0.0.0-test");
+    assert_eq!(status.version, version());
     assert_eq!(status.total_connections, 7);
     assert_eq!(status.blocked_connections, 2);
     assert_eq!(status.listeners[1].addr, "127.0.0.1:8443");

@@ -44,8 +44,7 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
-    let (p1, p2) = (free_port(), free_port());
-    let (l1, l2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    let (l1, l2) = ("127.0.0.1:0".to_string(), "127.0.0.2:0".to_string());
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(
@@ -57,7 +56,8 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
             ),
         ),
     );
-    assert_eq!(who(addr(p1), "a.test", &pki).await.unwrap(), "A");
+    let (p1, p2) = (proxy.listener(&l1), proxy.listener(&l2));
+    assert_eq!(who(p1, "a.test", &pki).await.unwrap(), "A");
     let backend = a.addr.to_string();
 
     // status, human and JSON.
@@ -95,7 +95,7 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
     };
     let (code, out, err) = add(&l2, "B.test", &backend);
     assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
-    assert_eq!(who(addr(p2), "b.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(p2, "b.test", &pki).await.unwrap(), "A");
     let (code, out, _) = proxy.cli(&["routes", "list", "--json"]);
     assert_eq!(code, 0);
     let route_a = serde_json::json!(
@@ -135,7 +135,7 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
         "b.test",
     ]);
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
-    assert!(who(addr(p2), "b.test", &pki).await.is_err());
+    assert!(who(p2, "b.test", &pki).await.is_err());
 
     // Refusals: exit 1 and the server's code on one line.
     for (args, needle) in [
@@ -298,12 +298,12 @@ async fn add_route_twice_is_created_then_updated_and_routing_follows() {
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["a.test"]).await;
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l, &[])),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut client = admin_client(&proxy.admin_socket()).await;
 
     let first = client
@@ -340,12 +340,12 @@ async fn an_established_connection_survives_remove_route_and_update() {
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["a.test"]).await;
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut client = admin_client(&proxy.admin_socket()).await;
 
     let mut tls = tls_connect(addr(port), "a.test", pki.client_config())
@@ -397,12 +397,12 @@ async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() 
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
     let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let inject = |sql: &str| {
         let conn = rusqlite::Connection::open(proxy.db()).unwrap();
         conn.busy_timeout(Duration::from_secs(10)).unwrap();
@@ -499,21 +499,27 @@ fn mtls_server() -> Mtls {
     let (client_cert, client_key) = pki.leaf(&["admin-cli"]).write(d, "client");
     let (rogue_cert, rogue_key) = rogue.leaf(&["admin-cli"]).write(d, "rogue");
     let rogue_ca = rogue.write_ca(d, "rogue-ca");
-    let admin_port = free_port();
-    let listener = format!("127.0.0.1:{}", free_port());
-    let toml = format!(
-        "[database]\npath = \"{db}\"\n\n[grpc]\naddr = \"127.0.0.1:{admin_port}\"\n\
+    let listener = "127.0.0.1:0".to_string();
+    let toml = |admin: &str| {
+        format!(
+            "[database]\npath = \"{db}\"\n\n[grpc]\naddr = \"{admin}\"\n\
          tls_cert = \"{sc}\"\ntls_key = \"{sk}\"\nclient_ca = \"{ca}\"\n\
          ca_cert = \"{ca}\"\nclient_cert = \"{cc}\"\nclient_key = \"{ck}\"\n\n{listener}",
-        db = d.join("mc-proxy.db").display(),
-        sc = server_cert.display(),
-        sk = server_key.display(),
-        ca = ca.display(),
-        cc = client_cert.display(),
-        ck = client_key.display(),
-        listener = listener_toml(&listener, &[]),
-    );
-    let proxy = Proxy::start(d, &toml);
+            db = d.join("mc-proxy.db").display(),
+            sc = server_cert.display(),
+            sk = server_key.display(),
+            ca = ca.display(),
+            cc = client_cert.display(),
+            ck = client_key.display(),
+            listener = listener_toml(&listener, &[]),
+        )
+    };
+    // The server binds port 0; the CLI finds the admin API in the config,
+    // so the config then names the port it got (the server has read it).
+    let proxy = Proxy::start(d, &toml("127.0.0.1:0"));
+    let admin = proxy.admin_tcp_addr();
+    std::fs::write(&proxy.config, toml(&admin.to_string())).unwrap();
+    let admin_port = admin.port();
     Mtls {
         _dir: dir,
         proxy,
@@ -602,8 +608,7 @@ async fn no_acknowledged_add_route_is_lost_when_the_server_is_killed_mid_burst()
         tls_backend(&pki, "A", &["*.burst.test"]).await,
         tls_backend(&pki, "B", &["*.burst.test"]).await,
     ];
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let toml = admin_config(dir.path(), &listener_toml(&l, &[]));
     let proxy = Arc::new(Mutex::new(Proxy::start(dir.path(), &toml)));
     let socket = proxy.lock().unwrap().admin_socket();
@@ -661,6 +666,7 @@ async fn no_acknowledged_add_route_is_lost_when_the_server_is_killed_mid_burst()
     drop(proxy);
 
     let proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut client = admin_client(&proxy.admin_socket()).await;
     let listed: BTreeMap<String, String> = client
         .list_routes(proto::ListRoutesRequest {

@@ -6,55 +6,18 @@
 mod common;
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::TlsConnector;
+use tokio::net::TcpStream;
 
 const GEOIP: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/data/geoip/GeoLite2-Country-Test.mmdb"
 );
-
-fn config(dir: &Path, body: &str) -> String {
-    format!(
-        "[database]\npath = \"{}\"\n\n{body}",
-        dir.join("mc-proxy.db").display()
-    )
-}
-
-fn route(host: &str, backend: SocketAddr) -> String {
-    format!("  [[listeners.routes]]\n  hostname = \"{host}\"\n  backend = \"{backend}\"\n")
-}
-
-fn proxied_route(host: &str, backend: SocketAddr) -> String {
-    format!(
-        "  [[listeners.routes]]\n  hostname = \"{host}\"\n  backend = \"{backend}\"\n  send_proxy_protocol = true\n"
-    )
-}
-
-fn listener(addr: &str, routes: &[String]) -> String {
-    format!("[[listeners]]\naddr = \"{addr}\"\n{}\n", routes.concat())
-}
-
-fn proxy_protocol_listener(addr: &str, routes: &[String]) -> String {
-    format!(
-        "[[listeners]]\naddr = \"{addr}\"\nproxy_protocol = true\n{}\n",
-        routes.concat()
-    )
-}
-
-fn admin_socket(dir: &Path) -> String {
-    format!(
-        "[grpc]\naddr = \"unix:{}\"\n",
-        dir.join("admin.sock").display()
-    )
-}
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -108,19 +71,6 @@ const SAMPLE_TLVS: &[u8] = &[
     0x05, 0x00, 0x04, 1, 2, 3, 4, // PP2_TYPE_UNIQUE_ID
 ];
 
-/// Connects to `addr` from the loopback address `from` (any 127.0.0.0/8
-/// address works as a source on Linux), so that chained proxies can tell
-/// clients apart.
-async fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
-    try_connect_from(from, addr).await.unwrap()
-}
-
-async fn try_connect_from(from: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
-    socket.connect(addr).await
-}
-
 /// Writes `parts` (each its own write, or one byte per write when
 /// `byte_at_a_time`), sends FIN and returns what came back and how the read
 /// ended.
@@ -161,17 +111,14 @@ async fn received(backend: &mut RawBackend) -> Vec<u8> {
 async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &proxy_protocol_listener(
-                &format!("127.0.0.1:{port}"),
-                &[route("a.test", backend.addr)],
-            ),
+            &proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let hello = client_hello(Some("a.test"));
     let multi_record_hello = records(&hello_message(Some("a.test"), 600), 100);
     let to = local(port);
@@ -230,22 +177,22 @@ async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_
 
     // LOCAL (an upstream's health check) and UNKNOWN: the socket's peer.
     for header in [v2_header(0x0, 0x00, &[]), b"PROXY UNKNOWN\r\n".to_vec()] {
-        let mut stream = connect_from("127.0.0.3", to).await;
+        let mut stream = connect_from("127.0.0.3", to).await.unwrap();
         let (reply, _) = exchange(&mut stream, &[&header, &hello], false).await;
         assert_eq!(reply, b"pong");
         assert_eq!(received(&mut backend).await, hello);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy
-        .conn_lines()
-        .iter()
-        .filter(|l| l.contains("client=127.0.0.3:") && l.contains("outcome=relayed"))
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "{}", proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy
+        .log
+        .wait_for(Duration::from_secs(10), |text, _| {
+            let n = text
+                .lines()
+                .filter(|l| l.contains("connection closed"))
+                .filter(|l| l.contains("client=127.0.0.3:") && l.contains("outcome=relayed"))
+                .count();
+            (n >= 2).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{}", proxy.log_text()));
     assert_eq!(backend.accepted.load(Ordering::SeqCst), cases.len() + 2);
 }
 
@@ -253,20 +200,17 @@ async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_
 async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
                 "{}[firewall]\ngeoip_db = \"{GEOIP}\"\nblocked_countries = [\"GB\"]\n",
-                proxy_protocol_listener(
-                    &format!("127.0.0.1:{port}"),
-                    &[route("a.test", backend.addr)]
-                ),
+                proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let to = local(port);
     let hello = client_hello(Some("a.test"));
 
@@ -308,21 +252,18 @@ async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
 async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
     let dir = tempfile::tempdir().unwrap();
     let backend = raw_backend(b"should never be seen").await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
                 "{}{}",
-                proxy_protocol_listener(
-                    &format!("127.0.0.1:{port}"),
-                    &[route("a.test", backend.addr)]
-                ),
+                proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
                 "[proxy]\nhandshake_timeout = \"1s\"\n"
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let to = local(port);
     let hello = client_hello(Some("a.test"));
     let mut long_v1 = b"PROXY UNKNOWN ".to_vec();
@@ -388,13 +329,12 @@ async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
 async fn send_proxy_protocol_prepends_a_v2_header_with_client_and_listener_addresses() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &listener(
-                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:0",
                 &[
                     proxied_route("p.test", backend.addr),
                     route("plain.test", backend.addr),
@@ -402,9 +342,10 @@ async fn send_proxy_protocol_prepends_a_v2_header_with_client_and_listener_addre
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let to = local(port);
     let hello = client_hello(Some("p.test"));
-    let mut stream = connect_from("127.0.0.4", to).await;
+    let mut stream = connect_from("127.0.0.4", to).await.unwrap();
     let client = stream.local_addr().unwrap();
     let (reply, _) = exchange(&mut stream, &[&hello], false).await;
     assert_eq!(reply, b"pong");
@@ -436,7 +377,6 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
     let pki = Pki::new("chain CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["b.test"]).await;
-    let (edge_port, origin_port) = (free_port(), free_port());
     let origin_dir = tempfile::tempdir().unwrap();
     let origin = Proxy::start(
         origin_dir.path(),
@@ -445,12 +385,13 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
             &format!(
                 "{}[firewall]\nblocked_ips = [\"127.0.0.5\"]\n",
                 proxy_protocol_listener(
-                    &format!("127.0.0.1:{origin_port}"),
+                    "127.0.0.1:0",
                     &[route("a.test", a.addr), route("b.test", b.addr)]
                 ),
             ),
         ),
     );
+    let origin_addr = origin.listener("127.0.0.1:0");
     let edge_dir = tempfile::tempdir().unwrap();
     let edge = Proxy::start(
         edge_dir.path(),
@@ -458,14 +399,12 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
             edge_dir.path(),
             &format!(
                 "{}{}",
-                listener(
-                    &format!("127.0.0.1:{edge_port}"),
-                    &[proxied_route("a.test", local(origin_port))]
-                ),
+                listener("127.0.0.1:0", &[proxied_route("a.test", origin_addr)]),
                 admin_socket(edge_dir.path()),
             ),
         ),
     );
+    let edge_addr = edge.listener("127.0.0.1:0");
     // The second route goes in through the CLI, flag and all.
     let edge_config = edge.config.to_str().unwrap().to_string();
     let (code, stdout, stderr) = run_cli(&[
@@ -474,11 +413,11 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
         "-c",
         &edge_config,
         "--listener",
-        &format!("127.0.0.1:{edge_port}"),
+        "127.0.0.1:0",
         "--hostname",
         "B.test.",
         "--backend",
-        &local(origin_port).to_string(),
+        &origin_addr.to_string(),
         "--send-proxy-protocol",
     ]);
     assert_eq!(code, 0, "{stdout}{stderr}");
@@ -493,19 +432,14 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
         .unwrap_or_else(|| panic!("{stdout}"));
     assert_eq!(b_route["send_proxy_protocol"], true, "{stdout}");
 
-    let edge_addr = local(edge_port);
     let through_chain = |from: &'static str, sni: &'static str| {
         let config = pki.client_config();
         async move {
-            let tcp = connect_from(from, edge_addr).await;
+            let tcp = connect_from(from, edge_addr).await.unwrap();
             let port = tcp.local_addr().unwrap().port();
-            let name = ServerName::try_from(sni.to_string()).unwrap();
-            let result = tokio::time::timeout(
-                Duration::from_secs(10),
-                TlsConnector::from(config).connect(name, tcp),
-            )
-            .await
-            .expect("TLS through the chain timed out");
+            let result = tokio::time::timeout(Duration::from_secs(10), tls_over(tcp, sni, config))
+                .await
+                .expect("TLS through the chain timed out");
             let who = match result {
                 Ok(mut tls) => {
                     let line = read_line(&mut tls).await.ok();
@@ -586,8 +520,7 @@ async fn wildcards_match_one_label_below_exact_routes_via_config_admin_and_cli()
     let mut wild = raw_backend(b"wild").await;
     let mut exact = raw_backend(b"exact").await;
     let mut other = raw_backend(b"other").await;
-    let port = free_port();
-    let listener_addr = format!("127.0.0.1:{port}");
+    let listener_addr = "127.0.0.1:0".to_string();
     let mut proxy = Proxy::start(
         dir.path(),
         &config(
@@ -605,6 +538,7 @@ async fn wildcards_match_one_label_below_exact_routes_via_config_admin_and_cli()
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let to = local(port);
     for (sni, expected) in [
         ("a.w.test", Some(0)),
@@ -694,7 +628,8 @@ async fn wildcards_match_one_label_below_exact_routes_via_config_admin_and_cli()
     // The store kept the wildcard: after a restart it still routes.
     proxy.signal("TERM");
     assert!(proxy.wait_exit(Duration::from_secs(10)).is_some());
-    let _proxy = Proxy::start_existing(dir.path(), &proxy.config.clone());
+    let restarted = Proxy::start_existing(dir.path(), &proxy.config.clone());
+    let to = restarted.listener(&listener_addr);
     assert_eq!(
         routed_to(to, "y.other.test", &mut [&mut wild, &mut exact, &mut other]).await,
         Some(2)
@@ -749,43 +684,43 @@ fn check_rejects_bad_wildcards_and_bad_edge_keys_with_exit_2() {
 async fn metrics_endpoint_counts_known_traffic_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let (plain_port, pp_port, metrics_port) = (free_port(), free_port(), free_port());
-    let plain = format!("127.0.0.1:{plain_port}");
-    let pp = format!("127.0.0.1:{pp_port}");
+    let plain = "127.0.0.1:0".to_string();
+    let pp = "127.0.0.2:0".to_string();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
-                "{}{}{}[firewall]\nblocked_ips = [\"127.0.0.9\"]\nblocked_cidrs = [\"192.0.2.0/24\"]\n[metrics]\naddr = \"127.0.0.1:{metrics_port}\"\n",
+                "{}{}{}[firewall]\nblocked_ips = [\"127.0.0.9\"]\nblocked_cidrs = [\"192.0.2.0/24\"]\n{METRICS_ANY_PORT}",
                 listener(&plain, &[route("a.test", backend.addr), route("*.w.test", backend.addr)]),
                 proxy_protocol_listener(&pp, &[route("a.test", backend.addr)]),
                 admin_socket(dir.path()),
             ),
         ),
     );
+    let (plain_addr, pp_addr) = (proxy.listener(&plain), proxy.listener(&pp));
     let hello = client_hello(Some("a.test"));
 
     // Plain listener: 2 relayed, 1 no route, 1 blocked by IP.
     for _ in 0..2 {
-        let mut stream = TcpStream::connect(local(plain_port)).await.unwrap();
+        let mut stream = TcpStream::connect(plain_addr).await.unwrap();
         let (reply, _) = exchange(&mut stream, &[&hello], false).await;
         assert_eq!(reply, b"pong");
         received(&mut backend).await;
     }
-    let mut stream = TcpStream::connect(local(plain_port)).await.unwrap();
+    let mut stream = TcpStream::connect(plain_addr).await.unwrap();
     let (got, _) = exchange(&mut stream, &[&client_hello(Some("nowhere.test"))], false).await;
     assert!(got.is_empty());
     // The reset can beat connect() itself to the finish line.
-    if let Ok(mut stream) = try_connect_from("127.0.0.9", local(plain_port)).await {
+    if let Ok(mut stream) = connect_from("127.0.0.9", plain_addr).await {
         let (got, _) = exchange(&mut stream, &[&hello], false).await;
         assert!(got.is_empty());
     }
     // PROXY listener: 1 bad header, 1 blocked by CIDR (the carried address).
-    let mut stream = TcpStream::connect(local(pp_port)).await.unwrap();
+    let mut stream = TcpStream::connect(pp_addr).await.unwrap();
     let (got, _) = exchange(&mut stream, &[&hello], false).await;
     assert!(got.is_empty());
-    let mut stream = TcpStream::connect(local(pp_port)).await.unwrap();
+    let mut stream = TcpStream::connect(pp_addr).await.unwrap();
     let (got, _) = exchange(
         &mut stream,
         &[b"PROXY TCP4 192.0.2.77 127.0.0.1 1000 443\r\n", &hello],
@@ -816,7 +751,7 @@ async fn metrics_endpoint_counts_known_traffic_exactly() {
     ]);
     assert_eq!(code, 1, "{stderr}");
 
-    let metrics_addr = local(metrics_port);
+    let metrics_addr = proxy.metrics_addr();
     // The active gauge drops just after the log line; wait for it.
     let deadline = Instant::now() + Duration::from_secs(10);
     let (status, headers, body) = loop {
@@ -925,7 +860,7 @@ fn metrics_addr_in_use_exits_1_naming_metrics_addr() {
             dir.path(),
             &format!(
                 "{}[metrics]\naddr = \"{}\"\n",
-                listener(&format!("127.0.0.1:{}", free_port()), &[]),
+                listener("127.0.0.1:0", &[]),
                 taken.local_addr().unwrap()
             ),
         ),

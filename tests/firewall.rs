@@ -15,8 +15,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use ipnet::IpNet;
-use mmdb_writer::{Value, Writer};
 
 const GEOLITE2: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -29,12 +27,12 @@ fn addr(port: u16) -> SocketAddr {
 
 /// One listener routing `a.test` to `backend`, a unix admin socket, and
 /// `[firewall]` with `firewall` lines.
-fn setup(dir: &Path, port: u16, backend: SocketAddr, firewall: &str) -> String {
+fn setup(dir: &Path, backend: SocketAddr, firewall: &str) -> String {
     admin_config(
         dir,
         &format!(
             "{}[firewall]\n{firewall}\n",
-            listener_toml(&format!("127.0.0.1:{port}"), &[("a.test", backend)])
+            listener_toml("127.0.0.1:0", &[("a.test", backend)])
         ),
     )
 }
@@ -55,11 +53,11 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
-        &setup(dir.path(), port, a.addr, "blocked_ips = [\"127.0.0.2\"]"),
+        &setup(dir.path(), a.addr, "blocked_ips = [\"127.0.0.2\"]"),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
 
     assert_reset("127.0.0.2", addr(port)).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
@@ -98,16 +96,11 @@ async fn cidr_blocks_addresses_inside_it_only() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
-        &setup(
-            dir.path(),
-            port,
-            a.addr,
-            "blocked_cidrs = [\"127.0.0.0/30\"]",
-        ),
+        &setup(dir.path(), a.addr, "blocked_cidrs = [\"127.0.0.0/30\"]"),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     assert_reset("127.0.0.3", addr(port)).await;
     let line = proxy.wait_log(
         &["client=127.0.0.3:", "connection closed"],
@@ -133,17 +126,17 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(
             dir.path(),
             &format!(
                 "{}[firewall]\nblocked_ips = [\"127.0.0.2\"]\nblocked_cidrs = [\"127.0.0.0/30\", \"::1/128\"]\n",
-                listener_toml(&format!(":{port}"), &[("a.test", a.addr)])
+                listener_toml(":0", &[("a.test", a.addr)])
             ),
         ),
     );
+    let port = proxy.listener(":0").port();
     let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
     assert_reset("127.0.0.2", addr(port)).await;
     assert_reset("127.0.0.3", addr(port)).await;
@@ -165,16 +158,11 @@ async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
-        &setup(
-            dir.path(),
-            port,
-            a.addr,
-            "rate_limit = 3\nrate_window = \"2s\"",
-        ),
+        &setup(dir.path(), a.addr, "rate_limit = 3\nrate_window = \"2s\""),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let started = tokio::time::Instant::now();
     for _ in 0..3 {
         assert_eq!(
@@ -213,9 +201,9 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
-    let toml = setup(dir.path(), port, a.addr, "");
+    let toml = setup(dir.path(), a.addr, "");
     let proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     assert_eq!(
         who_from("127.0.0.7", addr(port), "a.test", &pki)
             .await
@@ -256,6 +244,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
 
     // After a restart on the same (unchanged) TOML the rules still hold.
     let proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     assert_reset("127.0.0.7", addr(port)).await;
     assert_reset("127.0.8.1", addr(port)).await;
 
@@ -273,7 +262,8 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     assert_eq!(code, 1);
     assert!(err.contains("NOT_FOUND"), "{err}");
     proxy.stop();
-    let _proxy = Proxy::start(dir.path(), &toml);
+    let proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     assert_eq!(
         who_from("127.0.0.7", addr(port), "a.test", &pki)
             .await
@@ -284,25 +274,6 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
 }
 
 // ---- GeoIP ------------------------------------------------------------------
-
-/// A GeoLite2-Country-shaped database giving each `(network, country)`.
-fn geoip_db(entries: &[(&str, &str)]) -> Vec<u8> {
-    let mut writer = Writer::new("GeoLite2-Country");
-    for (net, iso) in entries {
-        let country = Value::map([
-            ("geoname_id", Value::from(1_u32)),
-            ("iso_code", Value::from(*iso)),
-            ("names", Value::map([("en", Value::from(*iso))])),
-        ]);
-        writer
-            .insert_value(
-                net.parse::<IpNet>().unwrap(),
-                Value::map([("country", country)]),
-            )
-            .unwrap();
-    }
-    writer.to_bytes().unwrap()
-}
 
 /// Replaces `path` by rename, as geoipupdate does.
 fn replace(path: &Path, bytes: &[u8]) {
@@ -316,14 +287,12 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let mmdb = dir.path().join("GeoLite2-Country.mmdb");
     std::fs::copy(GEOLITE2, &mmdb).unwrap();
     let proxy = Proxy::start(
         dir.path(),
         &setup(
             dir.path(),
-            port,
             a.addr,
             &format!(
                 "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
@@ -331,6 +300,7 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     // A country rule added at runtime, normalised to upper case.
     let (code, _, err) = proxy.cli(&["firewall", "add", "--country", "kp"]);
     assert_eq!(code, 0, "{err}");
@@ -411,12 +381,7 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
 #[test]
 fn country_rules_without_a_geoip_file_are_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let toml = setup(
-        dir.path(),
-        free_port(),
-        addr(9),
-        "blocked_countries = [\"KP\"]",
-    );
+    let toml = setup(dir.path(), addr(9), "blocked_countries = [\"KP\"]");
     let config = dir.path().join("mc-proxy.toml");
     std::fs::write(&config, toml).unwrap();
     let config = config.display().to_string();
@@ -441,7 +406,7 @@ fn a_broken_geoip_file_at_start_is_exit_2_and_seeds_no_database() {
         "geoip_db = \"{}\"\nblocked_countries = [\"KP\"]",
         corrupt.display()
     );
-    let toml = setup(dir.path(), free_port(), addr(9), &firewall);
+    let toml = setup(dir.path(), addr(9), &firewall);
     let config = dir.path().join("mc-proxy.toml");
     std::fs::write(&config, toml).unwrap();
     let config = config.display().to_string();

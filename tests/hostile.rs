@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,10 +27,13 @@ use tonic::Code;
 
 // ---- harness ----------------------------------------------------------------
 
-/// A config with one listener on a free loopback port, the admin API on a
+/// The listener of [`Setup`]: port 0, the kernel picks (read back with
+/// `Proxy::listener`).
+const LISTENER: &str = "127.0.0.1:0";
+
+/// A config with one listener on an ephemeral loopback port, the admin API on a
 /// unix socket in `dir`, and `extra` appended (routes, [proxy], [firewall]).
 struct Setup {
-    listen: SocketAddr,
     socket: PathBuf,
     db: PathBuf,
 }
@@ -38,7 +41,6 @@ struct Setup {
 impl Setup {
     fn new(dir: &Path) -> Setup {
         Setup {
-            listen: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), free_port()),
             socket: dir.join("admin.sock"),
             db: dir.join("db").join("mc-proxy.db"),
         }
@@ -49,7 +51,7 @@ impl Setup {
             "[database]\npath = \"{}\"\n[grpc]\naddr = \"unix:{}\"\n[[listeners]]\naddr = \"{}\"\n",
             self.db.display(),
             self.socket.display(),
-            self.listen
+            LISTENER
         );
         for (host, backend) in routes {
             toml.push_str(&format!(
@@ -177,11 +179,12 @@ async fn at_the_fd_limit_the_accept_loop_backs_off_and_serves_again_when_freed()
         "[proxy]\nhandshake_timeout = \"60s\"\n",
     );
     let mut proxy = Proxy::start(dir.path(), &toml);
+    let listen = proxy.listener(LISTENER);
     let pid = proxy.pid();
-    assert_eq!(who(setup.listen, "ok.test", &pki).await.unwrap(), "B");
+    assert_eq!(who(listen, "ok.test", &pki).await.unwrap(), "B");
     set_nofile(pid, 256);
 
-    let held = hold_connections(setup.listen, 1000).await;
+    let held = hold_connections(listen, 1000).await;
     assert!(held.len() >= 990, "only {} of 1000 connected", held.len());
     // Wait until the proxy is at the limit: it logs the failed accept.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -212,7 +215,7 @@ async fn at_the_fd_limit_the_accept_loop_backs_off_and_serves_again_when_freed()
     drop(held);
     let started = Instant::now();
     let served = loop {
-        match who(setup.listen, "ok.test", &pki).await {
+        match who(listen, "ok.test", &pki).await {
             Ok(name) => break name,
             Err(e) if started.elapsed() < Duration::from_secs(30) => {
                 eprintln!("not served yet: {e}");
@@ -244,11 +247,12 @@ async fn admin_unix_accept_loop_backs_off_at_the_fd_limit() {
         dir.path(),
         &setup.toml(&[], "[proxy]\nhandshake_timeout = \"60s\"\n"),
     );
+    let listen = proxy.listener(LISTENER);
     let pid = proxy.pid();
     set_nofile(pid, 128);
     // Use up the descriptors with proxy clients, then knock on the admin
     // socket: its accept fails with EMFILE while the client waits queued.
-    let held = hold_connections(setup.listen, 300).await;
+    let held = hold_connections(listen, 300).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !proxy.log_text().contains("accept failed; backing off") {
         assert!(
@@ -327,9 +331,9 @@ async fn connect_reset_flood_and_stalled_hellos_leave_a_good_client_served_withi
             "[proxy]\nhandshake_timeout = \"60s\"\n",
         ),
     );
+    let listen = proxy.listener(LISTENER);
     // Room for the 2,000 stalls (the packaged systemd unit allows 65536).
     raise_nofile(proxy.pid(), 8192);
-    let listen = setup.listen;
 
     // 2,000 stalls: a record header and half a hello, then nothing.
     let partial = client_hello(Some("ok.test"));
@@ -434,6 +438,7 @@ async fn backend_reset_mid_stream_resets_the_client_and_counts_the_bytes() {
     });
     let setup = Setup::new(dir.path());
     let proxy = Proxy::start(dir.path(), &setup.toml(&[("reset.test", backend_addr)], ""));
+    let listen = proxy.listener(LISTENER);
     let mut admin = setup.admin().await;
     let total_before = admin
         .get_status(proto::GetStatusRequest {})
@@ -442,7 +447,7 @@ async fn backend_reset_mid_stream_resets_the_client_and_counts_the_bytes() {
         .into_inner()
         .total_connections;
 
-    let mut client = TcpStream::connect(setup.listen).await.unwrap();
+    let mut client = TcpStream::connect(listen).await.unwrap();
     client.write_all(&hello).await.unwrap();
     let (bytes, end) = read_all(&mut client, Duration::from_secs(10)).await;
     assert_eq!(
@@ -495,10 +500,11 @@ async fn backend_that_never_reads_stalls_the_client_and_rss_stays_flat() {
     });
     let setup = Setup::new(dir.path());
     let proxy = Proxy::start(dir.path(), &setup.toml(&[("sink.test", backend_addr)], ""));
+    let listen = proxy.listener(LISTENER);
     let pid = proxy.pid();
     let rss_before = proc_rss_kib(pid);
 
-    let mut client = TcpStream::connect(setup.listen).await.unwrap();
+    let mut client = TcpStream::connect(listen).await.unwrap();
     client
         .write_all(&client_hello(Some("sink.test")))
         .await
@@ -606,8 +612,9 @@ async fn db_directory_made_read_only_fails_admin_writes_with_internal_then_recov
     let pki = Pki::new("ro CA");
     let backend = tls_backend(&pki, "B", &["ok.test", "before.test", "later.test"]).await;
     let setup = Setup::new(dir.path());
-    let listener = setup.listen.to_string();
+    let listener = LISTENER.to_string();
     let mut proxy = Proxy::start(dir.path(), &setup.toml(&[("ok.test", backend.addr)], ""));
+    let listen = proxy.listener(LISTENER);
     let mut admin = setup.admin().await;
     admin
         .add_route(add(&listener, "before.test", &backend.addr.to_string()))
@@ -656,9 +663,9 @@ async fn db_directory_made_read_only_fails_admin_writes_with_internal_then_recov
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     // Traffic keeps flowing on the routes in memory; the failed change is
     // not half-applied.
-    assert_eq!(who(setup.listen, "ok.test", &pki).await.unwrap(), "B");
-    assert_eq!(who(setup.listen, "before.test", &pki).await.unwrap(), "B");
-    assert!(who(setup.listen, "later.test", &pki).await.is_err());
+    assert_eq!(who(listen, "ok.test", &pki).await.unwrap(), "B");
+    assert_eq!(who(listen, "before.test", &pki).await.unwrap(), "B");
+    assert!(who(listen, "later.test", &pki).await.is_err());
     let listed = list_routes(&mut admin).await;
     assert!(listed.iter().any(|r| r.1 == "before.test"));
     assert!(!listed.iter().any(|r| r.1 == "later.test"));
@@ -668,7 +675,7 @@ async fn db_directory_made_read_only_fails_admin_writes_with_internal_then_recov
         .add_route(add(&listener, "later.test", &backend.addr.to_string()))
         .await
         .expect("admin writes work again once the directory is writable");
-    assert_eq!(who(setup.listen, "later.test", &pki).await.unwrap(), "B");
+    assert_eq!(who(listen, "later.test", &pki).await.unwrap(), "B");
     let on_disk = setup.db_routes();
     assert!(on_disk.contains(&(
         listener.clone(),
@@ -703,11 +710,11 @@ async fn geoip_file_deleted_at_runtime_keeps_the_old_data_and_logs_an_error() {
             ),
         ),
     );
+    let listen = proxy.listener(LISTENER);
     let blocked: IpAddr = "127.0.0.2".parse().unwrap();
     let allowed: IpAddr = "127.0.0.3".parse().unwrap();
 
     let check = |label: &'static str| {
-        let listen = setup.listen;
         let config = pki.client_config();
         async move {
             let (_, end) = hello_from(blocked, listen, "ok.test").await;
@@ -748,7 +755,7 @@ async fn oversized_admin_message_is_refused_by_the_decoder() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path());
     let mut proxy = Proxy::start(dir.path(), &setup.toml(&[], ""));
-    let listener = setup.listen.to_string();
+    let listener = LISTENER.to_string();
     let mut admin = setup.admin().await.max_encoding_message_size(usize::MAX);
     let huge = format!("{}.test", "a".repeat(2 * 1024 * 1024));
     let err = admin
@@ -779,7 +786,7 @@ async fn thousand_concurrent_add_routes_are_all_acknowledged_and_in_the_db() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path());
     let _proxy = Proxy::start(dir.path(), &setup.toml(&[], ""));
-    let listener = setup.listen.to_string();
+    let listener = LISTENER.to_string();
     let mut clients = Vec::new();
     for _ in 0..8 {
         clients.push(setup.admin().await);
@@ -825,7 +832,7 @@ async fn garbage_on_the_admin_socket_does_not_hurt_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let setup = Setup::new(dir.path());
     let mut proxy = Proxy::start(dir.path(), &setup.toml(&[], ""));
-    let listener = setup.listen.to_string();
+    let listener = LISTENER.to_string();
 
     let mut noise: u64 = 0x2545_f491_4f6c_dd1d;
     let mut random = vec![0u8; 64 * 1024];

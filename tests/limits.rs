@@ -20,13 +20,6 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn config(dir: &std::path::Path, body: &str) -> String {
-    format!(
-        "[database]\npath = \"{}\"\n\n{body}",
-        dir.join("mc-proxy.db").display()
-    )
-}
-
 /// A TLS session through the proxy on `tcp` (after whatever was already
 /// written on it), up to the backend's name line; the session stays open.
 async fn relayed_on(tcp: TcpStream, pki: &Pki) -> std::io::Result<TlsStream<TcpStream>> {
@@ -80,26 +73,25 @@ async fn per_ip_limit_refuses_the_fourth_open_connection_across_listeners() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("limits CA");
     let backend = tls_backend(&pki, "B", &["ok.test"]).await;
-    let (a_port, b_port, pp_port, metrics_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let (a, b, pp) = (local(a_port), local(b_port), local(pp_port));
-    let route = format!(
-        "  [[listeners.routes]]\n  hostname = \"ok.test\"\n  backend = \"{}\"\n",
-        backend.addr
-    );
+    let route = [route("ok.test", backend.addr)];
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
-                "[[listeners]]\naddr = \"{a}\"\n{route}\n\
-                 [[listeners]]\naddr = \"{b}\"\n{route}\n\
-                 [[listeners]]\naddr = \"{pp}\"\nproxy_protocol = true\n{route}\n\
-                 [firewall]\nmax_connections_per_ip = 3\n\
-                 [metrics]\naddr = \"127.0.0.1:{metrics_port}\"\n"
+                "{}{}{}[firewall]\nmax_connections_per_ip = 3\n{METRICS_ANY_PORT}",
+                listener("127.0.0.1:0", &route),
+                listener("127.0.0.2:0", &route),
+                proxy_protocol_listener("127.0.0.3:0", &route),
             ),
         ),
     );
+    let (a, b, pp) = (
+        proxy.listener("127.0.0.1:0"),
+        proxy.listener("127.0.0.2:0"),
+        proxy.listener("127.0.0.3:0"),
+    );
+    let metrics_port = proxy.metrics_addr().port();
 
     // Three open from 127.0.0.2: two on listener A, one on listener B.
     let mut held = vec![
@@ -152,7 +144,12 @@ async fn per_ip_limit_refuses_the_fourth_open_connection_across_listeners() {
     );
 
     let metrics = local(metrics_port);
-    for (listener, blocked) in [(a, 2.0), (b, 1.0), (pp, 1.0)] {
+    // Labelled with the listener as written in the config.
+    for (listener, blocked) in [
+        ("127.0.0.1:0", 2.0),
+        ("127.0.0.2:0", 1.0),
+        ("127.0.0.3:0", 1.0),
+    ] {
         assert_eq!(
             metric(
                 metrics,
@@ -203,21 +200,20 @@ async fn at_max_connections_the_accept_loop_waits_instead_of_running_out_of_desc
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("cap CA");
     let backend = tls_backend(&pki, "B", &["ok.test"]).await;
-    let (port, metrics_port) = (free_port(), free_port());
-    let addr = local(port);
     let proxy = Proxy::start_with_nofile(
         dir.path(),
         &config(
             dir.path(),
             &format!(
-                "[[listeners]]\naddr = \"{addr}\"\n  [[listeners.routes]]\n  hostname = \"ok.test\"\n  backend = \"{}\"\n\n\
-                 [proxy]\nhandshake_timeout = \"60s\"\n\
-                 [metrics]\naddr = \"127.0.0.1:{metrics_port}\"\n",
-                backend.addr
+                "{}{}{METRICS_ANY_PORT}",
+                listener("127.0.0.1:0", &[route("ok.test", backend.addr)]),
+                proxy_section("handshake_timeout = \"60s\""),
             ),
         ),
         128,
     );
+    let addr = proxy.listener("127.0.0.1:0");
+    let metrics_port = proxy.metrics_addr().port();
     assert_eq!(nofile_limits(proxy.pid()), (128, 128));
     assert_eq!(start_field(&proxy, "fd_limit"), 128);
     let cap = start_field(&proxy, "max_connections") as usize;

@@ -24,16 +24,14 @@ async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_l
     let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
     let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
     let c = tls_backend(&pki, "C", &["c.test"]).await;
-    let (p1, p2) = (free_port(), free_port());
-    let l1 = format!("127.0.0.1:{p1}");
-    let l2 = format!("127.0.0.1:{p2}");
+    let (l1, l2) = ("127.0.0.1:0".to_string(), "127.0.0.2:0".to_string());
 
     // First run: the TOML seeds the DB.
     let first = Proxy::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l1, &[("a.test", a.addr)])),
     );
-    assert_eq!(who(addr(p1), "a.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(first.listener(&l1), "a.test", &pki).await.unwrap(), "A");
     first.wait_log(&["seeded the database from the config"], Duration::ZERO);
     first.stop();
 
@@ -49,8 +47,11 @@ async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_l
     );
     let second = Proxy::start(dir.path(), &edited);
     // The DB wins for the listener it knows...
-    assert_eq!(who(addr(p1), "a.test", &pki).await.unwrap(), "A");
-    assert!(who(addr(p1), "b.test", &pki).await.is_err());
+    assert_eq!(
+        who(second.listener(&l1), "a.test", &pki).await.unwrap(),
+        "A"
+    );
+    assert!(who(second.listener(&l1), "b.test", &pki).await.is_err());
     second.wait_log(&["sni=b.test", "outcome=no_route"], Duration::from_secs(5));
     assert_eq!(b.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     // ...and says so at info.
@@ -70,7 +71,10 @@ async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_l
         &["listener in the config but not in the database", &l2],
         Duration::ZERO,
     );
-    assert_eq!(who(addr(p2), "c.test", &pki).await.unwrap(), "C");
+    assert_eq!(
+        who(second.listener(&l2), "c.test", &pki).await.unwrap(),
+        "C"
+    );
     let mut expected = vec![
         (l1.clone(), "a.test".to_string(), a.addr.to_string()),
         (l2.clone(), "c.test".to_string(), c.addr.to_string()),
@@ -81,8 +85,8 @@ async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_l
 
     // A third start: the same again, nothing reseeded or duplicated.
     let third = Proxy::start(dir.path(), &edited);
-    assert_eq!(who(addr(p1), "a.test", &pki).await.unwrap(), "A");
-    assert_eq!(who(addr(p2), "c.test", &pki).await.unwrap(), "C");
+    assert_eq!(who(third.listener(&l1), "a.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(third.listener(&l2), "c.test", &pki).await.unwrap(), "C");
     assert_eq!(db_routes(&third.db()).len(), 2);
     assert_eq!(third.count_log("seeded the database"), 0);
 }
@@ -92,10 +96,10 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["new.test"]).await;
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let toml = admin_config(dir.path(), &listener_toml(&l, &[]));
     let mut proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     assert!(who(addr(port), "new.test", &pki).await.is_err());
 
     let backend = a.addr.to_string();
@@ -123,6 +127,7 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
     proxy.child.wait().unwrap();
     drop(proxy);
     let proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     assert_eq!(who(addr(port), "new.test", &pki).await.unwrap(), "A");
     let (code, out, _) = proxy.cli(&["routes", "list", "--json"]);
     assert_eq!(code, 0);
@@ -142,7 +147,8 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
     assert!(db_routes(&proxy.db()).is_empty());
     proxy.stop();
-    let _proxy = Proxy::start(dir.path(), &toml);
+    let proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     assert!(who(addr(port), "new.test", &pki).await.is_err());
 }
 
@@ -152,12 +158,12 @@ async fn mixed_case_and_trailing_dot_hostnames_are_one_route() {
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.example.net"]).await;
     let b = tls_backend(&pki, "B", &["a.example.net"]).await;
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l, &[])),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let add = |host: &str, backend: SocketAddr| {
         proxy.cli(&[
             "routes",
@@ -206,8 +212,7 @@ fn integrity(path: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_of_a_running_server_under_write_load_is_whole_and_private() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let l = format!("127.0.0.1:{port}");
+    let l = "127.0.0.1:0".to_string();
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l, &[("seed.test", addr(9))])),

@@ -13,25 +13,6 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn config(dir: &std::path::Path, body: &str) -> String {
-    format!(
-        "[database]\npath = \"{}\"\n\n{body}",
-        dir.join("mc-proxy.db").display()
-    )
-}
-
-fn route(host: &str, backend: SocketAddr) -> String {
-    format!("  [[listeners.routes]]\n  hostname = \"{host}\"\n  backend = \"{backend}\"\n")
-}
-
-fn listener(addr: &str, routes: &[String]) -> String {
-    format!("[[listeners]]\naddr = \"{addr}\"\n{}\n", routes.concat())
-}
-
-fn proxy_section(lines: &str) -> String {
-    format!("[proxy]\n{lines}\n")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hostnames_over_two_listeners_reach_their_backends() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,24 +20,23 @@ async fn three_hostnames_over_two_listeners_reach_their_backends() {
     let a = tls_backend(&pki, "A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["b.test"]).await;
     let c = tls_backend(&pki, "C", &["c.test"]).await;
-    let (p1, p2) = (free_port(), free_port());
     let toml = config(
         dir.path(),
         &format!(
             "{}{}",
             listener(
-                &format!("127.0.0.1:{p1}"),
+                "127.0.0.1:0",
                 &[route("a.test", a.addr), route("b.test", b.addr)]
             ),
             listener(
-                &format!("127.0.0.1:{p2}"),
+                "127.0.0.2:0",
                 &[route("c.test", c.addr), route("a.test", b.addr)]
             ),
         ),
     );
     let proxy = Proxy::start(dir.path(), &toml);
-    let l1: SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
-    let l2: SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    let l1 = proxy.listener("127.0.0.1:0");
+    let l2 = proxy.listener("127.0.0.2:0");
     assert_eq!(who(l1, "a.test", &pki).await.unwrap(), "A");
     assert_eq!(who(l1, "b.test", &pki).await.unwrap(), "B");
     assert_eq!(who(l2, "c.test", &pki).await.unwrap(), "C");
@@ -86,14 +66,14 @@ async fn echo_through_tls_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let _proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(&format!("127.0.0.1:{port}"), &[route("a.test", a.addr)]),
+            &listener("127.0.0.1:0", &[route("a.test", a.addr)]),
         ),
     );
+    let port = _proxy.listener("127.0.0.1:0").port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut tls = tls_connect(addr, "a.test", pki.client_config())
         .await
@@ -107,17 +87,14 @@ async fn echo_through_tls_end_to_end() {
 async fn sni_case_and_trailing_dot_are_normalised_and_bytes_pass_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"").await;
-    let port = free_port();
     let _proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(
-                &format!("127.0.0.1:{port}"),
-                &[route("a.test", backend.addr)],
-            ),
+            &listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
         ),
     );
+    let port = _proxy.listener("127.0.0.1:0").port();
     for sni in ["a.test", "A.TEST", "a.test.", "A.Test."] {
         let mut sent = client_hello(Some(sni));
         sent.extend_from_slice(b"\x17\x03\x03\x00\x05hello-after-the-hello");
@@ -136,17 +113,14 @@ async fn sni_case_and_trailing_dot_are_normalised_and_bytes_pass_unchanged() {
 async fn unknown_sni_missing_sni_and_non_tls_get_zero_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let backend = raw_backend(b"should never be seen").await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(
-                &format!("127.0.0.1:{port}"),
-                &[route("a.test", backend.addr)],
-            ),
+            &listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("no_route", client_hello(Some("unknown.test"))),
         ("no_route", client_hello(None)),
@@ -168,14 +142,8 @@ async fn unknown_sni_missing_sni_and_non_tls_get_zero_bytes() {
         );
         // The client may see the close before the server has written the
         // connection's log line: wait for this connection's own line.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let lines = loop {
-            let lines = proxy.conn_lines();
-            if lines.len() > i || std::time::Instant::now() > deadline {
-                break lines;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        proxy.wait_count("connection closed", i + 1, Duration::from_secs(5));
+        let lines = proxy.conn_lines();
         assert_eq!(lines.len(), i + 1, "log lines so far: {lines:?}");
         assert!(
             lines[i].contains(&format!("outcome={outcome}")),
@@ -191,17 +159,14 @@ async fn unknown_sni_missing_sni_and_non_tls_get_zero_bytes() {
 async fn hello_one_byte_at_a_time_over_two_records_and_9k_all_routed() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"").await;
-    let port = free_port();
     let _proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(
-                &format!("127.0.0.1:{port}"),
-                &[route("a.test", backend.addr)],
-            ),
+            &listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
         ),
     );
+    let port = _proxy.listener("127.0.0.1:0").port();
     let one_record = client_hello(Some("a.test"));
     let two_records = {
         let message = hello_message(Some("a.test"), 300);
@@ -247,7 +212,6 @@ async fn hello_one_byte_at_a_time_over_two_records_and_9k_all_routed() {
 async fn captured_real_hellos_are_routed_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"").await;
-    let port = free_port();
     let fixtures = [
         ("chromium-156-pq.bin", "chrome.test"),
         ("curl-7.88.bin", "curl.test"),
@@ -262,8 +226,9 @@ async fn captured_real_hellos_are_routed_unchanged() {
         .collect();
     let _proxy = Proxy::start(
         dir.path(),
-        &config(dir.path(), &listener(&format!("127.0.0.1:{port}"), &routes)),
+        &config(dir.path(), &listener("127.0.0.1:0", &routes)),
     );
+    let port = _proxy.listener("127.0.0.1:0").port();
     for (file, _) in fixtures {
         let bytes = std::fs::read(format!("tests/data/hellos/{file}")).unwrap();
         // Whole, and in two halves.
@@ -311,14 +276,14 @@ async fn raw_echo_backend() -> SocketAddr {
 async fn sixty_four_mib_each_way_arrive_intact() {
     let dir = tempfile::tempdir().unwrap();
     let backend = raw_echo_backend().await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(&format!("127.0.0.1:{port}"), &[route("bulk.test", backend)]),
+            &listener("127.0.0.1:0", &[route("bulk.test", backend)]),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     const TOTAL: usize = 64 * 1024 * 1024;
     let client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (mut reader, mut writer) = client.into_split();
@@ -373,17 +338,14 @@ async fn sixty_four_mib_each_way_arrive_intact() {
 async fn half_close_passes_fin_and_the_other_direction_keeps_flowing() {
     let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"reply after your FIN").await;
-    let port = free_port();
     let _proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(
-                &format!("127.0.0.1:{port}"),
-                &[route("a.test", backend.addr)],
-            ),
+            &listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
         ),
     );
+    let port = _proxy.listener("127.0.0.1:0").port();
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut sent = client_hello(Some("a.test"));
     sent.extend_from_slice(b"request body");
@@ -400,18 +362,18 @@ async fn half_close_passes_fin_and_the_other_direction_keeps_flowing() {
 async fn idle_connections_are_closed_after_idle_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let backend = raw_echo_backend().await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
                 "{}{}",
-                listener(&format!("127.0.0.1:{port}"), &[route("a.test", backend)]),
+                listener("127.0.0.1:0", &[route("a.test", backend)]),
                 proxy_section("idle_timeout = \"1s\"")
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client
         .write_all(&client_hello(Some("a.test")))
@@ -441,21 +403,21 @@ async fn idle_connections_are_closed_after_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_refusing_closes_the_client_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let dead = free_port();
-    let port = free_port();
+    // Nothing listens on port 1.
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &listener(
-                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:0",
                 &[route(
                     "a.test",
-                    format!("127.0.0.1:{dead}").parse().unwrap(),
+                    "127.0.0.1:1".parse::<SocketAddr>().unwrap(),
                 )],
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client
         .write_all(&client_hello(Some("a.test")))
@@ -483,18 +445,18 @@ async fn backend_not_answering_closes_the_client_within_connect_timeout() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
                 "{}{}",
-                listener(&format!("127.0.0.1:{port}"), &[route("a.test", hole)]),
+                listener("127.0.0.1:0", &[route("a.test", hole)]),
                 proxy_section("connect_timeout = \"1s\"")
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let started = Instant::now();
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client
@@ -518,18 +480,18 @@ async fn slowloris_does_not_delay_a_good_client_and_is_closed_after_handshake_ti
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
                 "{}{}",
-                listener(&format!("127.0.0.1:{port}"), &[route("a.test", a.addr)]),
+                listener("127.0.0.1:0", &[route("a.test", a.addr)]),
                 proxy_section("handshake_timeout = \"2s\"")
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let hello = client_hello(Some("a.test"));
     let mut stalled = Vec::new();
     for _ in 0..300 {
@@ -583,14 +545,11 @@ async fn listener_on_ipv6_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let _proxy = Proxy::start(
         dir.path(),
-        &config(
-            dir.path(),
-            &listener(&format!("[::1]:{port}"), &[route("a.test", a.addr)]),
-        ),
+        &config(dir.path(), &listener("[::1]:0", &[route("a.test", a.addr)])),
     );
+    let port = _proxy.listener("[::1]:0").port();
     assert_eq!(
         who(format!("[::1]:{port}").parse().unwrap(), "a.test", &pki)
             .await
@@ -604,14 +563,11 @@ async fn dual_stack_listener_accepts_ipv4_and_ipv6() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let proxy = Proxy::start(
         dir.path(),
-        &config(
-            dir.path(),
-            &listener(&format!(":{port}"), &[route("a.test", a.addr)]),
-        ),
+        &config(dir.path(), &listener(":0", &[route("a.test", a.addr)])),
     );
+    let port = proxy.listener(":0").port();
     assert_eq!(
         who(format!("127.0.0.1:{port}").parse().unwrap(), "a.test", &pki)
             .await
@@ -636,17 +592,14 @@ async fn openssl_s_client_reaches_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["openssl.test"]).await;
-    let port = free_port();
     let _proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
-            &listener(
-                &format!("127.0.0.1:{port}"),
-                &[route("openssl.test", a.addr)],
-            ),
+            &listener("127.0.0.1:0", &[route("openssl.test", a.addr)]),
         ),
     );
+    let port = _proxy.listener("127.0.0.1:0").port();
     let ca = pki.write_ca(dir.path(), "ca");
     let output = tokio::task::spawn_blocking(move || {
         let mut child = std::process::Command::new("openssl")
@@ -687,18 +640,18 @@ fn sigterm_drains_established_connections_then_forces_and_exits_zero() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let backend = runtime.block_on(raw_echo_backend());
-    let port = free_port();
     let mut proxy = Proxy::start(
         dir.path(),
         &config(
             dir.path(),
             &format!(
                 "{}{}",
-                listener(&format!("127.0.0.1:{port}"), &[route("a.test", backend)]),
+                listener("127.0.0.1:0", &[route("a.test", backend)]),
                 proxy_section("shutdown_timeout = \"2s\"")
             ),
         ),
     );
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut early = StdStream::connect(("127.0.0.1", port)).unwrap();
     early.write_all(&client_hello(Some("a.test"))).unwrap();
     early.write_all(b"1").unwrap();
@@ -748,11 +701,10 @@ fn sigterm_drains_established_connections_then_forces_and_exits_zero() {
 #[test]
 fn sigterm_with_no_connections_exits_at_once_and_second_signal_forces() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let toml = config(
         dir.path(),
         &listener(
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             &[route("a.test", "127.0.0.1:9".parse().unwrap())],
         ),
     );
@@ -774,18 +726,19 @@ fn sigterm_with_no_connections_exits_at_once_and_second_signal_forces() {
         dir.path(),
         &format!(
             "{}{}",
-            listener(&format!("127.0.0.1:{port}"), &[route("a.test", backend)]),
+            listener("127.0.0.1:0", &[route("a.test", backend)]),
             proxy_section("shutdown_timeout = \"60s\"")
         ),
     );
     let mut proxy = Proxy::start(dir.path(), &toml);
+    let port = proxy.listener("127.0.0.1:0").port();
     let mut open = StdStream::connect(("127.0.0.1", port)).unwrap();
     open.write_all(&client_hello(Some("a.test"))).unwrap();
     open.write_all(b"x").unwrap();
     let mut one = [0u8; 1];
     open.read_exact(&mut one).unwrap();
     proxy.signal("TERM");
-    std::thread::sleep(Duration::from_millis(300));
+    proxy.wait_log(&["shutting down"], Duration::from_secs(10));
     assert!(proxy.wait_exit(Duration::from_millis(200)).is_none());
     let second = Instant::now();
     proxy.signal("TERM");
@@ -804,7 +757,6 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let backend = runtime.block_on(raw_echo_backend());
-    let port = free_port();
     let config_path = dir.path().join("mc-proxy.toml");
     std::fs::write(
         &config_path,
@@ -812,28 +764,35 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
             dir.path(),
             &format!(
                 "{}[proxy]\nmax_connections = 1000\n",
-                listener(&format!("127.0.0.1:{port}"), &[route("a.test", backend)])
+                listener("127.0.0.1:0", &[route("a.test", backend)])
             ),
         ),
     )
     .unwrap();
-    let log = dir.path().join("proxy.log");
     let mut child = std::process::Command::new("prlimit")
         .args(["--nofile=64:64", "--"])
         .arg(BIN)
         .args(["server", "-c"])
         .arg(&config_path)
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("mc-proxy started")
-    {
-        assert!(Instant::now() < deadline, "did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let log = Log::read(child.stderr.take().unwrap());
+    let line = log
+        .wait_for(Duration::from_secs(20), |text, _| {
+            text.lines()
+                .find(|l| l.contains(" listening "))
+                .map(str::to_string)
+        })
+        .expect("did not start");
+    let port = log_field(&line, "addr")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .unwrap()
+        .port();
+    log.wait_for(Duration::from_secs(20), |text, _| {
+        text.contains("mc-proxy started").then_some(())
+    })
+    .expect("did not start");
     // Hold far more connections than the proxy has descriptors.
     let mut held = Vec::new();
     for _ in 0..150 {
@@ -841,9 +800,11 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
             held.push(s);
         }
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(text.contains("accept failed; backing off"), "{text}");
+    let backed_off = log.wait_for(Duration::from_secs(10), |text, _| {
+        text.contains("accept failed; backing off").then_some(())
+    });
+    let text = log.text();
+    assert!(backed_off.is_some(), "{text}");
     assert!(child.try_wait().unwrap().is_none(), "proxy died:\n{text}");
     // Free the descriptors: a new client is served again.
     drop(held);
@@ -865,11 +826,7 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
     });
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        served,
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert!(served, "{}", log.text());
 }
 
 #[test]
@@ -944,10 +901,9 @@ async fn worker_threads_follow_the_environment_or_the_cpu_count() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let port = free_port();
     let toml = config(
         dir.path(),
-        &listener(&format!("127.0.0.1:{port}"), &[route("a.test", a.addr)]),
+        &listener("127.0.0.1:0", &[route("a.test", a.addr)]),
     );
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let default = if cpus <= 2 { 1 } else { cpus };
@@ -961,7 +917,7 @@ async fn worker_threads_follow_the_environment_or_the_cpu_count() {
             log.contains(&format!("workers={workers}")),
             "{env:?}: {log}"
         );
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr = proxy.listener("127.0.0.1:0");
         let clients = (0..16).map(|i| {
             let client_config = pki.client_config();
             tokio::spawn(async move {
@@ -986,14 +942,7 @@ async fn worker_threads_follow_the_environment_or_the_cpu_count() {
 fn a_bad_worker_count_is_exit_2_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
-    std::fs::write(
-        &path,
-        config(
-            dir.path(),
-            &listener(&format!("127.0.0.1:{}", free_port()), &[]),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, config(dir.path(), &listener("127.0.0.1:0", &[]))).unwrap();
     for bad in ["0", "many", "-2"] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_mc-proxy"))
             .args(["server", "-c", path.to_str().unwrap()])

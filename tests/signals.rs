@@ -5,35 +5,16 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Polls `addr` in a tight loop until it accepts a connection; panics if
-/// the process exits first or nothing listens within 20 s.
-fn wait_bound(child: &mut Child, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(stream) = std::net::TcpStream::connect(addr) {
-            // A connect to a loopback port nobody listens on can, in
-            // principle, pick that very port as its source and connect to
-            // itself (TCP simultaneous open). That is not the proxy.
-            if stream.local_addr().ok() != Some(addr) {
-                return;
-            }
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("mc-proxy exited with {status} before binding {addr}");
-        }
-        assert!(Instant::now() < deadline, "{addr} never bound");
-    }
-}
 
 /// Sends a ClientHello for `sni` and `payload` through the proxy, half
 /// closes, and returns what came back (the raw backend replies after EOF).
@@ -50,6 +31,28 @@ async fn relay_once(proxy: SocketAddr, sni: &str, payload: &[u8]) -> std::io::Re
     tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "relay_once"))?
+}
+
+/// Reads a server's stderr up to its start line; returns the bound listener
+/// and metrics addresses from the `listening` lines before it.
+fn bound_addrs_until_started(stderr: &mut impl BufRead) -> (SocketAddr, SocketAddr) {
+    let (mut listener, mut metrics) = (None, None);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "mc-proxy exited before it started"
+        );
+        let addr = log_field(&line, "addr").and_then(|a| a.parse().ok());
+        if line.contains(" listening ") && line.contains(" listener=") {
+            listener = addr;
+        } else if line.contains("metrics endpoint listening") {
+            metrics = addr;
+        } else if line.contains("mc-proxy started") {
+            return (listener.unwrap(), metrics.unwrap());
+        }
+    }
 }
 
 fn describe(status: Option<ExitStatus>) -> String {
@@ -72,14 +75,14 @@ fn start_and_signal_when_bound(
     routes: &[(&str, SocketAddr)],
     signal: &str,
 ) -> (Proxy, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let toml = format!(
         "[database]\npath = \"{}\"\n\n{}",
         dir.join(format!("{name}.db")).display(),
-        listener_toml(&addr.to_string(), routes)
+        listener_toml("127.0.0.1:0", routes)
     );
-    let mut proxy = Proxy::launch(dir, name, &toml);
-    wait_bound(&mut proxy.child, addr);
+    let proxy = Proxy::launch(dir, name, &toml);
+    // Its `listening` line: logged the moment the port is bound.
+    let addr = proxy.listener("127.0.0.1:0");
     proxy.signal(signal);
     (proxy, addr)
 }
@@ -181,20 +184,20 @@ fn second_signal_exits_with(signal: &str, code: i32) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let backend = runtime.block_on(raw_backend(b"pong"));
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let toml = admin_config(
         dir.path(),
         &format!(
-            "{}[proxy]\nshutdown_timeout = \"60s\"\n",
-            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+            "{}{}",
+            listener_toml("127.0.0.1:0", &[("a.test", backend.addr)]),
+            proxy_section("shutdown_timeout = \"60s\"")
         ),
     );
     let mut proxy = Proxy::start(dir.path(), &toml);
+    let addr = proxy.listener("127.0.0.1:0");
 
     // Acknowledged changes: one through the CLI, more through the API
     // while the signals arrive.
-    let listener = addr.to_string();
+    let listener = "127.0.0.1:0".to_string();
     let (status, _, stderr) = proxy.cli(&[
         "routes",
         "add",
@@ -325,15 +328,15 @@ fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut backend = runtime.block_on(raw_backend(b"pong"));
     let dir = tempfile::tempdir().unwrap();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = dir.path().join("mc-proxy.toml");
     std::fs::write(
         &config,
-        format!(
-            "[database]\npath = \"{}\"\n\n{}[metrics]\naddr = \"{metrics}\"\n\n[log]\nlevel = \"info\"\n",
-            dir.path().join("mc-proxy.db").display(),
-            listener_toml(&addr.to_string(), &[("a.test", backend.addr)])
+        self::config(
+            dir.path(),
+            &format!(
+                "{}{METRICS_ANY_PORT}\n[log]\nlevel = \"info\"\n",
+                listener_toml("127.0.0.1:0", &[("a.test", backend.addr)])
+            ),
         ),
     )
     .unwrap();
@@ -347,9 +350,10 @@ fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Held open and never read.
-    let stalled: ChildStderr = child.stderr.take().unwrap();
-    wait_bound(&mut child, metrics);
+    // Read up to the start line (for the bound addresses), then held open
+    // and never read again.
+    let mut stalled = BufReader::new(child.stderr.take().unwrap());
+    let (addr, metrics) = bound_addrs_until_started(&mut stalled);
 
     let started = Instant::now();
     let relayed = runtime.block_on(async {

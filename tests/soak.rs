@@ -396,12 +396,11 @@ async fn soak_mixed_traffic_with_admin_churn() {
     let pki = Arc::new(Pki::new("soak CA"));
     let hs = tls_backend(&pki, "HS", &["hs.test"]).await;
     let stream = tls_backend(&pki, "STREAM", &["stream.test"]).await;
-    let listen = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), free_port());
     let socket = dir.path().join("admin.sock");
     let db = dir.path().join("mc-proxy.db");
     let toml = format!(
         "[database]\npath = \"{}\"\n[grpc]\naddr = \"unix:{}\"\n\
-         [[listeners]]\naddr = \"{listen}\"\n\
+         [[listeners]]\naddr = \"127.0.0.1:0\"\n\
            [[listeners.routes]]\n  hostname = \"hs.test\"\n  backend = \"{}\"\n\
            [[listeners.routes]]\n  hostname = \"stream.test\"\n  backend = \"{}\"\n\
          [firewall]\nblocked_ips = [\"{BLOCKED_SOURCE}\"]\n\
@@ -412,9 +411,10 @@ async fn soak_mixed_traffic_with_admin_churn() {
         stream.addr
     );
     let mut proxy = Proxy::start(dir.path(), &toml);
+    let listen = proxy.listener("127.0.0.1:0");
     let pid = proxy.pid();
     let admin_addr = AdminAddr::Unix(socket.clone());
-    let listener = listen.to_string();
+    let listener = "127.0.0.1:0".to_string();
     let counts = Arc::new(Counts::default());
 
     // Warm-up: a short taste of every kind of traffic, then measure at rest.

@@ -1,0 +1,102 @@
+//! Real backends on loopback: a TLS backend that says who it is and echoes,
+//! and a raw TCP backend that records what it got.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+use super::pki::Pki;
+
+/// A TLS backend that says who it is: after the handshake it writes
+/// `backend=NAME\n`, then echoes everything it reads until EOF.
+pub struct TlsBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+pub async fn tls_backend(pki: &Pki, name: &str, hostnames: &[&str]) -> TlsBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(pki.server_config(hostnames));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let label = name.to_string();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            // Without it, small echoes wait ~40 ms for delayed ACKs (Nagle).
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let label = label.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                if tls
+                    .write_all(format!("backend={label}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tls.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    TlsBackend {
+        addr,
+        name: name.to_string(),
+        accepted,
+    }
+}
+
+/// A raw TCP backend that records every byte of each connection until the
+/// client's FIN, then optionally replies and closes.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    pub received: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+pub async fn raw_backend(reply: &'static [u8]) -> RawBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let (tx, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                let _ = stream.read_to_end(&mut all).await;
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+                let _ = tx.send(all);
+            });
+        }
+    });
+    RawBackend {
+        addr,
+        accepted,
+        received,
+    }
+}
