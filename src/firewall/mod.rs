@@ -287,13 +287,16 @@ impl Firewall {
         };
         match GeoIp::open(&source.path) {
             Ok(db) => {
+                let db = Arc::new(db);
+                // In use before it is announced: a reader of the log line
+                // may connect at once and must be judged by the new data.
+                source.db.store(db.clone());
                 tracing::info!(
                     path = %source.path.display(),
                     database_type = db.database_type(),
                     build_epoch = db.build_epoch(),
                     "GeoIP database reloaded"
                 );
-                source.db.store(Arc::new(db));
                 Ok(true)
             }
             Err(err) => {
