@@ -5,12 +5,23 @@
 //! incremental path, where the parser is called again on every prefix a slow
 //! client delivers (here in 512-byte steps).
 //!
+//! The `one-byte-records` groups are the slow-client case of issue 13: a
+//! hello framed as 1-byte TLS records, the reader called once per record on
+//! the whole buffer so far (the buffer grows by one record a call, as
+//! `proxy/conn.rs` does when each record arrives in its own segment).
+//! `hello/one-byte-records` keeps one [`HelloReader`] across the calls, as
+//! the proxy does, at 16, 32 and 64 KiB: each doubling should cost about 2x.
+//! `hello/one-byte-records-reparse` is the old way for contrast, a fresh
+//! [`parse`] of the whole buffer on every record: quadratic, so 8 KiB costs
+//! about 4x what 4 KiB costs (kept small, or it takes seconds a call).
+//!
 //! `cargo bench --bench hello`
+//! `cargo bench --bench hello -- one-byte --measurement-time 3 --warm-up-time 1`
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use mc_proxy::hello::{parse, Parse};
+use mc_proxy::hello::{parse, HelloReader, Parse};
 
 #[allow(dead_code)]
 #[path = "../tests/common/hello.rs"]
@@ -71,5 +82,83 @@ fn incremental(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, full_hello, incremental);
+/// A ClientHello handshake message of exactly `len` bytes (its 4-byte header
+/// included), padded with a padding extension, framed as 1-byte records.
+fn one_byte_records(len: usize) -> Vec<u8> {
+    let base = hello_message(Some("big.example.test"), 0).len();
+    // The padding extension adds its 4-byte header and `padding` bytes.
+    let message = hello_message(Some("big.example.test"), len - base - 4);
+    assert_eq!(message.len(), len);
+    records(&message, 1)
+}
+
+/// Bytes one 1-byte record takes: a 5-byte header and its byte.
+const ONE_BYTE_RECORD: usize = 6;
+
+/// Feeds `bytes` (1-byte records) one record per call to `step`, on the
+/// growing prefix, until it answers `Done`; panics if it never does.
+fn per_record(
+    bytes: &[u8],
+    mut step: impl FnMut(&[u8]) -> Result<Parse, mc_proxy::hello::Reject>,
+) -> usize {
+    let mut end = 0;
+    loop {
+        end += ONE_BYTE_RECORD;
+        match step(black_box(&bytes[..end])) {
+            Ok(Parse::Done(hello)) => return hello.record_len,
+            Ok(Parse::NeedMore) => assert!(end < bytes.len(), "complete input did not parse"),
+            Err(reject) => panic!("rejected at {end}: {reject}"),
+        }
+    }
+}
+
+fn one_byte_records_linear(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hello/one-byte-records");
+    for kib in [16usize, 32, 64] {
+        let bytes = one_byte_records(kib * 1024);
+        // Every input must parse, or the benchmark measures an error path.
+        // (One reader across the calls: re-parsing 64 KiB per record would
+        // take minutes.)
+        let mut reader = HelloReader::new();
+        assert_eq!(
+            per_record(&bytes, |prefix| reader.advance(prefix)),
+            bytes.len()
+        );
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(format!("{kib}KiB")),
+            &bytes,
+            |b, bytes| {
+                b.iter(|| {
+                    let mut reader = HelloReader::new();
+                    per_record(bytes, |prefix| reader.advance(prefix))
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn one_byte_records_reparse(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hello/one-byte-records-reparse");
+    group.sample_size(10);
+    for kib in [4usize, 8] {
+        let bytes = one_byte_records(kib * 1024);
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(format!("{kib}KiB")),
+            &bytes,
+            |b, bytes| b.iter(|| per_record(bytes, parse)),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    full_hello,
+    incremental,
+    one_byte_records_linear,
+    one_byte_records_reparse
+);
 criterion_main!(benches);

@@ -18,17 +18,26 @@
 //!   many relayed connections open after one round trip; the proxy's RSS per
 //!   connection, its CPU per connection set up, and a check that every
 //!   connection still answers afterwards.
+//! - `hello-pacing` (not in the default set): the slow-client case of issue
+//!   13. A `--pacing-kib` KiB ClientHello (default 64) sent (a) as 1-byte
+//!   TLS records, one record per write, and (b) as 16 KiB records whose
+//!   byte stream is cut into as many writes as (a) has records; every write
+//!   is its own segment (TCP_NODELAY, a `--pace-us` spin between writes).
+//!   The syscalls and wakeups are then the same, and what differs is the
+//!   hello reader's work. `--pacing-reps` repetitions of each, interleaved;
+//!   the proxy's CPU per connection, median, and the ratio (a)/(b).
 //!
 //! The proxy's CPU is utime+stime of its process from `/proc/PID/stat`
 //! (10 ms ticks), its memory is `Rss` from `/proc/PID/smaps_rollup`.
-//! The backend protocol (after the client's hello record): one op byte and a
-//! big-endian u64: `S n` streams n bytes and closes, `E _` echoes until EOF,
+//! The backend protocol (after the client's hello, in however many records):
+//! one op byte and a big-endian u64: `S n` streams n bytes and closes, `E _` echoes until EOF,
 //! `C _` writes one byte and closes.
 //!
 //! ```text
 //! cargo run --release --example mc-proxy-bench -- --bin target/release/mc-proxy
 //! cargo run --release --example mc-proxy-bench -- --phases idle --idle 100,1000,9900
 //! cargo run --release --example mc-proxy-bench -- --phases rate,latency --routes 100000
+//! cargo run --release --example mc-proxy-bench -- --phases hello-pacing --pacing-reps 5
 //! ```
 //!
 //! Not part of the shipped binary: examples are built only on request.
@@ -76,7 +85,7 @@ struct Args {
     /// depend on table size).
     #[arg(long, default_value_t = 0)]
     routes: usize,
-    /// Comma-separated phases: throughput, rate, latency, idle.
+    /// Comma-separated phases: throughput, rate, latency, idle, hello-pacing.
     #[arg(long, default_value = "throughput,rate,latency,idle")]
     phases: String,
     /// MiB in the throughput phase.
@@ -94,6 +103,15 @@ struct Args {
     /// Comma-separated counts of idle connections to hold.
     #[arg(long, default_value = "2000")]
     idle: String,
+    /// ClientHello size (handshake message bytes, in KiB) in the hello-pacing phase.
+    #[arg(long, default_value_t = 64)]
+    pacing_kib: usize,
+    /// Repetitions of each framing in the hello-pacing phase.
+    #[arg(long, default_value_t = 5)]
+    pacing_reps: usize,
+    /// Spin between two writes in the hello-pacing phase, in microseconds.
+    #[arg(long, default_value_t = 10)]
+    pace_us: u64,
     /// Internal: run as the backend.
     #[arg(long, hide = true)]
     serve_backend: bool,
@@ -130,13 +148,11 @@ async fn backend(listen: SocketAddr) -> Result<()> {
     }
 }
 
-async fn serve(mut stream: TcpStream) -> io::Result<()> {
+async fn serve(stream: TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).await?;
-    let len = u16::from_be_bytes([header[3], header[4]]) as usize;
-    let mut hello = vec![0u8; len];
-    stream.read_exact(&mut hello).await?;
+    // Buffered: a hello in 1-byte records is two small reads a record.
+    let mut stream = tokio::io::BufReader::new(stream);
+    read_hello(&mut stream).await?;
     let mut op = [0u8; 9];
     stream.read_exact(&mut op).await?;
     let arg = u64::from_be_bytes(op[1..].try_into().unwrap_or_default());
@@ -163,6 +179,27 @@ async fn serve(mut stream: TcpStream) -> io::Result<()> {
         _ => stream.write_all(b"!").await?,
     }
     stream.shutdown().await
+}
+
+/// Reads TLS handshake records until the handshake message they carry (a
+/// ClientHello ending at a record boundary, as every hello sent here does)
+/// is complete.
+async fn read_hello<R: tokio::io::AsyncRead + Unpin>(stream: &mut R) -> io::Result<()> {
+    let mut message = Vec::new();
+    loop {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).await?;
+        let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+        let start = message.len();
+        message.resize(start + len, 0);
+        stream.read_exact(&mut message[start..]).await?;
+        if message.len() >= 4 {
+            let body = u32::from_be_bytes([0, message[1], message[2], message[3]]) as usize;
+            if message.len() >= 4 + body {
+                return Ok(());
+            }
+        }
+    }
 }
 
 // ---- client ----------------------------------------------------------------
@@ -253,7 +290,7 @@ fn start_proxy(args: &Args, dir: &std::path::Path) -> Result<Child> {
         route(&mut config, &format!("r{i}.routes.test"));
     }
     config.push_str(
-        "\n[proxy]\nconnect_timeout = \"5s\"\nidle_timeout = \"300s\"\nshutdown_timeout = \"1s\"\n",
+        "\n[proxy]\nconnect_timeout = \"5s\"\nhandshake_timeout = \"120s\"\nidle_timeout = \"300s\"\nshutdown_timeout = \"1s\"\n",
     );
     let path = dir.join("mc-proxy.toml");
     std::fs::write(&path, config)?;
@@ -337,6 +374,11 @@ async fn run(args: Args) -> Result<()> {
                     let count: usize = count.trim().parse().context("--idle")?;
                     bench.idle(count).await?;
                 }
+            }
+            "hello-pacing" => {
+                bench
+                    .hello_pacing(args.pacing_kib, args.pacing_reps, args.pace_us)
+                    .await?
             }
             other => bail!("unknown phase {other:?}"),
         }
@@ -550,5 +592,111 @@ impl Bench {
             bail!("only {alive} of {count} idle connections survived");
         }
         Ok(())
+    }
+
+    /// The hello-pacing phase: see the module documentation.
+    async fn hello_pacing(&self, kib: usize, reps: usize, pace_us: u64) -> Result<()> {
+        let len = kib * 1024;
+        let base = hello::hello_message(Some(&self.sni), 0).len();
+        if len < base + 4 || len > 4 + 65536 {
+            bail!("--pacing-kib {kib}: a ClientHello is {base}..=65540 bytes here");
+        }
+        // The padding extension adds its 4-byte header and `padding` bytes.
+        let message = hello::hello_message(Some(&self.sni), len - base - 4);
+        let one_byte = hello::records(&message, 1);
+        let full = hello::records(&message, 16384);
+        let writes = message.len();
+        // (a) one 1-byte record a write; (b) the 16 KiB records' bytes cut
+        // into as many writes, as equal as can be (1 or 2 bytes each).
+        let a: Vec<Vec<u8>> = one_byte.chunks(6).map(<[u8]>::to_vec).collect();
+        let b: Vec<Vec<u8>> = (0..writes)
+            .map(|i| full[i * full.len() / writes..(i + 1) * full.len() / writes].to_vec())
+            .collect();
+        assert_eq!(a.len(), writes);
+        assert_eq!(b.concat(), full);
+        let pace = Duration::from_micros(pace_us);
+        let (mut cpu_a, mut cpu_b, mut wall_a, mut wall_b) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..reps {
+            for (chunks, cpu, wall) in
+                [(&a, &mut cpu_a, &mut wall_a), (&b, &mut cpu_b, &mut wall_b)]
+            {
+                let (c, w) = self.paced_hello(chunks.clone(), pace).await?;
+                cpu.push(c);
+                wall.push(w);
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            percentile(v, 0.5)
+        };
+        let show = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{:.3}", x))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "hello-pacing: {} B ClientHello, {writes} paced writes each ({pace_us} us spin), {reps} reps",
+            message.len()
+        );
+        println!(
+            "  (a) 1-byte records ({} B sent): proxy CPU s/conn {}; wall s {}",
+            one_byte.len(),
+            show(&cpu_a),
+            show(&wall_a)
+        );
+        println!(
+            "  (b) 16 KiB records ({} B sent): proxy CPU s/conn {}; wall s {}",
+            full.len(),
+            show(&cpu_b),
+            show(&wall_b)
+        );
+        let (ma, mb) = (median(&mut cpu_a), median(&mut cpu_b));
+        println!(
+            "  median proxy CPU (a) {ma:.3} s, (b) {mb:.3} s, (a)/(b) = {:.2}; median wall (a) {:.2} s, (b) {:.2} s",
+            ma / mb,
+            median(&mut wall_a),
+            median(&mut wall_b)
+        );
+        Ok(())
+    }
+
+    /// Sends `chunks` to the proxy, one write each with a `pace` spin
+    /// between, then the `C` op, and waits for the backend's byte and the
+    /// close. Returns the proxy's CPU seconds and the wall seconds.
+    async fn paced_hello(&self, chunks: Vec<Vec<u8>>, pace: Duration) -> Result<(f64, f64)> {
+        let proxy = self.proxy;
+        // Let the proxy settle (the previous connection's close).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let cpu = self.proc.cpu_s();
+        let started = Instant::now();
+        // Blocking writes on a thread of their own: a spin is more exact
+        // than a timer, and one write is one send(2).
+        let got = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            use std::io::{Read as _, Write as _};
+            let mut stream = std::net::TcpStream::connect(proxy)?;
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+            for chunk in &chunks {
+                stream.write_all(chunk)?;
+                let next = Instant::now() + pace;
+                while Instant::now() < next {
+                    std::hint::spin_loop();
+                }
+            }
+            let mut op = vec![b'C'];
+            op.extend_from_slice(&0u64.to_be_bytes());
+            stream.write_all(&op)?;
+            let mut got = Vec::new();
+            stream.read_to_end(&mut got)?;
+            Ok(got)
+        })
+        .await??;
+        let wall = started.elapsed().as_secs_f64();
+        if got != b"!" {
+            bail!("hello-pacing: the backend's reply did not come back (got {got:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok((self.proc.cpu_s() - cpu, wall))
     }
 }
