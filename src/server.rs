@@ -439,7 +439,7 @@ impl App {
             fd_limit,
         } = self;
         let source = config.source.display().to_string();
-        let mut drain = Shutdown::new();
+        let drain = Shutdown::new();
         for bound in listeners {
             let listener = Arc::new(Listener {
                 routes: bound.routes,
@@ -449,12 +449,7 @@ impl App {
                 proxy_protocol: bound.proxy_protocol,
                 capacity: capacity.clone(),
             });
-            tokio::spawn(proxy::accept_loop(
-                bound.socket,
-                listener,
-                drain.watcher(),
-                drain.guard(),
-            ));
+            drain.spawn(proxy::accept_loop(bound.socket, listener, drain.clone()));
         }
         firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());
 

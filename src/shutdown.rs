@@ -1,112 +1,75 @@
 //! Signals, drain, force-close.
 //!
-//! Owns the server's lifecycle state. Accept loops stop at `Draining`;
-//! established connections keep running until `Forced`, when they close at
-//! once. Every connection task holds a [`DrainGuard`]; the server knows the
-//! last one is gone when [`Shutdown::wait_drained`] returns.
+//! Owns the connections' lifecycle: [`Shutdown`] is two cancellation tokens
+//! (`draining`: accept loops stop and drop their sockets; `forced`: relays
+//! close what is still open) and the tracker of every accept-loop and
+//! connection task, so [`Shutdown::drain`] knows when the last one is gone.
+//! Also owns the signal streams ([`Signals`]), installed before anything is
+//! bound. Never decides when to stop: the server does.
 
+use std::future::Future;
 use std::io;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    Running,
-    /// Listening sockets closed; established connections may finish.
-    Draining,
-    /// Everything still open is closed now.
-    Forced,
-}
+/// How long forced connections get to close after `forced` is cancelled
+/// (they close on their next poll).
+const FORCED_GRACE: Duration = Duration::from_secs(5);
 
-/// The controller, owned by the server.
+/// The lifecycle shared by the server, its accept loops and every
+/// connection task; clones are handles to the same state.
+#[derive(Clone, Default)]
 pub struct Shutdown {
-    phase: watch::Sender<Phase>,
-    drain_tx: Option<mpsc::Sender<()>>,
-    drain_rx: mpsc::Receiver<()>,
-}
-
-/// A cheap handle that tasks use to learn the phase.
-#[derive(Clone)]
-pub struct Watcher {
-    phase: watch::Receiver<Phase>,
-}
-
-/// Held by each connection task; the drain completes when all are dropped.
-#[derive(Clone)]
-pub struct DrainGuard {
-    _tx: mpsc::Sender<()>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
-    }
+    draining: CancellationToken,
+    forced: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Shutdown {
     pub fn new() -> Shutdown {
-        let (phase, _) = watch::channel(Phase::Running);
-        let (drain_tx, drain_rx) = mpsc::channel(1);
-        Shutdown {
-            phase,
-            drain_tx: Some(drain_tx),
-            drain_rx,
-        }
+        Shutdown::default()
     }
 
-    pub fn watcher(&self) -> Watcher {
-        Watcher {
-            phase: self.phase.subscribe(),
-        }
+    /// Cancelled when the server starts draining: listening sockets close,
+    /// established connections may finish.
+    pub fn draining(&self) -> &CancellationToken {
+        &self.draining
     }
 
-    pub fn guard(&self) -> DrainGuard {
-        DrainGuard {
-            _tx: self.drain_tx.clone().unwrap_or_else(|| mpsc::channel(1).0),
-        }
+    /// Cancelled when the drain runs out of time: everything still open is
+    /// closed now.
+    pub fn forced(&self) -> &CancellationToken {
+        &self.forced
     }
 
-    pub fn set(&self, phase: Phase) {
-        self.phase.send_if_modified(|current| {
-            if phase > *current {
-                *current = phase;
-                true
-            } else {
-                false
-            }
-        });
+    /// Spawns a task that [`Shutdown::drain`] waits for.
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tasks.spawn(task)
     }
 
-    /// Starts draining, waits up to `timeout` for every guard to drop, then
-    /// forces the rest closed and waits (briefly) for them to go.
-    /// Returns the number of seconds spent and whether it had to force.
-    pub async fn drain(&mut self, timeout: Duration) -> bool {
-        self.set(Phase::Draining);
-        self.drain_tx = None;
-        if tokio::time::timeout(timeout, self.drain_rx.recv())
+    /// Starts draining, waits up to `timeout` for every tracked task to
+    /// end, then forces the rest closed and waits (at most
+    /// [`FORCED_GRACE`]) for them to go. Returns whether it had to force.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.draining.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(timeout, self.tasks.wait())
             .await
             .is_ok()
         {
             return false;
         }
-        self.set(Phase::Forced);
-        // Forced connections close on their next poll; give them a moment.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.drain_rx.recv()).await;
+        self.forced.cancel();
+        let _ = tokio::time::timeout(FORCED_GRACE, self.tasks.wait()).await;
         true
-    }
-}
-
-impl Watcher {
-    pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
-    }
-
-    /// Resolves once the phase is at least `phase`.
-    pub async fn reached(&mut self, phase: Phase) {
-        // An error means the controller is gone: treat as reached.
-        let _ = self.phase.wait_for(|p| *p >= phase).await;
     }
 }
 
@@ -183,7 +146,34 @@ impl Stop {
 
 #[cfg(test)]
 mod tests {
-    use super::Stop;
+    use std::time::Duration;
+
+    use super::{Shutdown, Stop};
+
+    #[tokio::test]
+    async fn drain_waits_for_tracked_tasks_and_forces_the_rest() {
+        // A task that ends on its own once draining starts: no force.
+        let shutdown = Shutdown::new();
+        let draining = shutdown.draining().clone();
+        let polite = shutdown.spawn(async move { draining.cancelled().await });
+        assert!(!shutdown.drain(Duration::from_secs(10)).await);
+        assert!(polite.is_finished());
+        assert!(!shutdown.forced().is_cancelled());
+
+        // A task that only ends when forced: drain forces, then it is gone.
+        let shutdown = Shutdown::new();
+        let forced = shutdown.forced().clone();
+        let stubborn = shutdown.spawn(async move { forced.cancelled().await });
+        assert!(shutdown.drain(Duration::from_millis(50)).await);
+        assert!(shutdown.draining().is_cancelled());
+        assert!(stubborn.is_finished());
+    }
+
+    #[tokio::test]
+    async fn drain_with_nothing_open_returns_at_once_unforced() {
+        let shutdown = Shutdown::new();
+        assert!(!shutdown.drain(Duration::from_secs(3600)).await);
+    }
 
     #[test]
     fn second_signal_exit_codes_are_128_plus_the_signal_number() {

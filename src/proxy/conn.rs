@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use crate::firewall::BlockReason;
 use crate::hello::{self, Parse};
 use crate::proxy_protocol::{self, Addresses};
-use crate::shutdown::Watcher;
+use tokio_util::sync::CancellationToken;
 
 use super::connect;
 use super::relay::{self, RelayEnd};
@@ -109,7 +109,7 @@ pub(super) async fn handle(
     stream: TcpStream,
     client: SocketAddr,
     listener: Arc<Listener>,
-    shutdown: Watcher,
+    forced: CancellationToken,
 ) {
     let started = Instant::now();
     let mut record = Record {
@@ -121,7 +121,7 @@ pub(super) async fn handle(
         down: None,
         detail: None,
     };
-    let outcome = run(stream, &listener, &mut record, shutdown).await;
+    let outcome = run(stream, &listener, &mut record, &forced).await;
     listener
         .listener_stats
         .metrics
@@ -146,7 +146,7 @@ async fn run(
     mut client: TcpStream,
     listener: &Listener,
     record: &mut Record,
-    shutdown: Watcher,
+    forced: &CancellationToken,
 ) -> Outcome {
     let timeouts = &listener.timeouts;
     let deadline = tokio::time::Instant::now() + timeouts.handshake_timeout;
@@ -283,7 +283,7 @@ async fn run(
     drop(buffer);
 
     // 5. Relay.
-    let result = relay::relay(client, backend, timeouts.idle_timeout, shutdown).await;
+    let result = relay::relay(client, backend, timeouts.idle_timeout, forced).await;
     record.up = Some(hello_bytes + result.up);
     record.down = Some(result.down);
     if let Some(error) = result.error {

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use crate::config::{BindAddr, ListenAddr, ProxyConfig};
 use crate::firewall::Firewall;
 use crate::routes::ListenerRoutes;
-use crate::shutdown::{DrainGuard, Phase, Watcher};
+use crate::shutdown::Shutdown;
 use capacity::Capacity;
 use stats::{ActiveGuard, ListenerStats};
 
@@ -83,18 +83,10 @@ pub fn bind(addr: &ListenAddr) -> io::Result<std::net::TcpListener> {
 
 /// Accepts until the server starts draining, then drops the listening socket
 /// (new connections are refused at once).
-pub async fn accept_loop(
-    socket: TcpListener,
-    listener: Arc<Listener>,
-    mut shutdown: Watcher,
-    drain: DrainGuard,
-) {
+pub async fn accept_loop(socket: TcpListener, listener: Arc<Listener>, shutdown: Shutdown) {
     let mut backoff = Duration::ZERO;
-    // Connections get their own handles; the wait for draining is made once
-    // (a fresh one per accept would register with the shutdown channel each
-    // time).
-    let watcher = shutdown.clone();
-    let draining = shutdown.reached(Phase::Draining);
+    // The wait for draining is made once, not per accept.
+    let draining = shutdown.draining().cancelled();
     tokio::pin!(draining);
     let addr = listener.routes.addr().to_string();
     loop {
@@ -122,13 +114,11 @@ pub async fn accept_loop(
                 let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 let active = ActiveGuard::accept(&listener.listener_stats);
                 let listener = listener.clone();
-                let watcher = watcher.clone();
-                let guard = drain.clone();
-                tokio::spawn(async move {
-                    conn::handle(stream, peer, listener, watcher).await;
+                let forced = shutdown.forced().clone();
+                shutdown.spawn(async move {
+                    conn::handle(stream, peer, listener, forced).await;
                     drop(active);
                     drop(slot);
-                    drop(guard);
                 });
             }
             Err(e) if is_per_connection(&e) => {

@@ -31,7 +31,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::shutdown::{Phase, Watcher};
+use tokio_util::sync::CancellationToken;
 
 use super::sys;
 
@@ -94,9 +94,9 @@ pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
     idle: Duration,
-    shutdown: Watcher,
+    forced: &CancellationToken,
 ) -> RelayResult {
-    relay_with(client, backend, idle, shutdown, cfg!(target_os = "linux")).await
+    relay_with(client, backend, idle, forced, cfg!(target_os = "linux")).await
 }
 
 /// [`relay`], with splicing allowed or not (tests pin the copy path with it;
@@ -105,7 +105,7 @@ async fn relay_with(
     client: TcpStream,
     backend: TcpStream,
     idle: Duration,
-    mut shutdown: Watcher,
+    forced: &CancellationToken,
     splice: bool,
 ) -> RelayResult {
     let activity = Activity {
@@ -124,8 +124,8 @@ async fn relay_with(
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     // Made once: a fresh wait every round would register with (and leave)
-    // the process-wide shutdown channel each time bytes move.
-    let forced = shutdown.reached(Phase::Forced);
+    // the process-wide token each time bytes move.
+    let forced = forced.cancelled();
     tokio::pin!(forced);
 
     while !(up_done && down_done) {
@@ -575,8 +575,7 @@ mod tests {
     }
 
     /// A relay between two loopback pairs: (client end, backend end, the
-    /// relay task, its shutdown controller — keep it alive, dropping it
-    /// forces the relay closed).
+    /// relay task, its shutdown controller).
     async fn start_relay(
         idle: Duration,
         splice: bool,
@@ -589,13 +588,10 @@ mod tests {
         let (client, client_side) = pair().await;
         let (backend, backend_side) = pair().await;
         let shutdown = Shutdown::new();
-        let relay = tokio::spawn(relay_with(
-            client_side,
-            backend_side,
-            idle,
-            shutdown.watcher(),
-            splice,
-        ));
+        let forced = shutdown.forced().clone();
+        let relay = tokio::spawn(async move {
+            relay_with(client_side, backend_side, idle, &forced, splice).await
+        });
         (client, backend, relay, shutdown)
     }
 
