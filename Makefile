@@ -16,9 +16,10 @@ devserver: ## run mc-proxy locally on 127.0.0.1:8443 with a demo backend (create
 test: ## every test: unit, integration (real binary on loopback), fuzz corpus replay
 	$(CARGO) test --locked --lib --bins --tests -- --test-threads=2
 
-lint: ## rustfmt check and clippy with warnings as errors
+lint: ## rustfmt check, clippy and rustdoc (broken intra-doc links) with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --locked --no-deps
 
 fmt:
 	$(CARGO) fmt --all

@@ -4,7 +4,7 @@
 //! future resolves, then drains. `main` owns the process-wide parts around
 //! them: the runtime ([`runtime`]), the signal handlers (installed before
 //! `build`), readiness (`sd_notify`) and the second-signal exit
-//! ([`exit_now`]). Tests build an `App` on port 0 in-process and read the
+//! ([`Exit::now`]). Tests build an `App` on port 0 in-process and read the
 //! real ports back.
 //!
 //! Start order inside `build` matters: the DB is opened (and seeded on
@@ -93,11 +93,10 @@ pub const WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
 /// it fronts (and with the kernel's network work), and a second worker costs
 /// more than it brings. Each thread falls asleep in `epoll_wait` and is woken
 /// for its share of the events, so two threads sleep and wake about twice as
-/// often for the same traffic. Measured on a 2-CPU host (`bench/RESULTS.md`):
-/// with one worker, proxy CPU per new TLS connection fell 11–32 % in four
-/// runs; bulk MiB/s and added first-byte time stayed within the run-to-run
-/// spread (each setting ahead in two runs). Hosts with more CPUs keep one
-/// worker per CPU (not measured here).
+/// often for the same traffic: on a 2-CPU host one worker spent less CPU per
+/// new connection at the same throughput (the figures are in
+/// `bench/RESULTS.md`, "One worker"). Hosts with more CPUs keep one worker
+/// per CPU.
 pub fn worker_threads(setting: Option<&str>, cpus: usize) -> Result<usize, String> {
     match setting {
         Some(text) => match text.trim().parse::<usize>() {
@@ -500,7 +499,7 @@ impl Exit {
     /// or fails as usual; whether its caller still hears back is a race
     /// with the exit, and a change that was acknowledged is committed) and
     /// closed the DB (which checkpoints the WAL), within
-    /// [`STORE_CLOSE_LIMIT`]; later commands are refused. Then the log
+    /// `STORE_CLOSE_LIMIT` (2 s); later commands are refused. Then the log
     /// lines queued so far are written, within [`LOG_FLUSH_LIMIT`].
     pub async fn now(self, code: i32) -> ! {
         let store = self.store;

@@ -57,7 +57,7 @@ impl Shutdown {
 
     /// Starts draining, waits up to `timeout` for every tracked task to
     /// end, then forces the rest closed and waits (at most
-    /// [`FORCED_GRACE`]) for them to go. Returns whether it had to force.
+    /// `FORCED_GRACE`, 5 s) for them to go. Returns whether it had to force.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.draining.cancel();
         self.tasks.close();

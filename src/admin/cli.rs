@@ -3,7 +3,7 @@
 //! Owns: building the [`ClientTarget`] from the config's `[grpc]` section and
 //! the command-line overrides, one call per command, and what is printed.
 //! Human output is aligned columns; `--json` is one JSON document on stdout.
-//! Every failure is one line on stderr and an exit status (SPEC §2): 1 when
+//! Every failure is one line on stderr and an exit status (README, "Command line"): 1 when
 //! the server is unreachable or refused the call (`NOT_FOUND: ...`), 2 when
 //! the client's own settings are unusable.
 

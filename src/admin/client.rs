@@ -43,8 +43,8 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The process exit status for this failure (SPEC §2): 2 for
-    /// configuration, 1 for runtime.
+    /// The process exit status for this failure (README, "Command line"):
+    /// 2 for configuration, 1 for runtime.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Config(_) => 2,

@@ -1,4 +1,4 @@
-//! The gRPC admin API (`mc_proxy.v1.ProxyAdminService`, SPEC §4.3): the
+//! The gRPC admin API (`mc_proxy.v1.ProxyAdminService`, `proto/`): the
 //! service, its transports, and the client the CLI uses.
 //!
 //! - [`service`]: the handlers. Every input is validated here (errors name the

@@ -207,7 +207,7 @@ const DATA_SECTION_SEPARATOR: usize = 16;
 /// `maxminddb` indexes the search tree without bounds checks (already while
 /// opening, to find the IPv4 subtree), trusting the metadata's node count, so
 /// a file whose tree was cut short but whose metadata survived would panic
-/// it — and the release build aborts on panic. The metadata is therefore
+/// it, killing the thread that opens it (a GeoIP reload, or the start). The metadata is therefore
 /// decoded first on its own, behind a dummy one-node tree of zeros that any
 /// walk stays inside, and the real file is only handed over once its tree is
 /// known to fit.

@@ -12,7 +12,7 @@
 //! through a pipe. A read that fills the buffer means bulk is flowing: from
 //! then on, on Linux, the direction moves its bytes socket → pipe → socket
 //! with `splice(2)` (never entering user space) through a pipe borrowed from
-//! a bounded process-wide pool ([`zero_copy`]), and goes back to copying
+//! a bounded process-wide pool (`zero_copy`), and goes back to copying
 //! after a splice round that moved no more than one buffer. Where splicing
 //! is refused or no pipe can be had, it keeps copying. Either way a direction
 //! moves everything it read before reading more (no unbounded buffering: a

@@ -9,7 +9,7 @@
 //! crash or power loss (`synchronous=FULL`).
 //!
 //! Layout: [`migrations`] (schema versions), `seed` (first run and later
-//! runs), `writer` (the [`Store`] thread), [`snapshot`] (`VACUUM INTO`).
+//! runs), `writer` (the [`Store`] thread), [`snapshot`](mod@snapshot) (`VACUUM INTO`).
 
 use std::fs::{self, OpenOptions, Permissions};
 use std::io;

@@ -1,4 +1,4 @@
-//! First run and later runs (SPEC §4.2). First run (no listeners in the DB):
+//! First run and later runs (README, "Configuration"). First run (no listeners in the DB):
 //! everything in the config is written in one transaction. Later runs: the
 //! DB wins; the config's routes and rules are only compared, and each
 //! difference is logged at info so an operator who edited the TOML learns
