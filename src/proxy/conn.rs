@@ -287,7 +287,7 @@ async fn run(
     record.up = Some(hello_bytes + result.up);
     record.down = Some(result.down);
     if let Some(error) = result.error {
-        record.detail = Some(error);
+        record.detail = Some(error.to_string());
     }
     match result.end {
         RelayEnd::Closed => Outcome::Relayed,

@@ -60,7 +60,39 @@ pub struct RelayResult {
     /// Backend → client bytes.
     pub down: u64,
     pub end: RelayEnd,
-    pub error: Option<String>,
+    /// The error that ended the relay early, if one did.
+    pub error: Option<RelayError>,
+}
+
+/// Which way bytes were moving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → backend.
+    Up,
+    /// Backend → client.
+    Down,
+}
+
+impl std::fmt::Display for Direction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Direction::Up => "client→backend",
+            Direction::Down => "backend→client",
+        })
+    }
+}
+
+/// Why a relay ended before both sides closed: the first I/O error, on the
+/// way it happened. (Its text, e.g. `client→backend: Connection reset by
+/// peer`, is the connection log line's `error`.)
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Reading from the sending side failed (typically: it reset).
+    #[error("{0}: {1}")]
+    Read(Direction, #[source] io::Error),
+    /// Writing to the receiving side failed (it reset or went away).
+    #[error("{0}: {1}")]
+    Write(Direction, #[source] io::Error),
 }
 
 /// Milliseconds since the relay started at the last byte moved.
@@ -132,15 +164,15 @@ async fn relay_with(
         tokio::select! {
             result = &mut up, if !up_done => {
                 up_done = true;
-                if let Some(e) = finish(result, &client, &backend) {
-                    error = Some(format!("client→backend: {e}"));
+                if let Some(e) = finish(result, Direction::Up, &client, &backend) {
+                    error = Some(e);
                     break;
                 }
             }
             result = &mut down, if !down_done => {
                 down_done = true;
-                if let Some(e) = finish(result, &backend, &client) {
-                    error = Some(format!("backend→client: {e}"));
+                if let Some(e) = finish(result, Direction::Down, &backend, &client) {
+                    error = Some(e);
                     break;
                 }
             }
@@ -167,17 +199,22 @@ async fn relay_with(
 }
 
 /// Settles one finished direction. On an error, resets the side that did not
-/// fail (a reset on one side resets the other) and returns the error text.
-fn finish(result: PumpEnd, source: &TcpStream, destination: &TcpStream) -> Option<String> {
+/// fail (a reset on one side resets the other) and returns the error.
+fn finish(
+    result: PumpEnd,
+    direction: Direction,
+    source: &TcpStream,
+    destination: &TcpStream,
+) -> Option<RelayError> {
     match result {
         PumpEnd::Eof => None,
         PumpEnd::ReadError(e) => {
             sys::set_reset_on_close(destination);
-            Some(e.to_string())
+            Some(RelayError::Read(direction, e))
         }
         PumpEnd::WriteError(e) => {
             sys::set_reset_on_close(source);
-            Some(e.to_string())
+            Some(RelayError::Write(direction, e))
         }
     }
 }
@@ -751,6 +788,39 @@ mod tests {
         for _ in 0..4 {
             let result = relay_both_ways(pattern(256 << 10, 1), pattern(256 << 10, 2), true).await;
             assert_eq!(result.end, RelayEnd::Closed);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_backend_reset_ends_the_relay_with_a_read_error_on_the_way_down() {
+        for splice in [false, true] {
+            let (mut client, backend, relay, _shutdown) =
+                start_relay(Duration::from_secs(30), splice).await;
+            // The backend closes with an RST (SO_LINGER 0).
+            super::sys::reset(backend);
+            let result = tokio::time::timeout(Duration::from_secs(10), relay)
+                .await
+                .expect("relay ends on the reset")
+                .expect("relay task");
+            assert_eq!(result.end, RelayEnd::Closed);
+            match &result.error {
+                Some(super::RelayError::Read(super::Direction::Down, e)) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                }
+                other => panic!("splice={splice}: {other:?}"),
+            }
+            let text = result.error.as_ref().map(ToString::to_string);
+            assert!(
+                text.as_deref()
+                    .is_some_and(|t| t.starts_with("backend→client: ")),
+                "{text:?}"
+            );
+            // The reset is passed on: the client's read fails or ends.
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte))
+                .await
+                .expect("client sees the close");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
         }
     }
 }
