@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use wire::rule::{Rule, RuleKind};
 
-use crate::firewall::rule::{Rule, RuleKind};
 use crate::routes::{Backend, Hostname};
 
 /// Where the config is read from when `-c` is not given.

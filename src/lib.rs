@@ -26,12 +26,12 @@
 pub mod admin;
 pub mod config;
 pub mod firewall;
-pub mod hello;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
-pub mod proxy_protocol;
 pub mod routes;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+
+pub use wire::{hello, proxy_protocol};

@@ -38,8 +38,8 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use wire::rule::RuleKind;
 
-use crate::firewall::rule::RuleKind;
 use crate::firewall::{BlockReason, Firewall};
 use crate::proxy::conn::Outcome;
 use crate::routes::Routes;

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
+use wire::rule::{Rule, RuleKind};
 
 use super::proto;
 use super::proto::proxy_admin_service_server::ProxyAdminService;
-use crate::firewall::rule::{Rule, RuleKind};
 use crate::firewall::Firewall;
 use crate::proxy::stats::Stats;
 use crate::routes::{Backend, Hostname, Routes, Target};

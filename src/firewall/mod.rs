@@ -16,7 +16,8 @@
 //! about to be served take a slot ([`Firewall::check`] is the same decision
 //! without that last step).
 //!
-//! - [`rule`]: rule values and their text forms.
+//! - [`rule`]: rule values and their text forms (the `wire` crate's,
+//!   re-exported).
 //! - `ipset`: IP and CIDR matching in logarithmic time.
 //! - [`geoip`]: the MaxMind database.
 //! - [`ratelimit`]: the per-client limiter.
@@ -26,7 +27,7 @@ pub mod concurrency;
 pub mod geoip;
 mod ipset;
 pub mod ratelimit;
-pub mod rule;
+pub use wire::rule;
 
 use std::fmt;
 use std::net::IpAddr;

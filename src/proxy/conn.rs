@@ -17,10 +17,10 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wire::hello::{self, Parse};
+use wire::proxy_protocol::{self, Addresses};
 
 use crate::firewall::BlockReason;
-use crate::hello::{self, Parse};
-use crate::proxy_protocol::{self, Addresses};
 use crate::shutdown::Watcher;
 
 use super::connect;

@@ -18,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
+use wire::rule::{Rule, RuleKind};
 
 use crate::config::Config;
-use crate::firewall::rule::{Rule, RuleKind};
 use crate::routes::{Backend, Hostname, RouteMap, Target};
 
 pub mod migrations;

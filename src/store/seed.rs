@@ -9,12 +9,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use rusqlite::{Connection, TransactionBehavior};
+use wire::rule::Rule;
 
 use super::{
     insert_listener, insert_rule, load_routes, load_rules, Loaded, SqliteContext, StoreError,
 };
 use crate::config::ListenerConfig;
-use crate::firewall::rule::Rule;
 use crate::routes::{Hostname, RouteMap, Target};
 
 pub(super) fn seed_or_load(

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
+use wire::rule::RuleKind;
 
 use super::*;
-use crate::firewall::rule::RuleKind;
 use crate::routes::{ListenerRoutes, Routes};
 
 const LISTENERS: &str = r#"

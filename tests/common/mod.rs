@@ -491,11 +491,11 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-// ---- hand-built ClientHellos: `hello.rs` (shared with benches/ and examples/)
+// ---- hand-built ClientHellos: the wire crate's `hello::build` (shared with
+// benches/ and examples/)
 
-mod hello;
 #[allow(unused_imports)] // not every test file uses all three
-pub use hello::{client_hello, hello_message, records};
+pub use wire::hello::build::{client_hello, hello_message, records};
 
 /// Whether a blocking read on `stream` sees a reset (as opposed to a FIN).
 pub fn saw_reset(result: &io::Result<()>) -> bool {
