@@ -28,6 +28,8 @@ pub mod config;
 pub mod firewall;
 pub mod logging;
 pub mod metrics;
+pub mod net;
+pub mod outcome;
 pub mod proxy;
 pub mod routes;
 pub mod server;
@@ -35,3 +37,14 @@ pub mod shutdown;
 pub mod store;
 
 pub use wire::{hello, proxy_protocol};
+
+/// The version: the crate version, plus `git describe` when built from a
+/// checkout. `--version` and `GetStatus.version` print it as `mc-proxy VERSION`.
+pub fn version() -> String {
+    match option_env!("MC_PROXY_GIT_DESCRIBE") {
+        Some(describe) if !describe.is_empty() => {
+            format!("{} ({describe})", env!("CARGO_PKG_VERSION"))
+        }
+        _ => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}

@@ -18,11 +18,12 @@ use crate::admin;
 use crate::config::Config;
 use crate::firewall::Firewall;
 use crate::logging;
-use crate::metrics;
-use crate::proxy::{self, capacity, stats::Stats, Listener};
+use crate::metrics::{self, Stats};
+use crate::proxy::{self, capacity, Listener};
 use crate::routes::{ListenerRoutes, Routes};
 use crate::shutdown::{Shutdown, Signals};
 use crate::store::{self, Store};
+use crate::version;
 
 /// How often the GeoIP file is checked for replacement.
 const GEOIP_POLL: Duration = Duration::from_secs(1);
@@ -61,17 +62,6 @@ impl ServerError {
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
-    }
-}
-
-/// The version: the crate version, plus `git describe` when built from a
-/// checkout. `--version` and `GetStatus.version` print it as `mc-proxy VERSION`.
-pub fn version() -> String {
-    match option_env!("MC_PROXY_GIT_DESCRIBE") {
-        Some(describe) if !describe.is_empty() => {
-            format!("{} ({describe})", env!("CARGO_PKG_VERSION"))
-        }
-        _ => env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 

@@ -18,9 +18,10 @@ use tonic::{Code, Status};
 use wire::rule::RuleKind;
 
 pub use super::client::ClientTarget;
-use super::client::{self, code_name, ClientError};
+use super::client::{self, ClientError};
 use super::proto;
 use super::proto::proxy_admin_service_client::ProxyAdminServiceClient;
+use super::status::code_name;
 use crate::config::{AdminAddr, ClientTls, Config, GrpcConfig};
 
 /// Command-line flags that override the config's `[grpc]` section.
