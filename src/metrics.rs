@@ -54,9 +54,6 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// The `rule` label of blocked connections, indexed by [`block_index`].
-const BLOCK_RULES: [&str; 5] = ["ip", "cidr", "country", "rate", "conn_limit"];
-
 /// The media type of what [`Metrics::render`] writes.
 pub const CONTENT_TYPE_OPENMETRICS: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -163,8 +160,8 @@ pub struct ListenerMetrics {
     active: Gauge,
     /// Indexed by [`Outcome::index`].
     closed: [Counter; Outcome::LABELS.len()],
-    /// Indexed by [`block_index`].
-    blocked: [Counter; BLOCK_RULES.len()],
+    /// Indexed by [`BlockReason::index`].
+    blocked: [Counter; BlockReason::LABELS.len()],
     bytes_up: Counter,
     bytes_down: Counter,
     hello_seconds: Histogram,
@@ -173,24 +170,6 @@ pub struct ListenerMetrics {
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
-}
-
-fn block_index(reason: BlockReason) -> usize {
-    match reason {
-        BlockReason::Ip => 0,
-        BlockReason::Cidr => 1,
-        BlockReason::Country(_) => 2,
-        BlockReason::Rate => 3,
-        BlockReason::ConnLimit => 4,
-    }
-}
-
-fn rule_label(kind: RuleKind) -> &'static str {
-    match kind {
-        RuleKind::Ip => BLOCK_RULES[0],
-        RuleKind::Cidr => BLOCK_RULES[1],
-        RuleKind::Country => BLOCK_RULES[2],
-    }
 }
 
 impl Metrics {
@@ -300,7 +279,7 @@ impl Metrics {
                             outcome,
                         })
                     }),
-                    blocked: BLOCK_RULES.map(|rule| {
+                    blocked: BlockReason::LABELS.map(|rule| {
                         blocked.get_or_create_owned(&BlockedLabels {
                             listener: addr.clone(),
                             rule,
@@ -319,12 +298,8 @@ impl Metrics {
                 }
             })
             .collect();
-        for kind in [RuleKind::Ip, RuleKind::Cidr, RuleKind::Country] {
-            firewall_rules
-                .get_or_create(&RuleLabel {
-                    rule: rule_label(kind),
-                })
-                .set(0);
+        for rule in RuleKind::LABELS {
+            firewall_rules.get_or_create(&RuleLabel { rule }).set(0);
         }
         Metrics {
             registry,
@@ -363,22 +338,13 @@ impl Metrics {
                 })
                 .set(i64::try_from(listener.snapshot().len()).unwrap_or(i64::MAX));
         }
-        let mut counts = [0i64; 3];
+        let mut counts = [0i64; RuleKind::LABELS.len()];
         for rule in firewall.rules().rules() {
-            counts[match rule.kind() {
-                RuleKind::Ip => 0,
-                RuleKind::Cidr => 1,
-                RuleKind::Country => 2,
-            }] += 1;
+            counts[rule.kind().index()] += 1;
         }
-        for (kind, count) in [RuleKind::Ip, RuleKind::Cidr, RuleKind::Country]
-            .into_iter()
-            .zip(counts)
-        {
+        for (rule, count) in RuleKind::LABELS.into_iter().zip(counts) {
             self.firewall_rules
-                .get_or_create(&RuleLabel {
-                    rule: rule_label(kind),
-                })
+                .get_or_create(&RuleLabel { rule })
                 .set(count);
         }
         let mut text = String::with_capacity(16 * 1024);
@@ -420,7 +386,7 @@ impl ListenerMetrics {
     pub fn closed(&self, outcome: Outcome, up: Option<u64>, down: Option<u64>) {
         self.closed[outcome.index()].inc();
         if let Outcome::Blocked(reason) = outcome {
-            self.blocked[block_index(reason)].inc();
+            self.blocked[reason.index()].inc();
         }
         if let Some(up) = up.filter(|&n| n > 0) {
             self.bytes_up.inc_by(up);

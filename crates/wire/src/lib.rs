@@ -10,11 +10,15 @@
 //! - [`route`]: normalised hostnames, backends, and the immutable
 //!   hostname → target map a lookup runs on.
 //! - [`rule`]: firewall rule values (IP, CIDR, country code).
+//! - [`labelled_enum!`]: an enum's metric labels and the index into them,
+//!   derived from one list.
 //!
 //! With the `testing` feature: `hello::build` (hand-built ClientHellos) and
 //! `hello::checks` (the reader's properties, shared by the fuzz target and
 //! the corpus replay).
 #![forbid(unsafe_code)]
+
+mod labels;
 
 pub mod hello;
 pub mod proxy_protocol;
