@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 use wire::rule::Rule;
 
-use super::{conn_path, file_identity, insert_rule, SqliteContext, StoreError, NOW_SQL};
+use super::db::{conn_path, file_identity, insert_rule, SqliteContext, StoreError, NOW_SQL};
 use crate::routes::{Hostname, ListenerRoutes, Routes, Target};
 
 /// Called with every rule after each committed rule change.
