@@ -73,7 +73,7 @@ pub enum StoreError {
     /// `snapshot` refuses to overwrite a file.
     #[error("{}: snapshot target already exists; not overwriting it", .0.display())]
     SnapshotExists(PathBuf),
-    /// The writer thread has stopped ([`Store::close`], or shutdown).
+    /// The writer thread has stopped ([`Store::close`](super::Store::close), or shutdown).
     #[error("the store is closed")]
     Closed,
 }
