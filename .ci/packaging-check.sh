@@ -605,7 +605,7 @@ main_static() {
     check "nix eval packages.x86_64-linux.default.drvPath" check_nix_eval packages.x86_64-linux.default
     check "nix eval packages.x86_64-linux.image.drvPath" check_nix_eval packages.x86_64-linux.image
     check "nix eval devShells.x86_64-linux.default.drvPath" check_nix_eval devShells.x86_64-linux.default
-    check "nix ci-stub rejects a root user, a dynamic build, doCheck, a string Entrypoint" check_nix_stub_rejects
+    check "nix ci-stub rejects a root user, a dynamic build, doCheck, a string Entrypoint, a source without crates/" check_nix_stub_rejects
 }
 
 case ${1:-} in
