@@ -13,13 +13,13 @@ devserver: ## run mc-proxy locally on 127.0.0.1:8443 with a demo backend (create
 	$(CARGO) build --locked
 	./scripts/devserver.sh
 
-test: ## every test: unit, integration (real binary on loopback), fuzz corpus replay
-	$(CARGO) test --locked --lib --bins --tests -- --test-threads=2
+test: ## every test of the workspace: unit (mc-proxy and crates/wire), integration (real binary on loopback), fuzz corpus replay
+	$(CARGO) test --locked --workspace --lib --bins --tests -- --test-threads=2
 
 lint: ## rustfmt check, clippy and rustdoc (broken intra-doc links) with warnings as errors
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
-	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --locked --no-deps
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS='-D warnings' $(CARGO) doc --locked --workspace --no-deps
 
 fmt:
 	$(CARGO) fmt --all
@@ -41,7 +41,7 @@ soak: ## 10-minute soak (SOAK_SECS=600): mixed traffic + admin churn on a releas
 fuzz-replay: ## replay the committed fuzz corpora through the parsers (stable; also part of make test)
 	$(CARGO) test --locked --test fuzz_corpus
 
-fuzz-build: ## build the cargo-fuzz targets (needs a nightly toolchain and cargo-fuzz)
+fuzz-build: ## build the cargo-fuzz targets (needs a nightly toolchain and cargo-fuzz; the config target builds the whole mc-proxy crate)
 	cd fuzz && $(CARGO) +nightly fuzz build -O
 
 help:

@@ -321,7 +321,7 @@ nix_prepare_src() {
     nix_src=$work/flake
     mkdir -p "$nix_src"
     local p
-    for p in flake.nix flake.lock nix Cargo.toml Cargo.lock build.rs src proto; do
+    for p in flake.nix flake.lock nix Cargo.toml Cargo.lock build.rs src crates proto; do
         [ -e "$p" ] && cp -R "$p" "$nix_src/"
     done
 }
@@ -364,6 +364,7 @@ check_nix_stub_rejects() {
         'root User|nix/image.nix|s/User = "${uid}:${gid}";/User = "0:0";/|config.User must not be root|image'
         'non-static build|flake.nix|s/pkgs.pkgsStatic.callPackage/pkgs.callPackage/|must come from pkgsStatic|default'
         'tests enabled|nix/package.nix|s/doCheck = false;/doCheck = true;/|doCheck must be false|default'
+        'workspace member left out|nix/package.nix|\#^      ../crates$#d|must hold every workspace member|default'
         'string Entrypoint|nix/image.nix|s#Entrypoint = \[ "${mc-proxy}/bin/mc-proxy" \];#Entrypoint = "${mc-proxy}/bin/mc-proxy";#|Entrypoint must be a non-empty list|image'
     )
     local c name file expr msg attr
@@ -604,7 +605,7 @@ main_static() {
     check "nix eval packages.x86_64-linux.default.drvPath" check_nix_eval packages.x86_64-linux.default
     check "nix eval packages.x86_64-linux.image.drvPath" check_nix_eval packages.x86_64-linux.image
     check "nix eval devShells.x86_64-linux.default.drvPath" check_nix_eval devShells.x86_64-linux.default
-    check "nix ci-stub rejects a root user, a dynamic build, doCheck, a string Entrypoint" check_nix_stub_rejects
+    check "nix ci-stub rejects a root user, a dynamic build, doCheck, a string Entrypoint, a source without crates/" check_nix_stub_rejects
 }
 
 case ${1:-} in

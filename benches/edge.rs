@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mc_proxy::metrics::Metrics;
-use mc_proxy::proxy::conn::Outcome;
+use mc_proxy::outcome::Outcome;
 use mc_proxy::proxy_protocol;
 
 fn metrics(c: &mut Criterion) {

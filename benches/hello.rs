@@ -22,11 +22,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mc_proxy::hello::{parse, HelloReader, Parse};
-
-#[allow(dead_code)]
-#[path = "../tests/common/hello.rs"]
-mod fixture;
-use fixture::{hello_message, records};
+use wire::hello::build::{hello_message, records};
 
 fn inputs() -> Vec<(&'static str, Vec<u8>)> {
     let chromium = include_bytes!("../tests/data/hellos/chromium-156-pq.bin").to_vec();

@@ -54,11 +54,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// The hello builder the integration tests use.
-#[allow(dead_code)]
-#[path = "../tests/common/hello.rs"]
-mod hello;
+// The hello builder the integration tests use.
+use wire::hello::build as hello;
 
 #[derive(Parser, Debug)]
 #[command(about = "Loopback benchmark through a running mc-proxy")]

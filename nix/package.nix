@@ -10,7 +10,8 @@ rustPlatform.buildRustPackage {
   pname = cargoToml.package.name;
   inherit (cargoToml.package) version;
 
-  # Only what the build reads: no target/, no .git, no deploy files.
+  # Only what the build reads: no target/, no .git, no deploy files. The
+  # workspace members (crates/) are part of the build.
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
@@ -18,6 +19,7 @@ rustPlatform.buildRustPackage {
       ../Cargo.lock
       ../build.rs
       ../src
+      ../crates
       ../proto
     ];
   };

@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
-
-use crate::firewall::rule::{Rule, RuleKind};
-use crate::routes::{Backend, Hostname};
+use wire::route::{Backend, Hostname};
+use wire::rule::{Rule, RuleKind};
 
 /// Where the config is read from when `-c` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/srv/mc-proxy/mc-proxy.toml";

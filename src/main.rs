@@ -178,7 +178,7 @@ enum FirewallCommand {
 }
 
 fn main() -> ExitCode {
-    let version = server::version();
+    let version = mc_proxy::version();
     let matches = Cli::command().version(version).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

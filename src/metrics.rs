@@ -12,12 +12,16 @@
 //! histogram observation). Route and rule counts are read from the live
 //! tables when scraped, so they cannot drift from them; so is the count of
 //! log lines dropped, from [`crate::logging`].
+//!
+//! [`Stats`] is the live connection counters read by `GetStatus` and the
+//! metrics endpoint. Each count lives once, in a listener's metric handles;
+//! the process-wide figures are their sums.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -38,10 +42,10 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use wire::rule::RuleKind;
 
-use crate::firewall::rule::RuleKind;
 use crate::firewall::{BlockReason, Firewall};
-use crate::proxy::conn::Outcome;
+use crate::outcome::Outcome;
 use crate::routes::Routes;
 
 /// Upper bounds (seconds) of the latency histograms: from a local backend's
@@ -49,9 +53,6 @@ use crate::routes::Routes;
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-
-/// The `rule` label of blocked connections, indexed by [`block_index`].
-const BLOCK_RULES: [&str; 5] = ["ip", "cidr", "country", "rate", "conn_limit"];
 
 /// The media type of what [`Metrics::render`] writes.
 pub const CONTENT_TYPE_OPENMETRICS: &str =
@@ -159,8 +160,8 @@ pub struct ListenerMetrics {
     active: Gauge,
     /// Indexed by [`Outcome::index`].
     closed: [Counter; Outcome::LABELS.len()],
-    /// Indexed by [`block_index`].
-    blocked: [Counter; BLOCK_RULES.len()],
+    /// Indexed by [`BlockReason::index`].
+    blocked: [Counter; BlockReason::LABELS.len()],
     bytes_up: Counter,
     bytes_down: Counter,
     hello_seconds: Histogram,
@@ -169,24 +170,6 @@ pub struct ListenerMetrics {
 
 fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
-}
-
-fn block_index(reason: BlockReason) -> usize {
-    match reason {
-        BlockReason::Ip => 0,
-        BlockReason::Cidr => 1,
-        BlockReason::Country(_) => 2,
-        BlockReason::Rate => 3,
-        BlockReason::ConnLimit => 4,
-    }
-}
-
-fn rule_label(kind: RuleKind) -> &'static str {
-    match kind {
-        RuleKind::Ip => BLOCK_RULES[0],
-        RuleKind::Cidr => BLOCK_RULES[1],
-        RuleKind::Country => BLOCK_RULES[2],
-    }
 }
 
 impl Metrics {
@@ -296,7 +279,7 @@ impl Metrics {
                             outcome,
                         })
                     }),
-                    blocked: BLOCK_RULES.map(|rule| {
+                    blocked: BlockReason::LABELS.map(|rule| {
                         blocked.get_or_create_owned(&BlockedLabels {
                             listener: addr.clone(),
                             rule,
@@ -315,12 +298,8 @@ impl Metrics {
                 }
             })
             .collect();
-        for kind in [RuleKind::Ip, RuleKind::Cidr, RuleKind::Country] {
-            firewall_rules
-                .get_or_create(&RuleLabel {
-                    rule: rule_label(kind),
-                })
-                .set(0);
+        for rule in RuleKind::LABELS {
+            firewall_rules.get_or_create(&RuleLabel { rule }).set(0);
         }
         Metrics {
             registry,
@@ -359,22 +338,13 @@ impl Metrics {
                 })
                 .set(i64::try_from(listener.snapshot().len()).unwrap_or(i64::MAX));
         }
-        let mut counts = [0i64; 3];
+        let mut counts = [0i64; RuleKind::LABELS.len()];
         for rule in firewall.rules().rules() {
-            counts[match rule.kind() {
-                RuleKind::Ip => 0,
-                RuleKind::Cidr => 1,
-                RuleKind::Country => 2,
-            }] += 1;
+            counts[rule.kind().index()] += 1;
         }
-        for (kind, count) in [RuleKind::Ip, RuleKind::Cidr, RuleKind::Country]
-            .into_iter()
-            .zip(counts)
-        {
+        for (rule, count) in RuleKind::LABELS.into_iter().zip(counts) {
             self.firewall_rules
-                .get_or_create(&RuleLabel {
-                    rule: rule_label(kind),
-                })
+                .get_or_create(&RuleLabel { rule })
                 .set(count);
         }
         let mut text = String::with_capacity(16 * 1024);
@@ -416,7 +386,7 @@ impl ListenerMetrics {
     pub fn closed(&self, outcome: Outcome, up: Option<u64>, down: Option<u64>) {
         self.closed[outcome.index()].inc();
         if let Outcome::Blocked(reason) = outcome {
-            self.blocked[block_index(reason)].inc();
+            self.blocked[reason.index()].inc();
         }
         if let Some(up) = up.filter(|&n| n > 0) {
             self.bytes_up.inc_by(up);
@@ -432,6 +402,89 @@ impl ListenerMetrics {
 
     pub fn connect_took(&self, took: Duration) {
         self.connect_seconds.observe(took.as_secs_f64());
+    }
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    pub started_at: SystemTime,
+    /// One entry per bound listener, in config order.
+    pub listeners: Vec<Arc<ListenerStats>>,
+    /// The Prometheus metrics (kept whether or not `[metrics]` serves them).
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug)]
+pub struct ListenerStats {
+    /// The listener's `addr` exactly as written in the config.
+    pub addr: String,
+    /// This listener's metric handles, resolved at start. They hold the
+    /// listener's total and active counts too (`metrics.total()`,
+    /// `metrics.active()`): one counter each, read by both `GetStatus` and
+    /// `/metrics`.
+    pub metrics: ListenerMetrics,
+}
+
+impl Stats {
+    pub fn new(listener_addrs: impl IntoIterator<Item = String>) -> Stats {
+        let addrs: Vec<String> = listener_addrs.into_iter().collect();
+        let metrics = Arc::new(Metrics::new(&addrs, &crate::version()));
+        Stats {
+            started_at: SystemTime::now(),
+            listeners: addrs
+                .into_iter()
+                .zip(metrics.listeners().iter().cloned())
+                .map(|(addr, metrics)| Arc::new(ListenerStats { addr, metrics }))
+                .collect(),
+            metrics,
+        }
+    }
+
+    pub fn listener(&self, addr: &str) -> Option<&Arc<ListenerStats>> {
+        self.listeners.iter().find(|l| l.addr == addr)
+    }
+
+    /// Every accepted connection, blocked ones included.
+    pub fn total_connections(&self) -> i64 {
+        self.sum(ListenerMetrics::total)
+    }
+
+    /// Connections accepted and not yet closed.
+    pub fn active_connections(&self) -> i64 {
+        self.sum(ListenerMetrics::active)
+    }
+
+    /// Connections the firewall refused.
+    pub fn blocked_connections(&self) -> i64 {
+        self.sum(ListenerMetrics::blocked)
+    }
+
+    fn sum(&self, count: fn(&ListenerMetrics) -> i64) -> i64 {
+        self.listeners
+            .iter()
+            .map(|l| count(&l.metrics))
+            .fold(0, i64::saturating_add)
+    }
+}
+
+/// Counts one connection as active for as long as it lives.
+pub struct ActiveGuard {
+    listener: Arc<ListenerStats>,
+}
+
+impl ActiveGuard {
+    /// Counts an accepted connection (total and active) on its listener.
+    pub fn accept(listener: &Arc<ListenerStats>) -> ActiveGuard {
+        listener.metrics.accepted();
+        ActiveGuard {
+            listener: listener.clone(),
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.listener.metrics.released();
     }
 }
 

@@ -25,11 +25,12 @@ use crate::admin::{self, AdminError, AdminServer};
 use crate::config::{AdminAddr, Config};
 use crate::firewall::Firewall;
 use crate::logging;
-use crate::metrics;
-use crate::proxy::{self, capacity, stats::ListenerStats, stats::Stats, Listener};
+use crate::metrics::{self, ListenerStats, Stats};
+use crate::proxy::{self, capacity, Listener};
 use crate::routes::{ListenerRoutes, Routes};
 use crate::shutdown::Shutdown;
 use crate::store::{self, Store};
+use crate::version;
 
 /// How often the GeoIP file is checked for replacement.
 const GEOIP_POLL: Duration = Duration::from_secs(1);
@@ -69,16 +70,6 @@ impl ServerError {
             ServerError::Config(_) => 2,
             ServerError::Runtime(_) | ServerError::Admin { .. } => 1,
         }
-    }
-}
-/// The version: the crate version, plus `git describe` when built from a
-/// checkout. `--version` and `GetStatus.version` print it as `mc-proxy VERSION`.
-pub fn version() -> String {
-    match option_env!("MC_PROXY_GIT_DESCRIBE") {
-        Some(describe) if !describe.is_empty() => {
-            format!("{} ({describe})", env!("CARGO_PKG_VERSION"))
-        }
-        _ => env!("CARGO_PKG_VERSION").to_string(),
     }
 }
 

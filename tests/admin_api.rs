@@ -16,7 +16,7 @@ use mc_proxy::admin::proto::{self, FirewallRuleType};
 use mc_proxy::admin::AdminError;
 use mc_proxy::config::{AdminAddr, ClientTls, Config, GrpcConfig, ServerTls};
 use mc_proxy::firewall::Firewall;
-use mc_proxy::proxy::stats::Stats;
+use mc_proxy::metrics::Stats;
 use mc_proxy::routes::Routes;
 use mc_proxy::server::{App, ServerError};
 use tonic::transport::Channel;
@@ -82,7 +82,7 @@ impl Harness {
 
 /// What `GetStatus.version` says.
 fn version() -> String {
-    format!("mc-proxy {}", mc_proxy::server::version())
+    format!("mc-proxy {}", mc_proxy::version())
 }
 
 /// A running server, its tables, and the switch that stops it.
@@ -1010,8 +1010,8 @@ async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
 #[tokio::test]
 async fn get_status_reports_live_counters() {
     use mc_proxy::firewall::BlockReason;
-    use mc_proxy::proxy::conn::Outcome;
-    use mc_proxy::proxy::stats::ActiveGuard;
+    use mc_proxy::metrics::ActiveGuard;
+    use mc_proxy::outcome::Outcome;
     let h = Harness::new().await;
     let (running, mut client) = unix_server(&h).await;
     // Five connections accepted on listener 1, four of them gone; two more

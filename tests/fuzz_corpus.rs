@@ -8,8 +8,6 @@
 use std::path::{Path, PathBuf};
 
 use mc_proxy::config::Config;
-// `crate::hello` for the shared checks.
-use mc_proxy::hello;
 use mc_proxy::proxy_protocol;
 
 /// The files of `fuzz/corpus/NAME`, sorted (the corpus must exist and be
@@ -49,13 +47,10 @@ fn replay(name: &str, check: fn(&[u8])) {
 }
 
 /// The hello reader: the `hello` fuzz target's own checks
-/// (`fuzz/checks/hello.rs`: chunked feeding gives the answer of one call,
+/// (`wire::hello::checks`: chunked feeding gives the answer of one call,
 /// prefixes need more, re-framing changes nothing).
-#[path = "../fuzz/checks/hello.rs"]
-mod hello_checks;
-
 fn check_hello(data: &[u8]) {
-    hello_checks::check(data);
+    wire::hello::checks::check(data);
 }
 
 /// The config loader: a validated config or a one-line error naming the

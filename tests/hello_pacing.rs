@@ -92,17 +92,16 @@ const PAUSE: Duration = Duration::from_millis(1);
 async fn paced_one_byte_record_64k_hello_is_cheap_and_others_are_served_meanwhile() {
     let (backend, mut received) = echo_backend().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let toml = format!(
         "[database]\npath = \"{}\"\n\n{}[proxy]\nhandshake_timeout = \"60s\"\n",
         dir.path().join("mc-proxy.db").display(),
         listener_toml(
-            &addr.to_string(),
+            "127.0.0.1:0",
             &[("slow.test", backend), ("good.test", backend)]
         ),
     );
     let proxy = Proxy::start(dir.path(), &toml);
+    let addr = proxy.listener("127.0.0.1:0");
     let pid = proxy.pid();
 
     let slow_hello = records(&big_hello_message(), 1);

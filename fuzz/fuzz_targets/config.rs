@@ -10,24 +10,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-
-// Included by path (like the hello target) so the fuzz build needs only the
-// config loader's own dependencies, not the whole server's.
-#[allow(dead_code)]
-#[path = "../../src/config.rs"]
-mod config;
-#[allow(dead_code)]
-#[path = "../../src/routes.rs"]
-mod routes;
-#[allow(dead_code)]
-#[path = "../../src/firewall/rule.rs"]
-pub mod rule;
-mod firewall {
-    pub use super::rule;
-}
-
-use config::Config;
-use routes::{Backend, Hostname};
+use mc_proxy::config::Config;
+use wire::route::{Backend, Hostname};
 
 const SOURCE: &str = "/etc/mc-proxy/mc-proxy.toml";
 

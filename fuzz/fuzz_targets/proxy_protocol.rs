@@ -8,12 +8,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-
-// Included by path so the fuzz build needs none of the main crate's dependencies.
-#[path = "../../src/proxy_protocol.rs"]
-mod proxy_protocol;
-
-use proxy_protocol::{encode_v2, parse, Addresses, Parse, V1_MAX_LEN, V2_MAX_LEN};
+use wire::proxy_protocol::{encode_v2, parse, Addresses, Parse, V1_MAX_LEN, V2_MAX_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let result = parse(data);

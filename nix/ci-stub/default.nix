@@ -124,6 +124,8 @@ let
     assert check (builtins.pathExists "${src}/build.rs" && builtins.pathExists "${src}/proto")
       "buildRustPackage: src must hold build.rs and proto/ (the admin API is generated at build time)";
     assert check (builtins.pathExists "${src}/src/main.rs") "buildRustPackage: src has no src/main.rs";
+    assert check (all (m: builtins.pathExists "${src}/${m}/Cargo.toml") (cargoToml.workspace.members or [ ]))
+      "buildRustPackage: src must hold every workspace member (crates/)";
     assert check (!(builtins.pathExists "${src}/target"))
       "buildRustPackage: src must not include target/";
     assert check (cargoToml.package.name == args.pname)

@@ -15,13 +15,14 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+use wire::rule::RuleKind;
 
 pub use super::client::ClientTarget;
-use super::client::{self, code_name, ClientError};
+use super::client::{self, ClientError};
 use super::proto;
 use super::proto::proxy_admin_service_client::ProxyAdminServiceClient;
+use super::status::code_name;
 use crate::config::{AdminAddr, ClientTls, Config, GrpcConfig};
-use crate::firewall::rule::RuleKind;
 
 /// Command-line flags that override the config's `[grpc]` section.
 #[derive(Debug, Clone, Default)]

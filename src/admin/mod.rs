@@ -10,23 +10,18 @@
 //! - [`client`]: connects the CLI to a running server over either transport.
 //! - [`cli`]: the `status`, `routes` and `firewall` subcommands: call, print,
 //!   return an exit status.
+//! - [`status`]: gRPC status code names, shared by the service and the CLI.
 //!
 //! Never touches a connection in flight: route and rule changes affect the
 //! next connection only.
 
 pub mod cli;
 pub mod client;
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto;
 pub mod server;
 pub mod service;
+pub mod status;
 
 pub use server::{serve, AdminError, AdminServer};
 pub use service::AdminState;
-
-/// Code generated from `proto/mc_proxy/v1/admin.proto` by `build.rs`.
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
-pub mod proto {
-    tonic::include_proto!("mc_proxy.v1");
-
-    /// The encoded descriptor set (with imports) that server reflection serves.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("admin_descriptor");
-}

@@ -34,7 +34,7 @@ use super::proto;
 use super::proto::proxy_admin_service_server::ProxyAdminServiceServer;
 use super::service::AdminService;
 use crate::config::{AdminAddr, GrpcConfig, ServerTls};
-use crate::proxy::next_accept_backoff;
+use crate::net::next_accept_backoff;
 
 /// Largest request message the server decodes.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;

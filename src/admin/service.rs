@@ -14,12 +14,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
+use wire::rule::{Rule, RuleKind};
 
 use super::proto;
 use super::proto::proxy_admin_service_server::ProxyAdminService;
-use crate::firewall::rule::{Rule, RuleKind};
+use super::status::code_name;
 use crate::firewall::Firewall;
-use crate::proxy::stats::Stats;
+use crate::metrics::Stats;
 use crate::routes::{Backend, Hostname, Routes, Target};
 use crate::store::{Store, StoreError};
 
@@ -144,7 +145,7 @@ fn log_result<T>(
         Ok(_) => info!(method, result = ok, "admin: {fields}"),
         Err(status) => info!(
             method,
-            result = super::client::code_name(status.code()),
+            result = code_name(status.code()),
             error = status.message(),
             "admin: {fields}"
         ),
@@ -160,7 +161,7 @@ impl AdminService {
     fn counted<T>(&self, method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
         let code = match &result {
             Ok(_) => "OK",
-            Err(status) => super::client::code_name(status.code()),
+            Err(status) => code_name(status.code()),
         };
         self.state.stats.metrics.admin_call(method, code);
         result

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use maxminddb::Reader;
 use serde::Deserialize;
 
-use super::rule::CountryCode;
+use wire::rule::CountryCode;
 
 /// Why a GeoIP database was refused. Every message names the file.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,8 @@
 //! about to be served take a slot ([`Firewall::check`] is the same decision
 //! without that last step).
 //!
-//! - [`rule`]: rule values and their text forms.
+//! - [`rule`]: rule values and their text forms (the `wire` crate's,
+//!   re-exported).
 //! - `ipset`: IP and CIDR matching in logarithmic time.
 //! - [`geoip`]: the MaxMind database.
 //! - [`ratelimit`]: the per-client limiter.
@@ -26,7 +27,7 @@ pub mod concurrency;
 pub mod geoip;
 mod ipset;
 pub mod ratelimit;
-pub mod rule;
+pub use wire::rule;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -43,26 +44,27 @@ use ipset::{AddrMatch, AddrSet};
 pub use ratelimit::RateLimiter;
 pub use rule::{CountryCode, Rule, RuleError, RuleKind};
 
-/// Why a connection was refused. `Display` gives the log outcome suffix:
-/// `ip`, `cidr`, `country:XX`, `rate`, `conn_limit`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BlockReason {
-    Ip,
-    Cidr,
-    Country(CountryCode),
-    Rate,
-    /// The client already holds `max_connections_per_ip` open connections.
-    ConnLimit,
+wire::labelled_enum! {
+    /// Why a connection was refused. The label is the `rule` label of the
+    /// blocked-connections metric (a rule's is its [`RuleKind`]'s); `Display`
+    /// gives the log outcome suffix: `ip`, `cidr`, `country:XX`, `rate`,
+    /// `conn_limit`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum BlockReason {
+        Ip => RuleKind::Ip.label(),
+        Cidr => RuleKind::Cidr.label(),
+        Country(CountryCode) => RuleKind::Country.label(),
+        Rate => "rate",
+        /// The client already holds `max_connections_per_ip` open connections.
+        ConnLimit => "conn_limit",
+    }
 }
 
 impl fmt::Display for BlockReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BlockReason::Ip => f.write_str("ip"),
-            BlockReason::Cidr => f.write_str("cidr"),
-            BlockReason::Country(cc) => write!(f, "country:{cc}"),
-            BlockReason::Rate => f.write_str("rate"),
-            BlockReason::ConnLimit => f.write_str("conn_limit"),
+            BlockReason::Country(cc) => write!(f, "{}:{cc}", self.label()),
+            _ => f.write_str(self.label()),
         }
     }
 }

@@ -16,8 +16,8 @@
 pub mod capacity;
 pub mod conn;
 pub mod connect;
+mod listener;
 pub mod relay;
-pub mod stats;
 mod sys;
 
 use std::io;
@@ -28,34 +28,14 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
-use crate::config::{BindAddr, ListenAddr, ProxyConfig};
-use crate::firewall::Firewall;
-use crate::routes::ListenerRoutes;
+use crate::config::{BindAddr, ListenAddr};
+use crate::metrics::ActiveGuard;
+use crate::net::next_accept_backoff;
 use crate::shutdown::Shutdown;
-use capacity::Capacity;
-use stats::{ActiveGuard, ListenerStats};
+pub use listener::Listener;
 
 /// Pending connections the kernel queues for us.
 const BACKLOG: i32 = 4096;
-
-/// Everything one listener's connections share.
-pub struct Listener {
-    pub routes: Arc<ListenerRoutes>,
-    pub firewall: Arc<Firewall>,
-    pub listener_stats: Arc<ListenerStats>,
-    pub timeouts: ProxyConfig,
-    /// Every connection starts with a PROXY v1/v2 header (trusted upstreams only).
-    pub proxy_protocol: bool,
-    /// The connection cap shared by every listener.
-    pub capacity: Arc<Capacity>,
-}
-
-/// The next wait after an `accept` that failed for lack of resources
-/// (EMFILE, ENFILE, ENOBUFS, ENOMEM): 10 ms, doubling up to 1 s. Shared by the
-/// proxy's listeners and the admin API's, so neither ever spins.
-pub(crate) fn next_accept_backoff(previous: Duration) -> Duration {
-    (previous * 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
-}
 
 /// Binds a listening socket. `":PORT"` is one dual-stack IPv6 socket that
 /// also accepts IPv4 (as mapped addresses, judged as IPv4 by the firewall).

@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
-use super::{conn_path, SqliteContext, StoreError, NOW_SQL};
+use super::db::{conn_path, SqliteContext, StoreError, NOW_SQL};
 
 /// The schema version this binary writes.
 pub const LATEST: i64 = 2;

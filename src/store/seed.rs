@@ -9,13 +9,23 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use rusqlite::{Connection, TransactionBehavior};
+use wire::rule::Rule;
 
-use super::{
-    insert_listener, insert_rule, load_routes, load_rules, Loaded, SqliteContext, StoreError,
-};
+use super::db::{insert_listener, insert_rule, load_routes, load_rules, SqliteContext, StoreError};
 use crate::config::ListenerConfig;
-use crate::firewall::rule::Rule;
 use crate::routes::{Hostname, RouteMap, Target};
+
+/// The tables the server starts with, as they are in the DB after seeding.
+#[derive(Debug)]
+pub struct Loaded {
+    /// One entry per config listener (the set that is bound), in config
+    /// order: its `addr` text and its routes as stored.
+    pub listeners: Vec<(String, RouteMap)>,
+    /// Firewall rules from the DB, oldest first.
+    pub rules: Vec<Rule>,
+    /// True when this run seeded an empty DB from the config.
+    pub seeded: bool,
+}
 
 pub(super) fn seed_or_load(
     conn: &mut Connection,

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::{SqliteContext, StoreError, BUSY_TIMEOUT, DB_FILE_MODE};
+use super::db::{SqliteContext, StoreError, BUSY_TIMEOUT, DB_FILE_MODE};
 
 /// The default directory's mode: backups are as secret as the DB.
 const BACKUP_DIR_MODE: u32 = 0o700;

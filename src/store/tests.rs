@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
+use wire::rule::{Rule, RuleKind};
 
 use super::*;
-use crate::firewall::rule::RuleKind;
-use crate::routes::{ListenerRoutes, Routes};
+use crate::routes::{Backend, Hostname, ListenerRoutes, RouteMap, Routes, Target};
 
 const LISTENERS: &str = r#"
 [[listeners]]

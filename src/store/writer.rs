@@ -10,9 +10,9 @@ use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
+use wire::rule::Rule;
 
-use super::{conn_path, file_identity, insert_rule, SqliteContext, StoreError, NOW_SQL};
-use crate::firewall::rule::Rule;
+use super::db::{conn_path, file_identity, insert_rule, SqliteContext, StoreError, NOW_SQL};
 use crate::routes::{Hostname, ListenerRoutes, Routes, Target};
 
 /// Called with every rule after each committed rule change.

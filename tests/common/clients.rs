@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::hello::client_hello;
 use super::pki::Pki;
+use wire::hello::build::client_hello;
 
 /// The TLS client every test uses: a TCP connection to `addr`, then
 /// [`tls_over`].

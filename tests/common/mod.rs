@@ -9,13 +9,12 @@
 //! - [`fixtures`]: config text, GeoIP files, the DB on disk, the admin client.
 //! - [`sys`]: /proc figures and descriptor limits.
 //! - [`inproc`]: the server in-process (`App::build` on port 0).
-//! - `hello`: hand-built ClientHellos (shared with benches/ and examples/).
+//! - hand-built ClientHellos: `wire::hello::build` (the `testing` feature).
 #![allow(dead_code, unused_imports)] // each test file uses a different part
 
 pub mod backends;
 pub mod clients;
 pub mod fixtures;
-mod hello;
 pub mod inproc;
 pub mod pki;
 pub mod process;
@@ -24,8 +23,8 @@ pub mod sys;
 pub use backends::*;
 pub use clients::*;
 pub use fixtures::*;
-pub use hello::{client_hello, hello_message, records};
 pub use inproc::*;
 pub use pki::*;
 pub use process::*;
 pub use sys::*;
+pub use wire::hello::build::{client_hello, hello_message, records};

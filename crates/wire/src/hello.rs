@@ -91,6 +91,11 @@
 use std::fmt;
 use std::ops::Range;
 
+#[cfg(feature = "testing")]
+pub mod build;
+#[cfg(feature = "testing")]
+pub mod checks;
+
 /// Maximum ClientHello handshake message body length (the 24-bit handshake
 /// length field). A declared length above this is [`Reject::TooLarge`].
 pub const MAX_HELLO_LEN: usize = 65536;
@@ -785,37 +790,37 @@ mod tests {
     const FIXTURES: &[(&str, &[u8], &str, &[&str])] = &[
         (
             "chromium-156-pq",
-            include_bytes!("../tests/data/hellos/chromium-156-pq.bin"),
+            include_bytes!("../../../tests/data/hellos/chromium-156-pq.bin"),
             "chrome.test",
             &["h2", "http/1.1"],
         ),
         (
             "curl-7.88",
-            include_bytes!("../tests/data/hellos/curl-7.88.bin"),
+            include_bytes!("../../../tests/data/hellos/curl-7.88.bin"),
             "curl.test",
             &["h2", "http/1.1"],
         ),
         (
             "openssl-3.0-s_client",
-            include_bytes!("../tests/data/hellos/openssl-3.0-s_client.bin"),
+            include_bytes!("../../../tests/data/hellos/openssl-3.0-s_client.bin"),
             "openssl.test",
             &[],
         ),
         (
             "python-3.11",
-            include_bytes!("../tests/data/hellos/python-3.11.bin"),
+            include_bytes!("../../../tests/data/hellos/python-3.11.bin"),
             "python.test",
             &[],
         ),
         (
             "rustls-0.23-pq",
-            include_bytes!("../tests/data/hellos/rustls-0.23-pq.bin"),
+            include_bytes!("../../../tests/data/hellos/rustls-0.23-pq.bin"),
             "rustls-pq.test",
             &["h2", "http/1.1"],
         ),
         (
             "node-20",
-            include_bytes!("../tests/data/hellos/node-20.bin"),
+            include_bytes!("../../../tests/data/hellos/node-20.bin"),
             "node.test",
             &[],
         ),

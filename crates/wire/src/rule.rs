@@ -35,21 +35,21 @@ impl fmt::Display for CountryCode {
     }
 }
 
-/// What a rule matches on; the store's `type` column holds `as_str()`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RuleKind {
-    Ip,
-    Cidr,
-    Country,
+crate::labelled_enum! {
+    /// What a rule matches on. Its label is the store's `type` column, the
+    /// API's and the CLI's rule type, and the metrics' `rule` label.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum RuleKind {
+        Ip => "ip",
+        Cidr => "cidr",
+        Country => "country",
+    }
 }
 
 impl RuleKind {
+    /// The label (`"ip"`, `"cidr"`, `"country"`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            RuleKind::Ip => "ip",
-            RuleKind::Cidr => "cidr",
-            RuleKind::Country => "country",
-        }
+        self.label()
     }
 }
 

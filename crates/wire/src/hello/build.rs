@@ -1,6 +1,7 @@
 //! Hand-built ClientHellos, without dependencies, so that the integration
 //! tests (through `common`), the criterion benches and the loopback
-//! benchmark tool share one builder (`#[path]`-included there).
+//! benchmark tool share one builder (the `testing` feature, which the main
+//! crate's dev-dependency turns on).
 
 /// A minimal but well-formed TLS 1.3 ClientHello handshake message (type,
 /// length, body) with the given SNI and `padding` bytes of padding extension.

@@ -1,7 +1,7 @@
 //! PROXY protocol (HAProxy's, versions 1 and 2): bytes in, Need/Done/Reject
 //! out, and the v2 header we send to backends. No I/O. Never blocks, never
 //! panics on input, never reads past what it is given, and depends on
-//! nothing but `std` (the fuzz target includes this file by path).
+//! nothing but `std`.
 //!
 //! [`parse`] is handed everything read from an upstream so far and answers:
 //!
@@ -676,7 +676,10 @@ mod tests {
 
     #[test]
     fn fuzz_corpus_replays_keep_the_promises() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/proxy_protocol");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/corpus/proxy_protocol"
+        );
         let mut count = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();

@@ -1,7 +1,7 @@
 //! The properties of the ClientHello reader that the `hello` fuzz target
 //! checks on every input, and that `make test` checks on every file of the
-//! committed corpus (tests/fuzz_corpus.rs). Both include this file by path;
-//! `crate::hello` is the reader module in both crates.
+//! committed corpus (tests/fuzz_corpus.rs). Both call [`check`] (the
+//! `testing` feature).
 //!
 //! Beyond "never panics":
 //!

@@ -1,0 +1,26 @@
+//! mc-proxy's bottom layer: what the proxy reads off the wire and the value
+//! types its tables are made of. Pure: no I/O, no async runtime, no global
+//! state, and no dependency on the `mc-proxy` crate (the compiler holds this
+//! layer: nothing here can reach up into the server).
+//!
+//! - [`proxy_protocol`]: the PROXY v1/v2 header read first on a
+//!   `proxy_protocol` listener, and the v2 header written to backends.
+//! - [`hello`]: the ClientHello reader: bytes in, need-more / done / reject
+//!   out.
+//! - [`route`]: normalised hostnames, backends, and the immutable
+//!   hostname → target map a lookup runs on.
+//! - [`rule`]: firewall rule values (IP, CIDR, country code).
+//! - [`labelled_enum!`]: an enum's metric labels and the index into them,
+//!   derived from one list.
+//!
+//! With the `testing` feature: `hello::build` (hand-built ClientHellos) and
+//! `hello::checks` (the reader's properties, shared by the fuzz target and
+//! the corpus replay).
+#![forbid(unsafe_code)]
+
+mod labels;
+
+pub mod hello;
+pub mod proxy_protocol;
+pub mod route;
+pub mod rule;

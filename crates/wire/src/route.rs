@@ -1,0 +1,445 @@
+//! Route values: normalised hostnames, backends, and the immutable
+//! hostname → target map that a listener's live table (`mc_proxy::routes`)
+//! swaps as a whole.
+//!
+//! Owns: the `Hostname` and `Backend` value types (the only place their text
+//! forms are validated), and the lookup rule (exact match, then a one-label
+//! wildcard). Never does I/O; a lookup never takes a lock or allocates.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// Longest DNS name we accept, in bytes, without the trailing dot.
+const MAX_HOSTNAME_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+
+/// A route hostname: ASCII lower case, no trailing dot, each label 1–63 bytes
+/// of letters, digits, `-` or `_`. The first label may be `*`, which matches
+/// exactly one label (`*.example.net` matches `a.example.net` only).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hostname(Box<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostnameError {
+    #[error("hostname is empty")]
+    Empty,
+    #[error("hostname is longer than {MAX_HOSTNAME_LEN} bytes")]
+    TooLong,
+    #[error("hostname has an empty label")]
+    EmptyLabel,
+    #[error("hostname label longer than {MAX_LABEL_LEN} bytes")]
+    LabelTooLong,
+    #[error("hostname has an invalid character {0:?}")]
+    InvalidChar(char),
+    #[error("hostname label starts or ends with '-'")]
+    Hyphen,
+    #[error("a wildcard is only allowed as the whole first label of a name with at least two more labels (\"*.example.net\")")]
+    BadWildcard,
+}
+
+impl Hostname {
+    /// Normalises (lower case, one trailing dot removed) and validates.
+    pub fn parse(input: &str) -> Result<Self, HostnameError> {
+        let trimmed = input.strip_suffix('.').unwrap_or(input);
+        if trimmed.is_empty() {
+            return Err(HostnameError::Empty);
+        }
+        if trimmed.len() > MAX_HOSTNAME_LEN {
+            return Err(HostnameError::TooLong);
+        }
+        let lower = trimmed.to_ascii_lowercase();
+        check_labels(&lower)?;
+        Ok(Hostname(lower.into_boxed_str()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+}
+
+/// Validates the labels of a lower-cased name without a trailing dot.
+fn check_labels(lower: &str) -> Result<(), HostnameError> {
+    let label_count = lower.split('.').count();
+    for (index, label) in lower.split('.').enumerate() {
+        if label.is_empty() {
+            return Err(HostnameError::EmptyLabel);
+        }
+        if label.len() > MAX_LABEL_LEN {
+            return Err(HostnameError::LabelTooLong);
+        }
+        if label == "*" {
+            // Only "*.a.b": a wildcard over a bare TLD would route half the internet.
+            if index != 0 || label_count < 3 {
+                return Err(HostnameError::BadWildcard);
+            }
+            continue;
+        }
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(if bad == '*' {
+                HostnameError::BadWildcard
+            } else {
+                HostnameError::InvalidChar(bad)
+            });
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(HostnameError::Hyphen);
+        }
+    }
+    Ok(())
+}
+
+/// Lets a map keyed by `Hostname` be searched with a `&str` (both hash as
+/// the same string), so a lookup needs no `Hostname` built on the heap.
+impl std::borrow::Borrow<str> for Hostname {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Hostname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a route sends its traffic: `IP:port`, `[IPv6]:port` or `name:port`
+/// (a DNS name, resolved at connect time).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    host: BackendHost,
+    port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum BackendHost {
+    Ip(IpAddr),
+    Name(Box<str>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend must be host:port, [ipv6]:port or ip:port")]
+    NotHostPort,
+    #[error("backend port must be a number from 1 to 65535")]
+    BadPort,
+    #[error("backend host is not a valid IP address or DNS name: {0}")]
+    BadHost(HostnameError),
+}
+
+impl Backend {
+    pub fn parse(input: &str) -> Result<Self, BackendError> {
+        if let Ok(sa) = input.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(BackendError::BadPort);
+            }
+            return Ok(Backend {
+                host: BackendHost::Ip(sa.ip()),
+                port: sa.port(),
+            });
+        }
+        let (host, port) = input.rsplit_once(':').ok_or(BackendError::NotHostPort)?;
+        if host.is_empty() || host.contains(':') || host.starts_with('[') {
+            // Bare IPv6 without brackets, or a malformed bracketed one.
+            return Err(BackendError::NotHostPort);
+        }
+        let port = parse_port(port)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(Backend {
+                host: BackendHost::Ip(ip),
+                port,
+            });
+        }
+        let name = Hostname::parse(host).map_err(BackendError::BadHost)?;
+        if name.is_wildcard() {
+            return Err(BackendError::BadHost(HostnameError::BadWildcard));
+        }
+        Ok(Backend {
+            host: BackendHost::Name(name.0),
+            port,
+        })
+    }
+
+    /// The literal socket address when the host is an IP (no resolution needed).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match &self.host {
+            BackendHost::Ip(ip) => Some(SocketAddr::new(*ip, self.port)),
+            BackendHost::Name(_) => None,
+        }
+    }
+
+    /// Host and port for resolution.
+    pub fn host_port(&self) -> (String, u16) {
+        match &self.host {
+            BackendHost::Ip(ip) => (ip.to_string(), self.port),
+            BackendHost::Name(name) => (name.to_string(), self.port),
+        }
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, BackendError> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(BackendError::BadPort);
+    }
+    match text.parse::<u16>() {
+        Ok(0) | Err(_) => Err(BackendError::BadPort),
+        Ok(port) => Ok(port),
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            BackendHost::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            BackendHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            BackendHost::Name(name) => write!(f, "{name}:{}", self.port),
+        }
+    }
+}
+
+/// One routing decision's worth of data: cheap to clone (an `Arc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub backend: Backend,
+    /// Send a PROXY v2 header to the backend before the client's bytes.
+    pub send_proxy_protocol: bool,
+}
+
+/// An immutable hostname → target map: the unit that writers swap.
+#[derive(Clone, Debug, Default)]
+pub struct RouteMap {
+    entries: HashMap<Hostname, Arc<Target>>,
+}
+
+impl RouteMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn insert(&mut self, hostname: Hostname, target: Target) -> Option<Arc<Target>> {
+        self.entries.insert(hostname, Arc::new(target))
+    }
+
+    pub fn remove(&mut self, hostname: &Hostname) -> Option<Arc<Target>> {
+        self.entries.remove(hostname)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, hostname: &Hostname) -> Option<&Arc<Target>> {
+        self.entries.get(hostname)
+    }
+
+    /// Entries sorted by hostname.
+    pub fn sorted(&self) -> Vec<(Hostname, Arc<Target>)> {
+        let mut all: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(h, t)| (h.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Looks up an SNI name exactly as the client sent it: normalised here,
+    /// exact match first, then `*.` + the name without its first label.
+    /// Cost is one normalisation into a stack buffer plus at most two hash
+    /// lookups: O(length of the name), whatever the table size, and no
+    /// allocation.
+    pub fn lookup(&self, sni: &str) -> Option<Arc<Target>> {
+        let trimmed = sni.strip_suffix('.').unwrap_or(sni);
+        let len = trimmed.len();
+        if len == 0 || len > MAX_HOSTNAME_LEN || trimmed.contains('*') {
+            return None;
+        }
+        // The name sits at [2..2 + len]; the wildcard key is written in
+        // place over the end of the first label: "a.b.c" → "*.b.c".
+        let mut buffer = [0u8; MAX_HOSTNAME_LEN + 2];
+        buffer[2..2 + len].copy_from_slice(trimmed.as_bytes());
+        buffer[2..2 + len].make_ascii_lowercase();
+        let name = std::str::from_utf8(&buffer[2..2 + len]).ok()?;
+        check_labels(name).ok()?;
+        if let Some(target) = self.entries.get(name) {
+            return Some(target.clone());
+        }
+        let first_dot = name.find('.')?;
+        let start = 1 + first_dot;
+        buffer[start] = b'*';
+        let wildcard = std::str::from_utf8(&buffer[start..2 + len]).ok()?;
+        self.entries.get(wildcard).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(b: &str) -> Target {
+        Target {
+            backend: Backend::parse(b).unwrap(),
+            send_proxy_protocol: false,
+        }
+    }
+
+    #[test]
+    fn hostnames_are_normalised() {
+        assert_eq!(
+            Hostname::parse("A.Example.NET.").unwrap().as_str(),
+            "a.example.net"
+        );
+        assert_eq!(Hostname::parse("a.test").unwrap().as_str(), "a.test");
+        assert_eq!(Hostname::parse("localhost").unwrap().as_str(), "localhost");
+    }
+
+    #[test]
+    fn bad_hostnames_are_rejected() {
+        for bad in [
+            "", ".", "a..b", "a b", "-a.test", "a-.test", "a.test..", "*", "*.test", "a*.x",
+            "*.*.x", "a.*.x", "é.test", "a/b", "a:443",
+        ] {
+            assert!(Hostname::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(Hostname::parse(&"a".repeat(64)).is_err());
+        assert!(Hostname::parse(&format!("{}.x", "a.".repeat(126))).is_err());
+        assert!(Hostname::parse("*.example.net").is_ok());
+    }
+
+    #[test]
+    fn backends_parse_and_print() {
+        for (input, shown) in [
+            ("127.0.0.1:80", "127.0.0.1:80"),
+            ("[::1]:8443", "[::1]:8443"),
+            ("Backend.Internal:443", "backend.internal:443"),
+        ] {
+            assert_eq!(Backend::parse(input).unwrap().to_string(), shown);
+        }
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:65536",
+            ":80",
+            "::1:80",
+            "[::1]",
+            "a:b",
+            "a:+80",
+            "host name:80",
+            "*.x.y:80",
+            "[zz]:80",
+        ] {
+            assert!(Backend::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// The lookup as first written (allocating, via `Hostname::parse`): the
+    /// in-place one must answer exactly the same.
+    fn reference_lookup(map: &RouteMap, sni: &str) -> Option<Arc<Target>> {
+        let name = Hostname::parse(sni).ok()?;
+        if name.is_wildcard() {
+            return None;
+        }
+        if let Some(target) = map.entries.get(&name) {
+            return Some(target.clone());
+        }
+        let (_, parent) = name.as_str().split_once('.')?;
+        map.entries
+            .get(&Hostname(format!("*.{parent}").into_boxed_str()))
+            .cloned()
+    }
+
+    #[test]
+    fn in_place_lookup_agrees_with_the_allocating_one() {
+        let mut map = RouteMap::new();
+        let long_label = "a".repeat(63);
+        let longest = format!("{long_label}.{long_label}.{long_label}.{}", "b".repeat(61));
+        assert_eq!(longest.len(), MAX_HOSTNAME_LEN);
+        for (i, host) in [
+            "*.example.net",
+            "exact.example.net",
+            "localhost",
+            "*.b.c",
+            "x_y.b.c",
+            longest.as_str(),
+            &format!("*.{long_label}.{long_label}.{}", "b".repeat(61)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            map.insert(
+                Hostname::parse(host).unwrap(),
+                target(&format!("127.0.0.1:{}", i + 1)),
+            );
+        }
+        let wildcard_of_longest = format!("z.{long_label}.{long_label}.{}", "b".repeat(61));
+        for sni in [
+            "a.example.net",
+            "A.EXAMPLE.NET.",
+            "exact.example.net",
+            "a.b.example.net",
+            "example.net",
+            "*.example.net",
+            "a*.example.net",
+            "localhost",
+            "LOCALHOST.",
+            "localhost..",
+            "x",
+            "",
+            ".",
+            "..",
+            "a..example.net",
+            ".example.net",
+            "-a.example.net",
+            "a-.example.net",
+            "é.example.net",
+            "a b.example.net",
+            "a.b.c",
+            "x_y.b.c",
+            "X_Y.B.C",
+            "_.b.c",
+            longest.as_str(),
+            &longest.to_uppercase(),
+            &format!("{longest}."),
+            &format!("{longest}x"),
+            &format!("a{longest}"),
+            wildcard_of_longest.as_str(),
+            &format!("{}.b.c", "q".repeat(64)),
+        ] {
+            assert_eq!(map.lookup(sni), reference_lookup(&map, sni), "{sni:?}");
+        }
+        assert!(map.lookup(&wildcard_of_longest).is_some());
+    }
+
+    #[test]
+    fn lookup_exact_then_one_label_wildcard() {
+        let mut map = RouteMap::new();
+        map.insert(
+            Hostname::parse("*.example.net").unwrap(),
+            target("127.0.0.1:1"),
+        );
+        map.insert(
+            Hostname::parse("exact.example.net").unwrap(),
+            target("127.0.0.1:2"),
+        );
+        let port = |sni: &str| map.lookup(sni).map(|t| t.backend.to_string());
+        assert_eq!(port("EXACT.example.net."), Some("127.0.0.1:2".into()));
+        assert_eq!(port("a.example.net"), Some("127.0.0.1:1".into()));
+        assert_eq!(port("a.b.example.net"), None);
+        assert_eq!(port("example.net"), None);
+        assert_eq!(port("*.example.net"), None);
+        assert_eq!(port(""), None);
+    }
+}
