@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mc_proxy::admin::authority;
 use mc_proxy::config::Config;
 // `crate::hello` for the shared checks.
 use mc_proxy::hello;
@@ -56,6 +57,16 @@ mod hello_checks;
 
 fn check_hello(data: &[u8]) {
     hello_checks::check(data);
+}
+
+/// The admin socket's `:authority` rewriter: the `authority` fuzz target's
+/// own checks (`fuzz/checks/authority.rs`: chunked feeding gives the answer
+/// of one call, its output is accepted and unchanged by a second pass).
+#[path = "../fuzz/checks/authority.rs"]
+mod authority_checks;
+
+fn check_authority(data: &[u8]) {
+    authority_checks::check(data);
 }
 
 /// The config loader: a validated config or a one-line error naming the
@@ -119,4 +130,5 @@ replay! {
     hello => check_hello;
     config => check_config;
     proxy_protocol => check_proxy_protocol;
+    authority => check_authority;
 }
