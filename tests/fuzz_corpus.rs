@@ -53,6 +53,13 @@ fn check_hello(data: &[u8]) {
     wire::hello::checks::check(data);
 }
 
+/// The admin socket's `:authority` rewriter: the `authority` fuzz target's
+/// own checks (`wire::authority::checks`: chunked feeding gives the answer
+/// of one call, its output is accepted and unchanged by a second pass).
+fn check_authority(data: &[u8]) {
+    wire::authority::checks::check(data);
+}
+
 /// The config loader: a validated config or a one-line error naming the
 /// file, never a panic.
 fn check_config(data: &[u8]) {
@@ -114,4 +121,5 @@ replay! {
     hello => check_hello;
     config => check_config;
     proxy_protocol => check_proxy_protocol;
+    authority => check_authority;
 }

@@ -7,6 +7,9 @@
 //! - [`server`]: transports. `unix:PATH` (mode 0660, stale socket replaced) or
 //!   TCP with TLS 1.3 and optional mTLS. There is no plaintext TCP path.
 //!   Health and reflection are served beside the admin service.
+//! - [`authority`]: on the unix socket only, the shim between the socket and
+//!   the HTTP/2 layer that accepts any `:authority` a gRPC client sends
+//!   (C-core's percent-encoded socket path, grpc-java's raw path).
 //! - [`client`]: connects the CLI to a running server over either transport.
 //! - [`cli`]: the `status`, `routes` and `firewall` subcommands: call, print,
 //!   return an exit status.
@@ -15,6 +18,7 @@
 //! Never touches a connection in flight: route and rule changes affect the
 //! next connection only.
 
+pub mod authority;
 pub mod cli;
 pub mod client;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -6,6 +6,10 @@
 //! 0660, removed on a clean stop), the TLS acceptor, and the gRPC server with
 //! health and reflection beside the admin service.
 //!
+//! Unix-socket connections reach tonic through
+//! [`AuthorityShim`](super::authority::AuthorityShim), which makes every
+//! client's `:authority` acceptable to the HTTP/2 layer.
+//!
 //! Never serves plaintext over TCP: the only TCP path hands tonic streams
 //! that finished a TLS 1.3 handshake. A slow or garbage client only ever
 //! holds its own handshake task, never the accept loop.
@@ -30,6 +34,7 @@ use tonic::transport::server::Router;
 use tonic::transport::Server;
 use tracing::{debug, error, info, warn};
 
+use super::authority::AuthorityShim;
 use super::proto;
 use super::proto::proxy_admin_service_server::ProxyAdminServiceServer;
 use super::service::AdminService;
@@ -295,7 +300,7 @@ async fn serve_unix(
         shutdown.await;
         let _ = stop_accepting.send(());
     };
-    let (streams, incoming) = mpsc::channel::<io::Result<UnixStream>>(16);
+    let (streams, incoming) = mpsc::channel::<io::Result<AuthorityShim<UnixStream>>>(16);
     let task = tokio::spawn(async move {
         let accept_loop = tokio::spawn(accept_unix(listener, streams, accepting_stopped));
         serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
@@ -317,12 +322,13 @@ async fn serve_unix(
     })
 }
 
-/// Accepts unix-socket clients and hands them to the gRPC server. On an
+/// Accepts unix-socket clients and hands them to the gRPC server, each
+/// behind the [`AuthorityShim`] (any `:authority` accepted). On an
 /// accept error (EMFILE, ENFILE, ENOMEM...) it waits, doubling the wait up to
 /// one second, instead of retrying at once (as the proxy's listeners do).
 async fn accept_unix(
     listener: UnixListener,
-    streams: mpsc::Sender<io::Result<UnixStream>>,
+    streams: mpsc::Sender<io::Result<AuthorityShim<UnixStream>>>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let mut backoff = Duration::ZERO;
@@ -331,7 +337,7 @@ async fn accept_unix(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     backoff = Duration::ZERO;
-                    if streams.send(Ok(stream)).await.is_err() {
+                    if streams.send(Ok(AuthorityShim::new(stream))).await.is_err() {
                         return;
                     }
                 }

@@ -10,16 +10,20 @@
 //! - [`route`]: normalised hostnames, backends, and the immutable
 //!   hostname → target map a lookup runs on.
 //! - [`rule`]: firewall rule values (IP, CIDR, country code).
+//! - [`authority`]: the admin Unix socket's HTTP/2 `:authority` rewriter
+//!   (client → server frames in, the same frames with header blocks
+//!   re-encoded out).
 //! - [`labelled_enum!`]: an enum's metric labels and the index into them,
 //!   derived from one list.
 //!
-//! With the `testing` feature: `hello::build` (hand-built ClientHellos) and
-//! `hello::checks` (the reader's properties, shared by the fuzz target and
-//! the corpus replay).
+//! With the `testing` feature: `hello::build` (hand-built ClientHellos),
+//! `hello::checks` and `authority::checks` (the properties shared by the
+//! fuzz targets and the corpus replay).
 #![forbid(unsafe_code)]
 
 mod labels;
 
+pub mod authority;
 pub mod hello;
 pub mod proxy_protocol;
 pub mod route;
