@@ -7,7 +7,7 @@
 //! health and reflection beside the admin service.
 //!
 //! Unix-socket connections reach tonic through
-//! [`AuthorityShim`](super::authority::AuthorityShim), which makes every
+//! [`AuthorityShim`], which makes every
 //! client's `:authority` acceptable to the HTTP/2 layer.
 //!
 //! Never serves plaintext over TCP: the only TCP path hands tonic streams
