@@ -468,7 +468,12 @@ impl App {
         let forced = drain.drain(config.proxy.shutdown_timeout).await;
         let _ = stop.send(true);
         if let Some(handle) = admin {
-            let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+            // The admin server bounds its own drain (open calls, a health
+            // Watch stream) by DRAIN_TIMEOUT and then removes its socket
+            // file; waiting a little longer lets it finish that, where an
+            // equal wait raced it and could leave the file behind.
+            let limit = admin::server::DRAIN_TIMEOUT + Duration::from_secs(1);
+            let _ = tokio::time::timeout(limit, handle).await;
         }
         if let Some((_, task)) = metrics {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;

@@ -51,7 +51,7 @@ const MAX_PENDING_HANDSHAKES: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const SOCKET_MODE: u32 = 0o660;
 /// Time in-flight admin calls get to finish once shutdown starts.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the admin API could not start. Each message names the `[grpc]` field
 /// at fault.
