@@ -105,9 +105,33 @@ pub struct Proxy {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub log: Arc<Log>,
+    /// The temp dir of [`Proxy::routing`], removed after the process.
+    temp: Option<tempfile::TempDir>,
 }
 
 impl Proxy {
+    /// `mc-proxy server` in a temp dir of its own: one listener on
+    /// `127.0.0.1:0` with `routes`, then `extra` (a `[proxy]` section, say).
+    /// [`Proxy::addr`] is where it listens.
+    pub fn routing(routes: &[(&str, SocketAddr)], extra: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = super::fixtures::config(
+            dir.path(),
+            &format!(
+                "{}{extra}",
+                super::fixtures::listener_toml("127.0.0.1:0", routes)
+            ),
+        );
+        let mut proxy = Proxy::start(dir.path(), &toml);
+        proxy.temp = Some(dir);
+        proxy
+    }
+
+    /// The bound address of the listener written `127.0.0.1:0`.
+    pub fn addr(&self) -> SocketAddr {
+        self.listener("127.0.0.1:0")
+    }
+
     /// Writes `toml` to `DIR/mc-proxy.toml`, starts `mc-proxy server` on it
     /// and waits until it logs that it started.
     pub fn start(dir: &Path, toml: &str) -> Proxy {
@@ -202,6 +226,7 @@ impl Proxy {
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             log: Log::read(stderr),
+            temp: None,
         }
     }
 
@@ -227,6 +252,27 @@ impl Proxy {
                     .map(str::to_string)
             })
             .unwrap_or_else(|| panic!("no log line with {needles:?}:\n{}", self.log_text()))
+    }
+
+    /// Waits until at least `n` "connection closed" lines contain every
+    /// needle; returns those lines.
+    pub fn wait_conns(&self, needles: &[&str], n: usize, limit: Duration) -> Vec<String> {
+        self.log
+            .wait_for(limit, |text, _| {
+                let lines: Vec<String> = text
+                    .lines()
+                    .filter(|l| l.contains("connection closed"))
+                    .filter(|l| needles.iter().all(|n| l.contains(n)))
+                    .map(str::to_string)
+                    .collect();
+                (lines.len() >= n).then_some(lines)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "fewer than {n} connection lines with {needles:?}:\n{}",
+                    self.log_text()
+                )
+            })
     }
 
     /// How many log lines contain `needle`.
