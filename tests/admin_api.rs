@@ -174,15 +174,34 @@ fn rule(kind: FirewallRuleType, value: &str) -> Option<proto::FirewallRule> {
 }
 
 async fn list_all(client: &mut ProxyAdminServiceClient<Channel>) -> Vec<(String, String, String)> {
-    client
-        .list_routes(proto::ListRoutesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .routes
-        .into_iter()
-        .map(|r| (r.listener_addr, r.hostname, r.backend))
-        .collect()
+    common::list_routes(client).await
+}
+
+fn remove(listener: &str, hostname: &str) -> proto::RemoveRouteRequest {
+    proto::RemoveRouteRequest {
+        listener_addr: listener.into(),
+        hostname: hostname.into(),
+    }
+}
+
+fn add_rule(kind: FirewallRuleType, value: &str) -> proto::AddFirewallRuleRequest {
+    proto::AddFirewallRuleRequest {
+        rule: rule(kind, value),
+    }
+}
+
+fn remove_rule(kind: FirewallRuleType, value: &str) -> proto::RemoveFirewallRuleRequest {
+    proto::RemoveFirewallRuleRequest {
+        rule: rule(kind, value),
+    }
+}
+
+/// The status of a call that must fail.
+fn refused<T>(reply: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {
+    match reply {
+        Ok(_) => panic!("the call succeeded"),
+        Err(status) => status,
+    }
 }
 
 // ---- certificates ---------------------------------------------------------
@@ -671,10 +690,7 @@ async fn add_route_upserts_and_normalises_hostnames() {
     assert_eq!(live.unwrap().backend.to_string(), "127.0.0.1:1002");
 
     client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "A.EXAMPLE.net.".into(),
-        })
+        .remove_route(remove(":443", "A.EXAMPLE.net."))
         .await
         .unwrap();
     assert!(list_all(&mut client).await.is_empty());
@@ -782,13 +798,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("route: "), "{}", err.message());
 
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "bad host".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = refused(client.remove_route(remove(":443", "bad host")).await);
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("hostname: "), "{}", err.message());
 
@@ -841,46 +851,29 @@ async fn unknown_listener_and_absent_entries_are_not_found() {
     let h = Harness::new().await;
     let (running, mut client) = unix_server(&h).await;
 
-    let err = client
-        .add_route(add(route(":9", "a.test", "127.0.0.1:1")))
-        .await
-        .unwrap_err();
+    let err = refused(
+        client
+            .add_route(add(route(":9", "a.test", "127.0.0.1:1")))
+            .await,
+    );
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.message(), "listener \":9\" not found");
 
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":9".into(),
-            hostname: "a.test".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-
-    let err = client
-        .list_routes(proto::ListRoutesRequest {
-            listener_addr: ":9".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "absent.test".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-
-    let err = client
-        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.7"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let unknown_listener = proto::ListRoutesRequest {
+        listener_addr: ":9".into(),
+    };
+    for err in [
+        refused(client.remove_route(remove(":9", "a.test")).await),
+        refused(client.list_routes(unknown_listener).await),
+        refused(client.remove_route(remove(":443", "absent.test")).await),
+        refused(
+            client
+                .remove_firewall_rule(remove_rule(FirewallRuleType::Ip, "192.0.2.7"))
+                .await,
+        ),
+    ] {
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
     running.stop().await;
 }
 
@@ -896,9 +889,7 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
         (FirewallRuleType::Country, "KP"),
     ] {
         client
-            .add_firewall_rule(proto::AddFirewallRuleRequest {
-                rule: rule(kind, value),
-            })
+            .add_firewall_rule(add_rule(kind, value))
             .await
             .unwrap();
     }
@@ -920,9 +911,7 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
         ]
     );
     client
-        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Country, "kp"),
-        })
+        .remove_firewall_rule(remove_rule(FirewallRuleType::Country, "kp"))
         .await
         .unwrap();
     assert_eq!(running.firewall.rules().rules().len(), 2);
@@ -938,52 +927,43 @@ async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
         .await
         .unwrap();
     client
-        .add_firewall_rule(proto::AddFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.1"),
-        })
+        .add_firewall_rule(add_rule(FirewallRuleType::Ip, "192.0.2.1"))
         .await
         .unwrap();
     let before = list_all(&mut client).await;
 
     h.inject_storage_failure();
-    let err = client
-        .add_route(add(route(":443", "new.test", "127.0.0.1:2")))
-        .await
-        .unwrap_err();
+    let err = refused(
+        client
+            .add_route(add(route(":443", "new.test", "127.0.0.1:2")))
+            .await,
+    );
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(
         !err.message().contains("injected"),
         "storage detail leaked: {}",
         err.message()
     );
-    let err = client
-        .add_route(add(route(":443", "kept.test", "127.0.0.1:3")))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-    let err = client
-        .add_firewall_rule(proto::AddFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.2"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "kept.test".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-    let err = client
-        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.1"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    for err in [
+        refused(
+            client
+                .add_route(add(route(":443", "kept.test", "127.0.0.1:3")))
+                .await,
+        ),
+        refused(
+            client
+                .add_firewall_rule(add_rule(FirewallRuleType::Ip, "192.0.2.2"))
+                .await,
+        ),
+        refused(client.remove_route(remove(":443", "kept.test")).await),
+        refused(
+            client
+                .remove_firewall_rule(remove_rule(FirewallRuleType::Ip, "192.0.2.1"))
+                .await,
+        ),
+    ] {
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+    }
 
     assert_eq!(list_all(&mut client).await, before);
     assert_eq!(

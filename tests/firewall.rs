@@ -37,6 +37,17 @@ fn setup(dir: &Path, backend: SocketAddr, firewall: &str) -> String {
     )
 }
 
+/// [`setup`], started.
+fn start(dir: &Path, backend: SocketAddr, firewall: &str) -> Proxy {
+    Proxy::start(dir, &setup(dir, backend, firewall))
+}
+
+/// Asserts that a TLS client from `source` reaches backend A.
+async fn assert_a(source: &str, to: SocketAddr, pki: &Pki) {
+    let name = who_from(source, to, "a.test", pki).await;
+    assert_eq!(name.unwrap(), "A", "from {source}");
+}
+
 /// `(total_connections, blocked_connections)` from `mc-proxy status --json`.
 fn counts(proxy: &Proxy) -> (i64, i64) {
     let (code, out, err) = proxy.cli(&["status", "--json"]);
@@ -50,13 +61,8 @@ fn counts(proxy: &Proxy) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_source_is_routed() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(dir.path(), a.addr, "blocked_ips = [\"127.0.0.2\"]"),
-    );
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
+    let proxy = start(dir.path(), a.addr, "blocked_ips = [\"127.0.0.2\"]");
     let port = proxy.listener("127.0.0.1:0").port();
 
     assert_reset("127.0.0.2", addr(port)).await;
@@ -68,12 +74,7 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
     assert!(line.contains("outcome=blocked:ip"), "{line}");
     assert!(!line.contains("sni="), "{line}");
 
-    assert_eq!(
-        who_from("127.0.0.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.1", addr(port), &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     // A blocked client that talks first is still refused and still unseen
     // (the reset may already be there when connect() returns).
@@ -93,13 +94,8 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cidr_blocks_addresses_inside_it_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(dir.path(), a.addr, "blocked_cidrs = [\"127.0.0.0/30\"]"),
-    );
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
+    let proxy = start(dir.path(), a.addr, "blocked_cidrs = [\"127.0.0.0/30\"]");
     let port = proxy.listener("127.0.0.1:0").port();
     assert_reset("127.0.0.3", addr(port)).await;
     let line = proxy.wait_log(
@@ -110,10 +106,7 @@ async fn cidr_blocks_addresses_inside_it_only() {
     assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
     // 127.0.0.4 is the first address past the /30.
     for outside in ["127.0.0.9", "127.0.0.4"] {
-        assert_eq!(
-            who_from(outside, addr(port), "a.test", &pki).await.unwrap(),
-            "A"
-        );
+        assert_a(outside, addr(port), &pki).await;
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 }
@@ -123,9 +116,7 @@ async fn cidr_blocks_addresses_inside_it_only() {
 /// IPv6 clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(
@@ -141,12 +132,7 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
     assert_reset("127.0.0.2", addr(port)).await;
     assert_reset("127.0.0.3", addr(port)).await;
     assert_reset("::1", v6).await;
-    assert_eq!(
-        who_from("127.0.0.9", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.9", addr(port), &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     proxy.wait_blocked("127.0.0.2", "ip");
     proxy.wait_blocked("127.0.0.3", "cidr");
@@ -155,67 +141,36 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(dir.path(), a.addr, "rate_limit = 3\nrate_window = \"2s\""),
-    );
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
+    let proxy = start(dir.path(), a.addr, "rate_limit = 3\nrate_window = \"2s\"");
     let port = proxy.listener("127.0.0.1:0").port();
     let started = tokio::time::Instant::now();
     for _ in 0..3 {
-        assert_eq!(
-            who_from("127.0.0.5", addr(port), "a.test", &pki)
-                .await
-                .unwrap(),
-            "A"
-        );
+        assert_a("127.0.0.5", addr(port), &pki).await;
     }
     assert_reset("127.0.0.5", addr(port)).await;
     // The window is counted per client: another source is not affected.
-    assert_eq!(
-        who_from("127.0.0.6", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.6", addr(port), &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 4);
     let line = proxy.wait_log(&["outcome=blocked:rate"], Duration::from_secs(5));
     assert!(line.contains("client=127.0.0.5:"), "{line}");
 
     // 127.0.0.5's window opened at its first connection, after `started`:
-    // once it is over, the next connection opens a new one.
+    // once it is over, the next connection opens a new one (the wait is
+    // the point: the window is 2 s of wall time).
     tokio::time::sleep_until(started + Duration::from_millis(2300)).await;
-    assert_eq!(
-        who_from("127.0.0.5", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.5", addr(port), &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let toml = setup(dir.path(), a.addr, "");
     let proxy = Proxy::start(dir.path(), &toml);
     let port = proxy.listener("127.0.0.1:0").port();
-    assert_eq!(
-        who_from("127.0.0.7", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
-    assert_eq!(
-        who_from("127.0.8.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.7", addr(port), &pki).await;
+    assert_a("127.0.8.1", addr(port), &pki).await;
 
     for rule in [["--ip", "127.0.0.7"], ["--cidr", "127.0.8.0/24"]] {
         let (code, out, err) = proxy.cli(&["firewall", "add", rule[0], rule[1]]);
@@ -225,12 +180,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     assert_reset("127.0.8.1", addr(port)).await;
     proxy.wait_blocked("127.0.0.7", "ip");
     proxy.wait_blocked("127.0.8.1", "cidr");
-    assert_eq!(
-        who_from("127.0.9.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.9.1", addr(port), &pki).await;
     let on_disk = vec![
         ("cidr".to_string(), "127.0.8.0/24".to_string()),
         ("ip".to_string(), "127.0.0.7".to_string()),
@@ -250,12 +200,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
 
     let (code, out, err) = proxy.cli(&["firewall", "remove", "--ip", "127.0.0.7"]);
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
-    assert_eq!(
-        who_from("127.0.0.7", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.7", addr(port), &pki).await;
     assert_eq!(db_rules(&proxy.db()), on_disk[..1].to_vec());
     // Removing it again is NOT_FOUND, exit 1.
     let (code, _, err) = proxy.cli(&["firewall", "remove", "--ip", "127.0.0.7"]);
@@ -264,12 +209,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     proxy.stop();
     let proxy = Proxy::start(dir.path(), &toml);
     let port = proxy.listener("127.0.0.1:0").port();
-    assert_eq!(
-        who_from("127.0.0.7", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.7", addr(port), &pki).await;
     assert_reset("127.0.8.1", addr(port)).await;
 }
 
@@ -284,22 +224,14 @@ fn replace(path: &Path, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_sighup() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let mmdb = dir.path().join("GeoLite2-Country.mmdb");
     std::fs::copy(GEOLITE2, &mmdb).unwrap();
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(
-            dir.path(),
-            a.addr,
-            &format!(
-                "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
-                mmdb.display()
-            ),
-        ),
+    let firewall = format!(
+        "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
+        mmdb.display()
     );
+    let proxy = start(dir.path(), a.addr, &firewall);
     let port = proxy.listener("127.0.0.1:0").port();
     // A country rule added at runtime, normalised to upper case.
     let (code, _, err) = proxy.cli(&["firewall", "add", "--country", "kp"]);
@@ -312,18 +244,8 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
         ]
     );
     // Loopback has no country in MaxMind's test file.
-    assert_eq!(
-        who_from("127.0.0.4", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
-    assert_eq!(
-        who_from("127.0.0.12", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.4", addr(port), &pki).await;
+    assert_a("127.0.0.12", addr(port), &pki).await;
 
     // Replaced by rename: picked up without a restart (SPEC: within 5 s).
     replace(
@@ -335,22 +257,12 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     assert_reset("127.0.0.12", addr(port)).await;
     proxy.wait_blocked("127.0.0.4", "country:KP");
     proxy.wait_blocked("127.0.0.12", "country:GB");
-    assert_eq!(
-        who_from("127.0.0.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.1", addr(port), &pki).await;
 
     // Removing the rule lets the country in at the next connection.
     let (code, _, err) = proxy.cli(&["firewall", "remove", "--country", "KP"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        who_from("127.0.0.4", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.4", addr(port), &pki).await;
 
     // A corrupt replacement is refused, logged, and the old data kept.
     replace(&mmdb, b"this is not a MaxMind database");
@@ -364,12 +276,7 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     // A good file again; then SIGHUP reloads even an unchanged file.
     replace(&mmdb, &geoip_db(&[("127.0.0.13/32", "GB")]));
     proxy.wait_count("GeoIP database reloaded", 2, Duration::from_secs(5));
-    assert_eq!(
-        who_from("127.0.0.12", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.12", addr(port), &pki).await;
     assert_reset("127.0.0.13", addr(port)).await;
     proxy.signal("HUP");
     proxy.wait_count("SIGHUP: GeoIP database reloaded", 1, Duration::from_secs(5));

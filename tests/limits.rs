@@ -70,9 +70,7 @@ async fn metric(addr: SocketAddr, series: &str) -> f64 {
 /// counted, not the upstream's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limit_refuses_the_fourth_open_connection_across_listeners() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("limits CA");
-    let backend = tls_backend(&pki, "B", &["ok.test"]).await;
+    let (dir, pki, backend) = tls_scene("B", &["ok.test"]).await;
     let route = [route("ok.test", backend.addr)];
     let proxy = Proxy::start(
         dir.path(),
@@ -197,9 +195,7 @@ fn start_field(proxy: &Proxy, key: &str) -> u64 {
 async fn at_max_connections_the_accept_loop_waits_instead_of_running_out_of_descriptors() {
     const EXTRA: usize = 30;
     ensure_own_nofile(4096);
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("cap CA");
-    let backend = tls_backend(&pki, "B", &["ok.test"]).await;
+    let (dir, pki, backend) = tls_scene("B", &["ok.test"]).await;
     let proxy = Proxy::start_with_nofile(
         dir.path(),
         &config(

@@ -15,9 +15,7 @@ use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hostnames_over_two_listeners_reach_their_backends() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["b.test"]).await;
     let c = tls_backend(&pki, "C", &["c.test"]).await;
     let toml = config(
@@ -402,9 +400,7 @@ async fn slowloris_does_not_delay_a_good_client_and_is_closed_after_handshake_ti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_on_ipv6_loopback() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let server = InProcess::start(
         dir.path(),
         &config(dir.path(), &listener("[::1]:0", &[route("a.test", a.addr)])),
@@ -417,9 +413,7 @@ async fn listener_on_ipv6_loopback() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_listener_accepts_ipv4_and_ipv6() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let proxy = Proxy::start(
         dir.path(),
         &config(dir.path(), &listener(":0", &[route("a.test", a.addr)])),
@@ -446,9 +440,7 @@ async fn dual_stack_listener_accepts_ipv4_and_ipv6() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_s_client_reaches_the_backend() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["openssl.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["openssl.test"]).await;
     let server = InProcess::routing(&[("openssl.test", a.addr)], "").await;
     let port = server.addr().port();
     let ca = pki.write_ca(dir.path(), "ca");
@@ -701,9 +693,7 @@ fn server_with_a_taken_port_exits_1_naming_the_listener() {
 /// the start line says how many workers run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_follow_the_environment_or_the_cpu_count() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let toml = config(
         dir.path(),
         &listener("127.0.0.1:0", &[route("a.test", a.addr)]),

@@ -198,16 +198,7 @@ fn second_signal_exits_with(signal: &str, code: i32) {
     // Acknowledged changes: one through the CLI, more through the API
     // while the signals arrive.
     let listener = "127.0.0.1:0".to_string();
-    let (status, _, stderr) = proxy.cli(&[
-        "routes",
-        "add",
-        "--listener",
-        &listener,
-        "--hostname",
-        "cli.test",
-        "--backend",
-        "127.0.0.1:1",
-    ]);
+    let (status, _, stderr) = proxy.routes_add(&listener, "cli.test", "127.0.0.1:1");
     assert_eq!(status, 0, "{stderr}");
 
     // A relayed connection, open: the first signal waits for it.

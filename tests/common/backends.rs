@@ -138,3 +138,12 @@ pub async fn raw_echo_backend() -> SocketAddr {
     });
     addr
 }
+
+/// What most tests start with: a temp dir, a test CA and a [`tls_backend`]
+/// called `name` for `hostnames`.
+pub async fn tls_scene(name: &str, hostnames: &[&str]) -> (tempfile::TempDir, Pki, TlsBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let backend = tls_backend(&pki, name, hostnames).await;
+    (dir, pki, backend)
+}

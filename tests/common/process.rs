@@ -357,6 +357,39 @@ impl Proxy {
         run_cli(&all)
     }
 
+    /// `routes add --listener LISTENER --hostname HOSTNAME --backend BACKEND`
+    /// through [`Proxy::cli`].
+    pub fn routes_add(
+        &self,
+        listener: &str,
+        hostname: &str,
+        backend: &str,
+    ) -> (i32, String, String) {
+        self.cli(&[
+            "routes",
+            "add",
+            "--listener",
+            listener,
+            "--hostname",
+            hostname,
+            "--backend",
+            backend,
+        ])
+    }
+
+    /// `routes remove --listener LISTENER --hostname HOSTNAME` through
+    /// [`Proxy::cli`].
+    pub fn routes_remove(&self, listener: &str, hostname: &str) -> (i32, String, String) {
+        self.cli(&[
+            "routes",
+            "remove",
+            "--listener",
+            listener,
+            "--hostname",
+            hostname,
+        ])
+    }
+
     /// The database file named by the config (`DIR/mc-proxy.db`).
     pub fn db(&self) -> PathBuf {
         self.dir.join("mc-proxy.db")
