@@ -153,6 +153,16 @@ async fn unix_server(h: &Harness) -> (Running, ProxyAdminServiceClient<Channel>)
     (running, client)
 }
 
+/// A unix-socket server and a bare channel to it (for services other than
+/// the admin one).
+async fn unix_channel(h: &Harness) -> (Running, Channel) {
+    let (running, _) = unix_server(h).await;
+    let channel = client::channel(&running.addr(), &ClientTls::default())
+        .await
+        .unwrap();
+    (running, channel)
+}
+
 fn route(listener: &str, hostname: &str, backend: &str) -> proto::Route {
     proto::Route {
         listener_addr: listener.into(),
@@ -281,6 +291,25 @@ fn tcp_config(pki: &Pki, mtls: bool) -> GrpcConfig {
             client_ca: mtls.then(|| pki.ca_pem.clone()),
         }),
         client: ClientTls::default(),
+    }
+}
+
+/// A harness, its certificates and a server on TCP with TLS (`mtls`: client
+/// certificates from the CA required).
+async fn tcp_server(mtls: bool) -> (Harness, Pki, Running) {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let running = Running::start(&tcp_config(&pki, mtls), &h).await.unwrap();
+    (h, pki, running)
+}
+
+impl Running {
+    /// The TCP address of a [`tcp_server`].
+    fn tcp_addr(&self) -> std::net::SocketAddr {
+        let AdminAddr::Tcp(addr) = self.addr() else {
+            panic!("not a TCP server")
+        };
+        addr
     }
 }
 
@@ -424,10 +453,7 @@ async fn health_reports_serving_for_the_server_and_the_admin_service() {
     use tonic_health::pb::HealthCheckRequest;
 
     let h = Harness::new().await;
-    let (running, _) = unix_server(&h).await;
-    let channel = client::channel(&running.addr(), &ClientTls::default())
-        .await
-        .unwrap();
+    let (running, channel) = unix_channel(&h).await;
     let mut health = HealthClient::new(channel);
     for service in ["", "mc_proxy.v1.ProxyAdminService"] {
         let response = health
@@ -470,10 +496,7 @@ async fn reflection_lists_and_describes_the_admin_service() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let h = Harness::new().await;
-    let (running, _) = unix_server(&h).await;
-    let channel = client::channel(&running.addr(), &ClientTls::default())
-        .await
-        .unwrap();
+    let (running, channel) = unix_channel(&h).await;
     let mut reflection = ServerReflectionClient::new(channel);
     let requests = [
         MessageRequest::ListServices(String::new()),
@@ -514,9 +537,7 @@ async fn reflection_lists_and_describes_the_admin_service() {
 
 #[tokio::test]
 async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, false), &h).await.unwrap();
+    let (_h, pki, running) = tcp_server(false).await;
     let tls = ClientTls {
         ca_cert: Some(pki.ca_pem.clone()),
         ..ClientTls::default()
@@ -528,9 +549,7 @@ async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
         ..ClientTls::default()
     };
     assert!(status_over(&running.addr(), &wrong).await.is_err());
-    let AdminAddr::Tcp(addr) = running.addr() else {
-        unreachable!()
-    };
+    let addr = running.tcp_addr();
     running.stop().await;
     // Stopped means the port is closed, not just ignored.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -538,9 +557,7 @@ async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
 
 #[tokio::test]
 async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, true), &h).await.unwrap();
+    let (_h, pki, running) = tcp_server(true).await;
     let addr = running.addr();
 
     let good = ClientTls {
@@ -585,12 +602,8 @@ async fn tls_1_2_clients_are_refused() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, true), &h).await.unwrap();
-    let AdminAddr::Tcp(addr) = running.addr() else {
-        unreachable!()
-    };
+    let (_h, pki, running) = tcp_server(true).await;
+    let addr = running.tcp_addr();
 
     let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
         let mut roots = rustls::RootCertStore::empty();
@@ -628,12 +641,8 @@ async fn tls_1_2_clients_are_refused() {
 
 #[tokio::test]
 async fn a_stalled_handshake_does_not_block_other_clients() {
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, false), &h).await.unwrap();
-    let AdminAddr::Tcp(addr) = running.addr() else {
-        unreachable!()
-    };
+    let (_h, pki, running) = tcp_server(false).await;
+    let addr = running.tcp_addr();
     // Connected, says nothing; and one that sends garbage.
     let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut garbage = tokio::net::TcpStream::connect(addr).await.unwrap();

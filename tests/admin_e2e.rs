@@ -1,7 +1,8 @@
 //! The admin API and its CLI against the real running binary: every
-//! subcommand with its output and exit status, routing that follows
-//! AddRoute, established connections that outlive RemoveRoute, the CLI over
-//! mTLS, and no acknowledged AddRoute lost to a SIGKILL.
+//! subcommand with its output and exit status, established connections
+//! that outlive RemoveRoute, the CLI over mTLS, and no acknowledged
+//! AddRoute lost to a SIGKILL; routing that follows AddRoute with the
+//! server in-process (the gRPC client is all it uses).
 //!
 //! Status codes, transports and the mTLS handshake in detail are in
 //! `tests/admin_api.rs` (the service in process); this file drives the
@@ -135,29 +136,11 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
             "NOT_FOUND",
         ),
         (
-            vec![
-                "routes",
-                "add",
-                "--listener",
-                l1.as_str(),
-                "--hostname",
-                "c.test",
-                "--backend",
-                "no-port",
-            ],
+            routes_add_args(l1.as_str(), "c.test", "no-port"),
             "INVALID_ARGUMENT",
         ),
         (
-            vec![
-                "routes",
-                "add",
-                "--listener",
-                l1.as_str(),
-                "--hostname",
-                "bad host",
-                "--backend",
-                "127.0.0.1:1",
-            ],
+            routes_add_args(l1.as_str(), "bad host", "127.0.0.1:1"),
             "INVALID_ARGUMENT",
         ),
         (
@@ -277,12 +260,13 @@ async fn add_route_twice_is_created_then_updated_and_routing_follows() {
     let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["a.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
+    let server = InProcess::start(
         dir.path(),
         &admin_config(dir.path(), &listener_toml(&l, &[])),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
-    let mut client = admin_client(&proxy.admin_socket()).await;
+    )
+    .await;
+    let port = server.addr().port();
+    let mut client = admin_client(&dir.path().join("admin.sock")).await;
 
     let first = client
         .add_route(route(&l, "a.test", &a.addr.to_string()))

@@ -63,16 +63,11 @@ const SAMPLE_TLVS: &[u8] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_backend() {
-    let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)])
+    });
+    let port = proxy.addr().port();
     let hello = client_hello(Some("a.test"));
     let multi_record_hello = records(&hello_message(Some("a.test"), 600), 100);
     let to = local(port);
@@ -147,19 +142,14 @@ async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
-    let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &format!(
-                "{}[firewall]\ngeoip_db = \"{GEOIP}\"\nblocked_countries = [\"GB\"]\n",
-                proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
-            ),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        format!(
+            "{}[firewall]\ngeoip_db = \"{GEOIP}\"\nblocked_countries = [\"GB\"]\n",
+            proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
+        )
+    });
+    let port = proxy.addr().port();
     let to = local(port);
     let hello = client_hello(Some("a.test"));
 
@@ -199,20 +189,15 @@ async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
-    let dir = tempfile::tempdir().unwrap();
     let backend = raw_backend(b"should never be seen").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &format!(
-                "{}{}",
-                proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
-                "[proxy]\nhandshake_timeout = \"1s\"\n"
-            ),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        format!(
+            "{}{}",
+            proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
+            "[proxy]\nhandshake_timeout = \"1s\"\n"
+        )
+    });
+    let port = proxy.addr().port();
     let to = local(port);
     let hello = client_hello(Some("a.test"));
     let mut long_v1 = b"PROXY UNKNOWN ".to_vec();
@@ -270,22 +255,17 @@ async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_proxy_protocol_prepends_a_v2_header_with_client_and_listener_addresses() {
-    let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &listener(
-                "127.0.0.1:0",
-                &[
-                    proxied_route("p.test", backend.addr),
-                    route("plain.test", backend.addr),
-                ],
-            ),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        listener(
+            "127.0.0.1:0",
+            &[
+                proxied_route("p.test", backend.addr),
+                route("plain.test", backend.addr),
+            ],
+        )
+    });
+    let port = proxy.addr().port();
     let to = local(port);
     let hello = client_hello(Some("p.test"));
     let mut stream = connect_from("127.0.0.4", to).await.unwrap();
@@ -320,33 +300,23 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
     let pki = Pki::new("chain CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["b.test"]).await;
-    let origin_dir = tempfile::tempdir().unwrap();
-    let origin = Proxy::start(
-        origin_dir.path(),
-        &config(
-            origin_dir.path(),
-            &format!(
-                "{}[firewall]\nblocked_ips = [\"127.0.0.5\"]\n",
-                proxy_protocol_listener(
-                    "127.0.0.1:0",
-                    &[route("a.test", a.addr), route("b.test", b.addr)]
-                ),
+    let origin = Proxy::in_temp_dir(|_| {
+        format!(
+            "{}[firewall]\nblocked_ips = [\"127.0.0.5\"]\n",
+            proxy_protocol_listener(
+                "127.0.0.1:0",
+                &[route("a.test", a.addr), route("b.test", b.addr)]
             ),
-        ),
-    );
-    let origin_addr = origin.listener("127.0.0.1:0");
-    let edge_dir = tempfile::tempdir().unwrap();
-    let edge = Proxy::start(
-        edge_dir.path(),
-        &config(
-            edge_dir.path(),
-            &format!(
-                "{}{}",
-                listener("127.0.0.1:0", &[proxied_route("a.test", origin_addr)]),
-                admin_socket(edge_dir.path()),
-            ),
-        ),
-    );
+        )
+    });
+    let origin_addr = origin.addr();
+    let edge = Proxy::in_temp_dir(|dir| {
+        format!(
+            "{}{}",
+            listener("127.0.0.1:0", &[proxied_route("a.test", origin_addr)]),
+            admin_socket(dir),
+        )
+    });
     let edge_addr = edge.listener("127.0.0.1:0");
     // The second route goes in through the CLI, flag and all.
     let edge_config = edge.config.to_str().unwrap().to_string();

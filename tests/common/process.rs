@@ -114,14 +114,15 @@ impl Proxy {
     /// `127.0.0.1:0` with `routes`, then `extra` (a `[proxy]` section, say).
     /// [`Proxy::addr`] is where it listens.
     pub fn routing(routes: &[(&str, SocketAddr)], extra: &str) -> Proxy {
+        let listener = super::fixtures::listener_toml("127.0.0.1:0", routes);
+        Proxy::in_temp_dir(|_| format!("{listener}{extra}"))
+    }
+
+    /// `mc-proxy server` in a temp dir of its own, on [`config`](super::fixtures::config)
+    /// of what `body` writes for that dir.
+    pub fn in_temp_dir(body: impl FnOnce(&Path) -> String) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let toml = super::fixtures::config(
-            dir.path(),
-            &format!(
-                "{}{extra}",
-                super::fixtures::listener_toml("127.0.0.1:0", routes)
-            ),
-        );
+        let toml = super::fixtures::config(dir.path(), &body(dir.path()));
         let mut proxy = Proxy::start(dir.path(), &toml);
         proxy.temp = Some(dir);
         proxy
@@ -365,16 +366,7 @@ impl Proxy {
         hostname: &str,
         backend: &str,
     ) -> (i32, String, String) {
-        self.cli(&[
-            "routes",
-            "add",
-            "--listener",
-            listener,
-            "--hostname",
-            hostname,
-            "--backend",
-            backend,
-        ])
+        self.cli(&routes_add_args(listener, hostname, backend))
     }
 
     /// `routes remove --listener LISTENER --hostname HOSTNAME` through
@@ -450,6 +442,20 @@ pub fn send_signal(pid: u32, name: &str) {
         "kill({pid}, SIG{name}): {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// `routes add --listener LISTENER --hostname HOSTNAME --backend BACKEND`.
+pub fn routes_add_args<'a>(listener: &'a str, hostname: &'a str, backend: &'a str) -> Vec<&'a str> {
+    vec![
+        "routes",
+        "add",
+        "--listener",
+        listener,
+        "--hostname",
+        hostname,
+        "--backend",
+        backend,
+    ]
 }
 
 /// Runs the binary with `args`; returns (exit code, stdout, stderr).
