@@ -153,6 +153,13 @@ async fn unix_server(h: &Harness) -> (Running, ProxyAdminServiceClient<Channel>)
     (running, client)
 }
 
+/// A harness, a server on its unix socket, and an admin client.
+async fn unix_harness() -> (Harness, Running, ProxyAdminServiceClient<Channel>) {
+    let h = Harness::new().await;
+    let (running, client) = unix_server(&h).await;
+    (h, running, client)
+}
+
 /// A unix-socket server and a bare channel to it (for services other than
 /// the admin one).
 async fn unix_channel(h: &Harness) -> (Running, Channel) {
@@ -204,6 +211,17 @@ fn remove_rule(kind: FirewallRuleType, value: &str) -> proto::RemoveFirewallRule
     proto::RemoveFirewallRuleRequest {
         rule: rule(kind, value),
     }
+}
+
+/// Asserts that `err` is INVALID_ARGUMENT naming `field` first (`shown`:
+/// the input, for the failure message).
+fn assert_invalid(err: &tonic::Status, field: &str, shown: &str) {
+    assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
+    assert!(
+        err.message().starts_with(field),
+        "{shown}: {}",
+        err.message()
+    );
 }
 
 /// The status of a call that must fail.
@@ -664,8 +682,7 @@ async fn a_stalled_handshake_does_not_block_other_clients() {
 
 #[tokio::test]
 async fn add_route_upserts_and_normalises_hostnames() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
 
     let first = client
         .add_route(add(route(":443", "a.example.net", "127.0.0.1:1001")))
@@ -708,8 +725,7 @@ async fn add_route_upserts_and_normalises_hostnames() {
 
 #[tokio::test]
 async fn list_routes_is_sorted_by_listener_then_hostname_and_filters() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
     for (listener, host) in [
         ("127.0.0.1:8443", "b.test"),
         (":443", "z.test"),
@@ -770,8 +786,7 @@ async fn list_routes_is_sorted_by_listener_then_hostname_and_filters() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
 
     let cases = [
         (route(":443", "", "127.0.0.1:1"), "route.hostname: "),
@@ -792,24 +807,17 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     ];
     for (bad, field) in cases {
         let shown = format!("{bad:?}");
-        let err = client.add_route(add(bad)).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
-        assert!(
-            err.message().starts_with(field),
-            "{shown}: {}",
-            err.message()
-        );
+        let err = refused(client.add_route(add(bad)).await);
+        assert_invalid(&err, field, &shown);
     }
-    let err = client
-        .add_route(proto::AddRouteRequest { route: None })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("route: "), "{}", err.message());
-
-    let err = refused(client.remove_route(remove(":443", "bad host")).await);
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("hostname: "), "{}", err.message());
+    let no_route = proto::AddRouteRequest { route: None };
+    assert_invalid(&refused(client.add_route(no_route).await), "route: ", "");
+    let bad_host = remove(":443", "bad host");
+    assert_invalid(
+        &refused(client.remove_route(bad_host).await),
+        "hostname: ",
+        "",
+    );
 
     let rule_cases = [
         (rule(FirewallRuleType::Ip, "1.2.3"), "rule.value: "),
@@ -833,20 +841,10 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     ];
     for (bad, field) in rule_cases {
         let shown = format!("{bad:?}");
-        let err = client
-            .add_firewall_rule(proto::AddFirewallRuleRequest { rule: bad.clone() })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
-        assert!(
-            err.message().starts_with(field),
-            "{shown}: {}",
-            err.message()
-        );
-        let err = client
-            .remove_firewall_rule(proto::RemoveFirewallRuleRequest { rule: bad })
-            .await
-            .unwrap_err();
+        let add = proto::AddFirewallRuleRequest { rule: bad.clone() };
+        assert_invalid(&refused(client.add_firewall_rule(add).await), field, &shown);
+        let remove = proto::RemoveFirewallRuleRequest { rule: bad };
+        let err = refused(client.remove_firewall_rule(remove).await);
         assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
     }
     // Nothing was changed by any of it.
@@ -857,8 +855,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 
 #[tokio::test]
 async fn unknown_listener_and_absent_entries_are_not_found() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
 
     let err = refused(
         client
@@ -888,8 +885,7 @@ async fn unknown_listener_and_absent_entries_are_not_found() {
 
 #[tokio::test]
 async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
     for (kind, value) in [
         (FirewallRuleType::Country, "kp"),
         (FirewallRuleType::Cidr, "198.51.100.7/24"),
@@ -929,8 +925,7 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
 
 #[tokio::test]
 async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (h, running, mut client) = unix_harness().await;
     client
         .add_route(add(route(":443", "kept.test", "127.0.0.1:1")))
         .await
@@ -1001,8 +996,7 @@ async fn get_status_reports_live_counters() {
     use mc_proxy::firewall::BlockReason;
     use mc_proxy::proxy::conn::Outcome;
     use mc_proxy::proxy::stats::ActiveGuard;
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
     // Five connections accepted on listener 1, four of them gone; two more
     // on listener 0, both refused by the firewall and closed. The global
     // figures are the listeners' sums.
@@ -1039,8 +1033,7 @@ async fn get_status_reports_live_counters() {
 
 #[tokio::test]
 async fn cli_commands_return_documented_exit_statuses() {
-    let h = Harness::new().await;
-    let (running, _) = unix_server(&h).await;
+    let (_h, running, _) = unix_harness().await;
     let target = ClientTarget {
         addr: running.addr(),
         tls: ClientTls::default(),

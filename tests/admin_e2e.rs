@@ -257,14 +257,9 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_route_twice_is_created_then_updated_and_routing_follows() {
-    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let server = InProcess::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[])),
-    )
-    .await;
+    let server = InProcess::with_admin(dir.path(), &l, &[]).await;
     let port = server.addr().port();
     let mut client = admin_client(&dir.path().join("admin.sock")).await;
 
@@ -298,13 +293,9 @@ async fn add_route_twice_is_created_then_updated_and_routing_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_established_connection_survives_remove_route_and_update() {
-    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[("a.test", a.addr)]);
     let port = proxy.listener("127.0.0.1:0").port();
     let mut client = admin_client(&proxy.admin_socket()).await;
 
@@ -353,13 +344,9 @@ async fn an_established_connection_survives_remove_route_and_update() {
 /// file through a second connection (triggers that abort every write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() {
-    let (dir, pki, a) = tls_scene("A", &["a.test", "b.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test", "b.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[("a.test", a.addr)]);
     let port = proxy.listener("127.0.0.1:0").port();
     let inject = |sql: &str| {
         let conn = rusqlite::Connection::open(proxy.db()).unwrap();
@@ -381,26 +368,8 @@ async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() 
 
     let (b_addr, a_addr) = (b.addr.to_string(), a.addr.to_string());
     for args in [
-        vec![
-            "routes",
-            "add",
-            "--listener",
-            &l,
-            "--hostname",
-            "a.test",
-            "--backend",
-            &b_addr,
-        ],
-        vec![
-            "routes",
-            "add",
-            "--listener",
-            &l,
-            "--hostname",
-            "b.test",
-            "--backend",
-            &b_addr,
-        ],
+        routes_add_args(&l, "a.test", &b_addr),
+        routes_add_args(&l, "b.test", &b_addr),
         vec!["routes", "remove", "--listener", &l, "--hostname", "a.test"],
         vec!["firewall", "add", "--ip", "127.0.0.1"],
     ] {

@@ -644,20 +644,8 @@ async fn metrics_endpoint_counts_known_traffic_exactly() {
     proxy.wait_conns(&[], 6, Duration::from_secs(10));
 
     // Admin calls: one good, one refused.
-    let config_path = proxy.config.to_str().unwrap().to_string();
-    assert_eq!(run_cli(&["routes", "list", "-c", &config_path]).0, 0);
-    let (code, _, stderr) = run_cli(&[
-        "routes",
-        "add",
-        "-c",
-        &config_path,
-        "--listener",
-        &plain,
-        "--hostname",
-        "a*.test",
-        "--backend",
-        "127.0.0.1:1",
-    ]);
+    assert_eq!(proxy.cli(&["routes", "list"]).0, 0);
+    let (code, _, stderr) = proxy.routes_add(&plain, "a*.test", "127.0.0.1:1");
     assert_eq!(code, 1, "{stderr}");
 
     let metrics_addr = proxy.metrics_addr();
@@ -717,18 +705,7 @@ async fn metrics_endpoint_counts_known_traffic_exactly() {
     );
 
     // Route counts follow the live table.
-    let (code, _, stderr) = run_cli(&[
-        "routes",
-        "add",
-        "-c",
-        &config_path,
-        "--listener",
-        &pp,
-        "--hostname",
-        "b.test",
-        "--backend",
-        "127.0.0.1:1",
-    ]);
+    let (code, _, stderr) = proxy.routes_add(&pp, "b.test", "127.0.0.1:1");
     assert_eq!(code, 0, "{stderr}");
     let values = parse_metrics(&http_get(metrics_addr, "/metrics").await.2);
     assert_eq!(

@@ -28,18 +28,27 @@ fn addr(port: u16) -> SocketAddr {
 /// One listener routing `a.test` to `backend`, a unix admin socket, and
 /// `[firewall]` with `firewall` lines.
 fn setup(dir: &Path, backend: SocketAddr, firewall: &str) -> String {
-    admin_config(
-        dir,
-        &format!(
-            "{}[firewall]\n{firewall}\n",
-            listener_toml("127.0.0.1:0", &[("a.test", backend)])
-        ),
+    config(dir, &setup_body(dir, backend, firewall))
+}
+
+/// [`setup`] without the `[database]` section.
+fn setup_body(dir: &Path, backend: SocketAddr, firewall: &str) -> String {
+    format!(
+        "{}\n{}[firewall]\n{firewall}\n",
+        admin_socket(dir),
+        listener_toml("127.0.0.1:0", &[("a.test", backend)])
     )
 }
 
-/// [`setup`], started.
-fn start(dir: &Path, backend: SocketAddr, firewall: &str) -> Proxy {
-    Proxy::start(dir, &setup(dir, backend, firewall))
+/// A TLS backend A for `a.test` and the binary on [`setup`] with
+/// `firewall`, in a temp dir of its own: (the proxy, the CA, A, where the
+/// proxy listens).
+async fn start(firewall: &str) -> (Proxy, Pki, TlsBackend, SocketAddr) {
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let proxy = Proxy::in_temp_dir(|dir| setup_body(dir, a.addr, firewall));
+    let to = proxy.addr();
+    (proxy, pki, a, to)
 }
 
 /// Asserts that a TLS client from `source` reaches backend A.
@@ -61,11 +70,9 @@ fn counts(proxy: &Proxy) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_source_is_routed() {
-    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
-    let proxy = start(dir.path(), a.addr, "blocked_ips = [\"127.0.0.2\"]");
-    let port = proxy.listener("127.0.0.1:0").port();
+    let (proxy, pki, a, to) = start("blocked_ips = [\"127.0.0.2\"]").await;
 
-    assert_reset("127.0.0.2", addr(port)).await;
+    assert_reset("127.0.0.2", to).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
     let line = proxy.wait_log(
         &["client=127.0.0.2:", "connection closed"],
@@ -74,11 +81,11 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
     assert!(line.contains("outcome=blocked:ip"), "{line}");
     assert!(!line.contains("sni="), "{line}");
 
-    assert_a("127.0.0.1", addr(port), &pki).await;
+    assert_a("127.0.0.1", to, &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     // A blocked client that talks first is still refused and still unseen
     // (the reset may already be there when connect() returns).
-    match connect_from("127.0.0.2", addr(port)).await {
+    match connect_from("127.0.0.2", to).await {
         Ok(mut client) => {
             let hello = client_hello(Some("a.test"));
             let _ = tokio::io::AsyncWriteExt::write_all(&mut client, &hello).await;
@@ -94,10 +101,8 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cidr_blocks_addresses_inside_it_only() {
-    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
-    let proxy = start(dir.path(), a.addr, "blocked_cidrs = [\"127.0.0.0/30\"]");
-    let port = proxy.listener("127.0.0.1:0").port();
-    assert_reset("127.0.0.3", addr(port)).await;
+    let (proxy, pki, a, to) = start("blocked_cidrs = [\"127.0.0.0/30\"]").await;
+    assert_reset("127.0.0.3", to).await;
     let line = proxy.wait_log(
         &["client=127.0.0.3:", "connection closed"],
         Duration::from_secs(5),
@@ -106,7 +111,7 @@ async fn cidr_blocks_addresses_inside_it_only() {
     assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
     // 127.0.0.4 is the first address past the /30.
     for outside in ["127.0.0.9", "127.0.0.4"] {
-        assert_a(outside, addr(port), &pki).await;
+        assert_a(outside, to, &pki).await;
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 }
@@ -141,16 +146,14 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits() {
-    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
-    let proxy = start(dir.path(), a.addr, "rate_limit = 3\nrate_window = \"2s\"");
-    let port = proxy.listener("127.0.0.1:0").port();
+    let (proxy, pki, a, to) = start("rate_limit = 3\nrate_window = \"2s\"").await;
     let started = tokio::time::Instant::now();
     for _ in 0..3 {
-        assert_a("127.0.0.5", addr(port), &pki).await;
+        assert_a("127.0.0.5", to, &pki).await;
     }
-    assert_reset("127.0.0.5", addr(port)).await;
+    assert_reset("127.0.0.5", to).await;
     // The window is counted per client: another source is not affected.
-    assert_a("127.0.0.6", addr(port), &pki).await;
+    assert_a("127.0.0.6", to, &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 4);
     let line = proxy.wait_log(&["outcome=blocked:rate"], Duration::from_secs(5));
     assert!(line.contains("client=127.0.0.5:"), "{line}");
@@ -159,7 +162,7 @@ async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits
     // once it is over, the next connection opens a new one (the wait is
     // the point: the window is 2 s of wall time).
     tokio::time::sleep_until(started + Duration::from_millis(2300)).await;
-    assert_a("127.0.0.5", addr(port), &pki).await;
+    assert_a("127.0.0.5", to, &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 5);
 }
 
@@ -231,7 +234,7 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
         "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
         mmdb.display()
     );
-    let proxy = start(dir.path(), a.addr, &firewall);
+    let proxy = Proxy::start(dir.path(), &setup(dir.path(), a.addr, &firewall));
     let port = proxy.listener("127.0.0.1:0").port();
     // A country rule added at runtime, normalised to upper case.
     let (code, _, err) = proxy.cli(&["firewall", "add", "--country", "kp"]);
@@ -285,19 +288,29 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     assert!(count >= 10, "{count}");
 }
 
-#[test]
-fn country_rules_without_a_geoip_file_are_a_config_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = setup(dir.path(), addr(9), "blocked_countries = [\"KP\"]");
-    let config = dir.path().join("mc-proxy.toml");
+/// With `firewall`, `check` and `server` both exit 2 with every needle in
+/// stderr, and no DB is created.
+fn refused_at_start(dir: &Path, firewall: &str, needles: &[&str]) {
+    let toml = setup(dir, addr(9), firewall);
+    let config = dir.join("mc-proxy.toml");
     std::fs::write(&config, toml).unwrap();
     let config = config.display().to_string();
     for command in ["check", "server"] {
         let (code, _, err) = run_cli(&[command, "-c", &config]);
         assert_eq!(code, 2, "{command}: {err}");
-        assert!(err.contains("firewall.geoip_db"), "{command}: {err}");
+        assert!(needles.iter().all(|n| err.contains(n)), "{command}: {err}");
     }
-    assert!(!dir.path().join("mc-proxy.db").exists());
+    assert!(!dir.join("mc-proxy.db").exists());
+}
+
+#[test]
+fn country_rules_without_a_geoip_file_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    refused_at_start(
+        dir.path(),
+        "blocked_countries = [\"KP\"]",
+        &["firewall.geoip_db"],
+    );
 }
 
 /// Regression: `server` used to open (and on a first run, seed) the DB
@@ -313,17 +326,5 @@ fn a_broken_geoip_file_at_start_is_exit_2_and_seeds_no_database() {
         "geoip_db = \"{}\"\nblocked_countries = [\"KP\"]",
         corrupt.display()
     );
-    let toml = setup(dir.path(), addr(9), &firewall);
-    let config = dir.path().join("mc-proxy.toml");
-    std::fs::write(&config, toml).unwrap();
-    let config = config.display().to_string();
-    for command in ["check", "server"] {
-        let (code, _, err) = run_cli(&[command, "-c", &config]);
-        assert_eq!(code, 2, "{command}: {err}");
-        assert!(
-            err.contains("firewall.geoip_db") && err.contains("broken.mmdb"),
-            "{command}: {err}"
-        );
-    }
-    assert!(!dir.path().join("mc-proxy.db").exists());
+    refused_at_start(dir.path(), &firewall, &["firewall.geoip_db", "broken.mmdb"]);
 }

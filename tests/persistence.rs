@@ -19,16 +19,12 @@ fn addr(port: u16) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_listener() {
-    let (dir, pki, a) = tls_scene("A", &["a.test", "b.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test", "b.test"]).await;
     let c = tls_backend(&pki, "C", &["c.test"]).await;
     let (l1, l2) = ("127.0.0.1:0".to_string(), "127.0.0.2:0".to_string());
 
     // First run: the TOML seeds the DB.
-    let first = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l1, &[("a.test", a.addr)])),
-    );
+    let first = Proxy::with_admin(dir.path(), &l1, &[("a.test", a.addr)]);
     assert_eq!(who(first.listener(&l1), "a.test", &pki).await.unwrap(), "A");
     first.wait_log(&["seeded the database from the config"], Duration::ZERO);
     first.stop();
@@ -134,13 +130,9 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_case_and_trailing_dot_hostnames_are_one_route() {
-    let (dir, pki, a) = tls_scene("A", &["a.example.net"]).await;
-    let b = tls_backend(&pki, "B", &["a.example.net"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.example.net"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[]);
     let port = proxy.listener("127.0.0.1:0").port();
     let add = |host: &str, backend: SocketAddr| proxy.routes_add(&l, host, &backend.to_string());
     assert_eq!(add("A.Example.NET.", a.addr).1, "created\n");
@@ -173,10 +165,7 @@ fn integrity(path: &std::path::Path) -> String {
 async fn snapshot_of_a_running_server_under_write_load_is_whole_and_private() {
     let dir = tempfile::tempdir().unwrap();
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[("seed.test", addr(9))])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[("seed.test", addr(9))]);
 
     // Writers: four clients adding routes until told to stop; every
     // acknowledged hostname is recorded.

@@ -480,24 +480,33 @@ async fn openssl_s_client_reaches_the_backend() {
     assert!(stdout.contains("echo me"), "{stdout}");
 }
 
+/// The binary routing `a.test` to a raw echo backend (served by
+/// `runtime`), with `shutdown_timeout`.
+fn echo_proxy(runtime: &tokio::runtime::Runtime, shutdown_timeout: &str) -> Proxy {
+    let backend = runtime.block_on(raw_echo_backend());
+    let drain = format!("shutdown_timeout = \"{shutdown_timeout}\"");
+    Proxy::routing(&[("a.test", backend)], &proxy_section(&drain))
+}
+
+/// A blocking connection through the proxy on `port` for `a.test`, `byte`
+/// sent and its echo read.
+fn echoing(port: u16, byte: u8) -> StdStream {
+    let mut stream = StdStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(&client_hello(Some("a.test"))).unwrap();
+    stream.write_all(&[byte]).unwrap();
+    let mut one = [0u8; 1];
+    stream.read_exact(&mut one).unwrap();
+    stream
+}
+
 #[test]
 fn sigterm_drains_established_connections_then_forces_and_exits_zero() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let backend = runtime.block_on(raw_echo_backend());
-    let mut proxy = Proxy::routing(
-        &[("a.test", backend)],
-        &proxy_section("shutdown_timeout = \"2s\""),
-    );
+    let mut proxy = echo_proxy(&runtime, "2s");
     let port = proxy.addr().port();
-    let mut early = StdStream::connect(("127.0.0.1", port)).unwrap();
-    early.write_all(&client_hello(Some("a.test"))).unwrap();
-    early.write_all(b"1").unwrap();
+    let mut early = echoing(port, b'1');
+    let mut late = echoing(port, b'2');
     let mut one = [0u8; 1];
-    early.read_exact(&mut one).unwrap();
-    let mut late = StdStream::connect(("127.0.0.1", port)).unwrap();
-    late.write_all(&client_hello(Some("a.test"))).unwrap();
-    late.write_all(b"2").unwrap();
-    late.read_exact(&mut one).unwrap();
 
     let signalled = Instant::now();
     proxy.signal("TERM");
@@ -549,17 +558,8 @@ fn sigterm_with_no_connections_exits_at_once_and_second_signal_forces() {
     // With a connection open and a long drain, a second signal exits at once.
     // (A fresh directory: the first run's database would keep its route.)
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let backend = runtime.block_on(raw_echo_backend());
-    let mut proxy = Proxy::routing(
-        &[("a.test", backend)],
-        &proxy_section("shutdown_timeout = \"60s\""),
-    );
-    let port = proxy.addr().port();
-    let mut open = StdStream::connect(("127.0.0.1", port)).unwrap();
-    open.write_all(&client_hello(Some("a.test"))).unwrap();
-    open.write_all(b"x").unwrap();
-    let mut one = [0u8; 1];
-    open.read_exact(&mut one).unwrap();
+    let mut proxy = echo_proxy(&runtime, "60s");
+    let _open = echoing(proxy.addr().port(), b'x');
     proxy.signal("TERM");
     proxy.wait_log(&["shutting down"], Duration::from_secs(10));
     assert!(proxy.wait_exit(Duration::from_millis(200)).is_none());

@@ -147,3 +147,10 @@ pub async fn tls_scene(name: &str, hostnames: &[&str]) -> (tempfile::TempDir, Pk
     let backend = tls_backend(&pki, name, hostnames).await;
     (dir, pki, backend)
 }
+
+/// [`tls_scene`] with backends "A" and "B", both for `hostnames`.
+pub async fn tls_scene_ab(hostnames: &[&str]) -> (tempfile::TempDir, Pki, TlsBackend, TlsBackend) {
+    let (dir, pki, a) = tls_scene("A", hostnames).await;
+    let b = tls_backend(&pki, "B", hostnames).await;
+    (dir, pki, a, b)
+}

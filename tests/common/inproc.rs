@@ -87,6 +87,14 @@ impl InProcess {
         server
     }
 
+    /// [`InProcess::start`] on [`admin_config`](super::fixtures::admin_config):
+    /// the admin socket `DIR/admin.sock` and one listener on `addr` with
+    /// `routes`.
+    pub async fn with_admin(dir: &Path, addr: &str, routes: &[(&str, SocketAddr)]) -> InProcess {
+        let body = listener_toml(addr, routes);
+        InProcess::start(dir, &super::fixtures::admin_config(dir, &body)).await
+    }
+
     /// The `index`th listener's bound address.
     pub fn listener(&self, index: usize) -> SocketAddr {
         self.addrs.listeners[index].1

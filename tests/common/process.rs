@@ -128,6 +128,13 @@ impl Proxy {
         proxy
     }
 
+    /// `mc-proxy server` in `dir` on [`admin_config`](super::fixtures::admin_config):
+    /// the admin socket and one listener on `addr` with `routes`.
+    pub fn with_admin(dir: &Path, addr: &str, routes: &[(&str, SocketAddr)]) -> Proxy {
+        let body = super::fixtures::listener_toml(addr, routes);
+        Proxy::start(dir, &super::fixtures::admin_config(dir, &body))
+    }
+
     /// The bound address of the listener written `127.0.0.1:0`.
     pub fn addr(&self) -> SocketAddr {
         self.listener("127.0.0.1:0")
