@@ -153,6 +153,23 @@ async fn unix_server(h: &Harness) -> (Running, ProxyAdminServiceClient<Channel>)
     (running, client)
 }
 
+/// A harness, a server on its unix socket, and an admin client.
+async fn unix_harness() -> (Harness, Running, ProxyAdminServiceClient<Channel>) {
+    let h = Harness::new().await;
+    let (running, client) = unix_server(&h).await;
+    (h, running, client)
+}
+
+/// A unix-socket server and a bare channel to it (for services other than
+/// the admin one).
+async fn unix_channel(h: &Harness) -> (Running, Channel) {
+    let (running, _) = unix_server(h).await;
+    let channel = client::channel(&running.addr(), &ClientTls::default())
+        .await
+        .unwrap();
+    (running, channel)
+}
+
 fn route(listener: &str, hostname: &str, backend: &str) -> proto::Route {
     proto::Route {
         listener_addr: listener.into(),
@@ -174,15 +191,45 @@ fn rule(kind: FirewallRuleType, value: &str) -> Option<proto::FirewallRule> {
 }
 
 async fn list_all(client: &mut ProxyAdminServiceClient<Channel>) -> Vec<(String, String, String)> {
-    client
-        .list_routes(proto::ListRoutesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .routes
-        .into_iter()
-        .map(|r| (r.listener_addr, r.hostname, r.backend))
-        .collect()
+    common::list_routes(client).await
+}
+
+fn remove(listener: &str, hostname: &str) -> proto::RemoveRouteRequest {
+    proto::RemoveRouteRequest {
+        listener_addr: listener.into(),
+        hostname: hostname.into(),
+    }
+}
+
+fn add_rule(kind: FirewallRuleType, value: &str) -> proto::AddFirewallRuleRequest {
+    proto::AddFirewallRuleRequest {
+        rule: rule(kind, value),
+    }
+}
+
+fn remove_rule(kind: FirewallRuleType, value: &str) -> proto::RemoveFirewallRuleRequest {
+    proto::RemoveFirewallRuleRequest {
+        rule: rule(kind, value),
+    }
+}
+
+/// Asserts that `err` is INVALID_ARGUMENT naming `field` first (`shown`:
+/// the input, for the failure message).
+fn assert_invalid(err: &tonic::Status, field: &str, shown: &str) {
+    assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
+    assert!(
+        err.message().starts_with(field),
+        "{shown}: {}",
+        err.message()
+    );
+}
+
+/// The status of a call that must fail.
+fn refused<T>(reply: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {
+    match reply {
+        Ok(_) => panic!("the call succeeded"),
+        Err(status) => status,
+    }
 }
 
 // ---- certificates ---------------------------------------------------------
@@ -262,6 +309,25 @@ fn tcp_config(pki: &Pki, mtls: bool) -> GrpcConfig {
             client_ca: mtls.then(|| pki.ca_pem.clone()),
         }),
         client: ClientTls::default(),
+    }
+}
+
+/// A harness, its certificates and a server on TCP with TLS (`mtls`: client
+/// certificates from the CA required).
+async fn tcp_server(mtls: bool) -> (Harness, Pki, Running) {
+    let h = Harness::new().await;
+    let pki = pki(h.dir.path());
+    let running = Running::start(&tcp_config(&pki, mtls), &h).await.unwrap();
+    (h, pki, running)
+}
+
+impl Running {
+    /// The TCP address of a [`tcp_server`].
+    fn tcp_addr(&self) -> std::net::SocketAddr {
+        let AdminAddr::Tcp(addr) = self.addr() else {
+            panic!("not a TCP server")
+        };
+        addr
     }
 }
 
@@ -405,10 +471,7 @@ async fn health_reports_serving_for_the_server_and_the_admin_service() {
     use tonic_health::pb::HealthCheckRequest;
 
     let h = Harness::new().await;
-    let (running, _) = unix_server(&h).await;
-    let channel = client::channel(&running.addr(), &ClientTls::default())
-        .await
-        .unwrap();
+    let (running, channel) = unix_channel(&h).await;
     let mut health = HealthClient::new(channel);
     for service in ["", "mc_proxy.v1.ProxyAdminService"] {
         let response = health
@@ -451,10 +514,7 @@ async fn reflection_lists_and_describes_the_admin_service() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let h = Harness::new().await;
-    let (running, _) = unix_server(&h).await;
-    let channel = client::channel(&running.addr(), &ClientTls::default())
-        .await
-        .unwrap();
+    let (running, channel) = unix_channel(&h).await;
     let mut reflection = ServerReflectionClient::new(channel);
     let requests = [
         MessageRequest::ListServices(String::new()),
@@ -495,9 +555,7 @@ async fn reflection_lists_and_describes_the_admin_service() {
 
 #[tokio::test]
 async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, false), &h).await.unwrap();
+    let (_h, pki, running) = tcp_server(false).await;
     let tls = ClientTls {
         ca_cert: Some(pki.ca_pem.clone()),
         ..ClientTls::default()
@@ -509,9 +567,7 @@ async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
         ..ClientTls::default()
     };
     assert!(status_over(&running.addr(), &wrong).await.is_err());
-    let AdminAddr::Tcp(addr) = running.addr() else {
-        unreachable!()
-    };
+    let addr = running.tcp_addr();
     running.stop().await;
     // Stopped means the port is closed, not just ignored.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -519,9 +575,7 @@ async fn tls_without_client_ca_serves_any_client_that_trusts_the_server() {
 
 #[tokio::test]
 async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, true), &h).await.unwrap();
+    let (_h, pki, running) = tcp_server(true).await;
     let addr = running.addr();
 
     let good = ClientTls {
@@ -566,12 +620,8 @@ async fn tls_1_2_clients_are_refused() {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, true), &h).await.unwrap();
-    let AdminAddr::Tcp(addr) = running.addr() else {
-        unreachable!()
-    };
+    let (_h, pki, running) = tcp_server(true).await;
+    let addr = running.tcp_addr();
 
     let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
         let mut roots = rustls::RootCertStore::empty();
@@ -609,12 +659,8 @@ async fn tls_1_2_clients_are_refused() {
 
 #[tokio::test]
 async fn a_stalled_handshake_does_not_block_other_clients() {
-    let h = Harness::new().await;
-    let pki = pki(h.dir.path());
-    let running = Running::start(&tcp_config(&pki, false), &h).await.unwrap();
-    let AdminAddr::Tcp(addr) = running.addr() else {
-        unreachable!()
-    };
+    let (_h, pki, running) = tcp_server(false).await;
+    let addr = running.tcp_addr();
     // Connected, says nothing; and one that sends garbage.
     let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut garbage = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -636,8 +682,7 @@ async fn a_stalled_handshake_does_not_block_other_clients() {
 
 #[tokio::test]
 async fn add_route_upserts_and_normalises_hostnames() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
 
     let first = client
         .add_route(add(route(":443", "a.example.net", "127.0.0.1:1001")))
@@ -671,10 +716,7 @@ async fn add_route_upserts_and_normalises_hostnames() {
     assert_eq!(live.unwrap().backend.to_string(), "127.0.0.1:1002");
 
     client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "A.EXAMPLE.net.".into(),
-        })
+        .remove_route(remove(":443", "A.EXAMPLE.net."))
         .await
         .unwrap();
     assert!(list_all(&mut client).await.is_empty());
@@ -683,8 +725,7 @@ async fn add_route_upserts_and_normalises_hostnames() {
 
 #[tokio::test]
 async fn list_routes_is_sorted_by_listener_then_hostname_and_filters() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
     for (listener, host) in [
         ("127.0.0.1:8443", "b.test"),
         (":443", "z.test"),
@@ -745,8 +786,7 @@ async fn list_routes_is_sorted_by_listener_then_hostname_and_filters() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_naming_the_field() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
 
     let cases = [
         (route(":443", "", "127.0.0.1:1"), "route.hostname: "),
@@ -767,30 +807,17 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     ];
     for (bad, field) in cases {
         let shown = format!("{bad:?}");
-        let err = client.add_route(add(bad)).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
-        assert!(
-            err.message().starts_with(field),
-            "{shown}: {}",
-            err.message()
-        );
+        let err = refused(client.add_route(add(bad)).await);
+        assert_invalid(&err, field, &shown);
     }
-    let err = client
-        .add_route(proto::AddRouteRequest { route: None })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("route: "), "{}", err.message());
-
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "bad host".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("hostname: "), "{}", err.message());
+    let no_route = proto::AddRouteRequest { route: None };
+    assert_invalid(&refused(client.add_route(no_route).await), "route: ", "");
+    let bad_host = remove(":443", "bad host");
+    assert_invalid(
+        &refused(client.remove_route(bad_host).await),
+        "hostname: ",
+        "",
+    );
 
     let rule_cases = [
         (rule(FirewallRuleType::Ip, "1.2.3"), "rule.value: "),
@@ -814,20 +841,10 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     ];
     for (bad, field) in rule_cases {
         let shown = format!("{bad:?}");
-        let err = client
-            .add_firewall_rule(proto::AddFirewallRuleRequest { rule: bad.clone() })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
-        assert!(
-            err.message().starts_with(field),
-            "{shown}: {}",
-            err.message()
-        );
-        let err = client
-            .remove_firewall_rule(proto::RemoveFirewallRuleRequest { rule: bad })
-            .await
-            .unwrap_err();
+        let add = proto::AddFirewallRuleRequest { rule: bad.clone() };
+        assert_invalid(&refused(client.add_firewall_rule(add).await), field, &shown);
+        let remove = proto::RemoveFirewallRuleRequest { rule: bad };
+        let err = refused(client.remove_firewall_rule(remove).await);
         assert_eq!(err.code(), Code::InvalidArgument, "{shown}: {err:?}");
     }
     // Nothing was changed by any of it.
@@ -838,56 +855,37 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 
 #[tokio::test]
 async fn unknown_listener_and_absent_entries_are_not_found() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
 
-    let err = client
-        .add_route(add(route(":9", "a.test", "127.0.0.1:1")))
-        .await
-        .unwrap_err();
+    let err = refused(
+        client
+            .add_route(add(route(":9", "a.test", "127.0.0.1:1")))
+            .await,
+    );
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.message(), "listener \":9\" not found");
 
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":9".into(),
-            hostname: "a.test".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-
-    let err = client
-        .list_routes(proto::ListRoutesRequest {
-            listener_addr: ":9".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "absent.test".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
-
-    let err = client
-        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.7"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    let unknown_listener = proto::ListRoutesRequest {
+        listener_addr: ":9".into(),
+    };
+    for err in [
+        refused(client.remove_route(remove(":9", "a.test")).await),
+        refused(client.list_routes(unknown_listener).await),
+        refused(client.remove_route(remove(":443", "absent.test")).await),
+        refused(
+            client
+                .remove_firewall_rule(remove_rule(FirewallRuleType::Ip, "192.0.2.7"))
+                .await,
+        ),
+    ] {
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    }
     running.stop().await;
 }
 
 #[tokio::test]
 async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
     for (kind, value) in [
         (FirewallRuleType::Country, "kp"),
         (FirewallRuleType::Cidr, "198.51.100.7/24"),
@@ -896,9 +894,7 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
         (FirewallRuleType::Country, "KP"),
     ] {
         client
-            .add_firewall_rule(proto::AddFirewallRuleRequest {
-                rule: rule(kind, value),
-            })
+            .add_firewall_rule(add_rule(kind, value))
             .await
             .unwrap();
     }
@@ -920,9 +916,7 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
         ]
     );
     client
-        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Country, "kp"),
-        })
+        .remove_firewall_rule(remove_rule(FirewallRuleType::Country, "kp"))
         .await
         .unwrap();
     assert_eq!(running.firewall.rules().rules().len(), 2);
@@ -931,59 +925,49 @@ async fn firewall_rules_are_idempotent_normalised_and_listed_in_order() {
 
 #[tokio::test]
 async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (h, running, mut client) = unix_harness().await;
     client
         .add_route(add(route(":443", "kept.test", "127.0.0.1:1")))
         .await
         .unwrap();
     client
-        .add_firewall_rule(proto::AddFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.1"),
-        })
+        .add_firewall_rule(add_rule(FirewallRuleType::Ip, "192.0.2.1"))
         .await
         .unwrap();
     let before = list_all(&mut client).await;
 
     h.inject_storage_failure();
-    let err = client
-        .add_route(add(route(":443", "new.test", "127.0.0.1:2")))
-        .await
-        .unwrap_err();
+    let err = refused(
+        client
+            .add_route(add(route(":443", "new.test", "127.0.0.1:2")))
+            .await,
+    );
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(
         !err.message().contains("injected"),
         "storage detail leaked: {}",
         err.message()
     );
-    let err = client
-        .add_route(add(route(":443", "kept.test", "127.0.0.1:3")))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-    let err = client
-        .add_firewall_rule(proto::AddFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.2"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-
-    let err = client
-        .remove_route(proto::RemoveRouteRequest {
-            listener_addr: ":443".into(),
-            hostname: "kept.test".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
-    let err = client
-        .remove_firewall_rule(proto::RemoveFirewallRuleRequest {
-            rule: rule(FirewallRuleType::Ip, "192.0.2.1"),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    for err in [
+        refused(
+            client
+                .add_route(add(route(":443", "kept.test", "127.0.0.1:3")))
+                .await,
+        ),
+        refused(
+            client
+                .add_firewall_rule(add_rule(FirewallRuleType::Ip, "192.0.2.2"))
+                .await,
+        ),
+        refused(client.remove_route(remove(":443", "kept.test")).await),
+        refused(
+            client
+                .remove_firewall_rule(remove_rule(FirewallRuleType::Ip, "192.0.2.1"))
+                .await,
+        ),
+    ] {
+        assert_eq!(err.code(), Code::Internal, "{err:?}");
+    }
 
     assert_eq!(list_all(&mut client).await, before);
     assert_eq!(
@@ -1012,8 +996,7 @@ async fn get_status_reports_live_counters() {
     use mc_proxy::firewall::BlockReason;
     use mc_proxy::metrics::ActiveGuard;
     use mc_proxy::outcome::Outcome;
-    let h = Harness::new().await;
-    let (running, mut client) = unix_server(&h).await;
+    let (_h, running, mut client) = unix_harness().await;
     // Five connections accepted on listener 1, four of them gone; two more
     // on listener 0, both refused by the firewall and closed. The global
     // figures are the listeners' sums.
@@ -1050,8 +1033,7 @@ async fn get_status_reports_live_counters() {
 
 #[tokio::test]
 async fn cli_commands_return_documented_exit_statuses() {
-    let h = Harness::new().await;
-    let (running, _) = unix_server(&h).await;
+    let (_h, running, _) = unix_harness().await;
     let target = ClientTarget {
         addr: running.addr(),
         tls: ClientTls::default(),

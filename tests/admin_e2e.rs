@@ -1,7 +1,8 @@
 //! The admin API and its CLI against the real running binary: every
-//! subcommand with its output and exit status, routing that follows
-//! AddRoute, established connections that outlive RemoveRoute, the CLI over
-//! mTLS, and no acknowledged AddRoute lost to a SIGKILL.
+//! subcommand with its output and exit status, established connections
+//! that outlive RemoveRoute, the CLI over mTLS, and no acknowledged
+//! AddRoute lost to a SIGKILL; routing that follows AddRoute with the
+//! server in-process (the gRPC client is all it uses).
 //!
 //! Status codes, transports and the mTLS handshake in detail are in
 //! `tests/admin_api.rs` (the service in process); this file drives the
@@ -41,9 +42,7 @@ fn json(out: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test", "b.test"]).await;
     let (l1, l2) = ("127.0.0.1:0".to_string(), "127.0.0.2:0".to_string());
     let proxy = Proxy::start(
         dir.path(),
@@ -81,18 +80,7 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
     assert!(status["started_at"].as_str().unwrap().ends_with('Z'));
 
     // routes add / list / remove.
-    let add = |listener: &str, host: &str, backend: &str| {
-        proxy.cli(&[
-            "routes",
-            "add",
-            "--listener",
-            listener,
-            "--hostname",
-            host,
-            "--backend",
-            backend,
-        ])
-    };
+    let add = |listener: &str, host: &str, backend: &str| proxy.routes_add(listener, host, backend);
     let (code, out, err) = add(&l2, "B.test", &backend);
     assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
     assert_eq!(who(p2, "b.test", &pki).await.unwrap(), "A");
@@ -126,14 +114,7 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
         "{out}"
     );
 
-    let (code, out, err) = proxy.cli(&[
-        "routes",
-        "remove",
-        "--listener",
-        &l2,
-        "--hostname",
-        "b.test",
-    ]);
+    let (code, out, err) = proxy.routes_remove(&l2, "b.test");
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
     assert!(who(p2, "b.test", &pki).await.is_err());
 
@@ -155,29 +136,11 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
             "NOT_FOUND",
         ),
         (
-            vec![
-                "routes",
-                "add",
-                "--listener",
-                l1.as_str(),
-                "--hostname",
-                "c.test",
-                "--backend",
-                "no-port",
-            ],
+            routes_add_args(l1.as_str(), "c.test", "no-port"),
             "INVALID_ARGUMENT",
         ),
         (
-            vec![
-                "routes",
-                "add",
-                "--listener",
-                l1.as_str(),
-                "--hostname",
-                "bad host",
-                "--backend",
-                "127.0.0.1:1",
-            ],
+            routes_add_args(l1.as_str(), "bad host", "127.0.0.1:1"),
             "INVALID_ARGUMENT",
         ),
         (
@@ -294,17 +257,11 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_route_twice_is_created_then_updated_and_routing_follows() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[])),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
-    let mut client = admin_client(&proxy.admin_socket()).await;
+    let server = InProcess::with_admin(dir.path(), &l, &[]).await;
+    let port = server.addr().port();
+    let mut client = admin_client(&dir.path().join("admin.sock")).await;
 
     let first = client
         .add_route(route(&l, "a.test", &a.addr.to_string()))
@@ -336,15 +293,9 @@ async fn add_route_twice_is_created_then_updated_and_routing_follows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_established_connection_survives_remove_route_and_update() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[("a.test", a.addr)]);
     let port = proxy.listener("127.0.0.1:0").port();
     let mut client = admin_client(&proxy.admin_socket()).await;
 
@@ -393,15 +344,9 @@ async fn an_established_connection_survives_remove_route_and_update() {
 /// file through a second connection (triggers that abort every write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test", "b.test"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[("a.test", a.addr)])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[("a.test", a.addr)]);
     let port = proxy.listener("127.0.0.1:0").port();
     let inject = |sql: &str| {
         let conn = rusqlite::Connection::open(proxy.db()).unwrap();
@@ -423,26 +368,8 @@ async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() 
 
     let (b_addr, a_addr) = (b.addr.to_string(), a.addr.to_string());
     for args in [
-        vec![
-            "routes",
-            "add",
-            "--listener",
-            &l,
-            "--hostname",
-            "a.test",
-            "--backend",
-            &b_addr,
-        ],
-        vec![
-            "routes",
-            "add",
-            "--listener",
-            &l,
-            "--hostname",
-            "b.test",
-            "--backend",
-            &b_addr,
-        ],
+        routes_add_args(&l, "a.test", &b_addr),
+        routes_add_args(&l, "b.test", &b_addr),
         vec!["routes", "remove", "--listener", &l, "--hostname", "a.test"],
         vec!["firewall", "add", "--ip", "127.0.0.1"],
     ] {
@@ -463,16 +390,7 @@ async fn a_failing_db_write_is_internal_from_the_cli_and_routing_is_unchanged() 
 
     // Once the DB takes writes again, so does the server.
     inject(&drop_all);
-    let (code, out, err) = proxy.cli(&[
-        "routes",
-        "add",
-        "--listener",
-        &l,
-        "--hostname",
-        "a.test",
-        "--backend",
-        &b_addr,
-    ]);
+    let (code, out, err) = proxy.routes_add(&l, "a.test", &b_addr);
     assert_eq!((code, out.as_str()), (0, "updated\n"), "{err}");
     assert_eq!(who(addr(port), "a.test", &pki).await.unwrap(), "B");
 }
@@ -538,16 +456,7 @@ fn mtls_server() -> Mtls {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_over_mtls_reaches_the_binary_and_a_foreign_certificate_does_not() {
     let m = mtls_server();
-    let (code, out, err) = m.proxy.cli(&[
-        "routes",
-        "add",
-        "--listener",
-        &m.listener,
-        "--hostname",
-        "m.test",
-        "--backend",
-        "127.0.0.1:9",
-    ]);
+    let (code, out, err) = m.proxy.routes_add(&m.listener, "m.test", "127.0.0.1:9");
     assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
     let (code, out, _) = m.proxy.cli(&["status", "--json"]);
     assert_eq!(code, 0);

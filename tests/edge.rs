@@ -35,30 +35,18 @@ fn v2_header(command: u8, family: u8, block: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A v2 PROXY TCP4 header from `source` to `destination`, then `tlvs`.
-fn v2_tcp4(source: SocketAddr, destination: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
-    let (IpAddr::V4(src), IpAddr::V4(dst)) = (source.ip(), destination.ip()) else {
-        panic!("not IPv4");
+/// A v2 PROXY TCP header from `source` to `destination` (both IPv4: TCP4,
+/// both IPv6: TCP6), then `tlvs`.
+fn v2_tcp(source: SocketAddr, destination: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+    let (mut block, family) = match (source.ip(), destination.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => ([src.octets(), dst.octets()].concat(), 0x11),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => ([src.octets(), dst.octets()].concat(), 0x21),
+        _ => panic!("mixed families"),
     };
-    let mut block = Vec::new();
-    block.extend_from_slice(&src.octets());
-    block.extend_from_slice(&dst.octets());
     block.extend_from_slice(&source.port().to_be_bytes());
     block.extend_from_slice(&destination.port().to_be_bytes());
     block.extend_from_slice(tlvs);
-    v2_header(0x1, 0x11, &block)
-}
-
-fn v2_tcp6(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
-    let (IpAddr::V6(src), IpAddr::V6(dst)) = (source.ip(), destination.ip()) else {
-        panic!("not IPv6");
-    };
-    let mut block = Vec::new();
-    block.extend_from_slice(&src.octets());
-    block.extend_from_slice(&dst.octets());
-    block.extend_from_slice(&source.port().to_be_bytes());
-    block.extend_from_slice(&destination.port().to_be_bytes());
-    v2_header(0x1, 0x21, &block)
+    v2_header(0x1, family, &block)
 }
 
 /// TLVs a real upstream sends: NOOP padding, ALPN, an SSL block with a
@@ -71,63 +59,25 @@ const SAMPLE_TLVS: &[u8] = &[
     0x05, 0x00, 0x04, 1, 2, 3, 4, // PP2_TYPE_UNIQUE_ID
 ];
 
-/// Writes `parts` (each its own write, or one byte per write when
-/// `byte_at_a_time`), sends FIN and returns what came back and how the read
-/// ended.
-async fn exchange(
-    stream: &mut TcpStream,
-    parts: &[&[u8]],
-    byte_at_a_time: bool,
-) -> (Vec<u8>, std::io::Result<()>) {
-    stream.set_nodelay(true).unwrap();
-    // A refused connection may be reset while we write: stop writing then,
-    // and let the read report how it ended.
-    'writing: for part in parts {
-        if byte_at_a_time {
-            for byte in part.iter() {
-                if stream.write_all(&[*byte]).await.is_err() {
-                    break 'writing;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        } else if stream.write_all(part).await.is_err() {
-            break;
-        }
-    }
-    let _ = stream.shutdown().await;
-    read_all(stream, Duration::from_secs(10)).await
-}
-
-async fn received(backend: &mut RawBackend) -> Vec<u8> {
-    tokio::time::timeout(Duration::from_secs(10), backend.received.recv())
-        .await
-        .expect("backend got no connection in time")
-        .expect("backend channel closed")
-}
-
 // ---- PROXY protocol in -------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_backend() {
-    let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)])
+    });
+    let port = proxy.addr().port();
     let hello = client_hello(Some("a.test"));
     let multi_record_hello = records(&hello_message(Some("a.test"), 600), 100);
     let to = local(port);
     let v1_tcp4 = b"PROXY TCP4 198.51.100.20 127.0.0.1 5555 443\r\n".to_vec();
     let v1_tcp6 = b"PROXY TCP6 2001:db8::20 ::1 6666 443\r\n".to_vec();
-    let v2_with_tlvs = v2_tcp4("203.0.113.30:7777".parse().unwrap(), to, SAMPLE_TLVS);
-    let v2_ipv6 = v2_tcp6(
+    let v2_with_tlvs = v2_tcp("203.0.113.30:7777".parse().unwrap(), to, SAMPLE_TLVS);
+    let v2_ipv6 = v2_tcp(
         "[2001:db8::40]:8888".parse().unwrap(),
         SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 443),
+        &[],
     );
     // (header, hello, byte at a time, header and hello in one write, client= in the log)
     type Case<'a> = (Vec<u8>, &'a Vec<u8>, bool, bool, &'static str);
@@ -167,7 +117,7 @@ async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_
         let (reply, _) = exchange(&mut stream, &parts, *byte_at_a_time).await;
         assert_eq!(reply, b"pong", "case {client}");
         assert_eq!(
-            &received(&mut backend).await,
+            &backend.next().await,
             *hello,
             "the backend must get the hello without the header ({client})"
         );
@@ -180,43 +130,32 @@ async fn proxy_v1_and_v2_headers_name_the_client_and_only_the_hello_reaches_the_
         let mut stream = connect_from("127.0.0.3", to).await.unwrap();
         let (reply, _) = exchange(&mut stream, &[&header, &hello], false).await;
         assert_eq!(reply, b"pong");
-        assert_eq!(received(&mut backend).await, hello);
+        assert_eq!(backend.next().await, hello);
     }
-    proxy
-        .log
-        .wait_for(Duration::from_secs(10), |text, _| {
-            let n = text
-                .lines()
-                .filter(|l| l.contains("connection closed"))
-                .filter(|l| l.contains("client=127.0.0.3:") && l.contains("outcome=relayed"))
-                .count();
-            (n >= 2).then_some(())
-        })
-        .unwrap_or_else(|| panic!("{}", proxy.log_text()));
+    proxy.wait_conns(
+        &["client=127.0.0.3:", "outcome=relayed"],
+        2,
+        Duration::from_secs(10),
+    );
     assert_eq!(backend.accepted.load(Ordering::SeqCst), cases.len() + 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
-    let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &format!(
-                "{}[firewall]\ngeoip_db = \"{GEOIP}\"\nblocked_countries = [\"GB\"]\n",
-                proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
-            ),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        format!(
+            "{}[firewall]\ngeoip_db = \"{GEOIP}\"\nblocked_countries = [\"GB\"]\n",
+            proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
+        )
+    });
+    let port = proxy.addr().port();
     let to = local(port);
     let hello = client_hello(Some("a.test"));
 
     // 81.2.69.142 is GB in the test database: reset, nothing read or sent.
     let mut stream = TcpStream::connect(to).await.unwrap();
-    let header = v2_tcp4("81.2.69.142:40000".parse().unwrap(), to, &[]);
+    let header = v2_tcp("81.2.69.142:40000".parse().unwrap(), to, &[]);
     stream
         .write_all(&[header, hello.clone()].concat())
         .await
@@ -233,10 +172,10 @@ async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
 
     // 216.160.83.56 is US: routed.
     let mut stream = TcpStream::connect(to).await.unwrap();
-    let header = v2_tcp4("216.160.83.56:40001".parse().unwrap(), to, SAMPLE_TLVS);
+    let header = v2_tcp("216.160.83.56:40001".parse().unwrap(), to, SAMPLE_TLVS);
     let (reply, _) = exchange(&mut stream, &[&header, &hello], false).await;
     assert_eq!(reply, b"pong");
-    assert_eq!(received(&mut backend).await, hello);
+    assert_eq!(backend.next().await, hello);
     proxy.wait_log(
         &[
             "client=216.160.83.56:40001 ",
@@ -250,20 +189,15 @@ async fn geoip_judges_the_address_in_the_v2_header_not_the_socket_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
-    let dir = tempfile::tempdir().unwrap();
     let backend = raw_backend(b"should never be seen").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &format!(
-                "{}{}",
-                proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
-                "[proxy]\nhandshake_timeout = \"1s\"\n"
-            ),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        format!(
+            "{}{}",
+            proxy_protocol_listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
+            "[proxy]\nhandshake_timeout = \"1s\"\n"
+        )
+    });
+    let port = proxy.addr().port();
     let to = local(port);
     let hello = client_hello(Some("a.test"));
     let mut long_v1 = b"PROXY UNKNOWN ".to_vec();
@@ -285,7 +219,7 @@ async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
         ("v2 over UDP", v2_header(0x1, 0x12, &[0u8; 12])),
         (
             "v2 TLVs overrunning the header",
-            v2_tcp4(
+            v2_tcp(
                 "192.0.2.1:1".parse().unwrap(),
                 to,
                 &[0x01, 0x00, 0x09, b'x'],
@@ -299,17 +233,11 @@ async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
         let (got, _) = exchange(&mut stream, &[bytes], false).await;
         assert!(got.is_empty(), "{case}: client got {} bytes", got.len());
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy
-        .conn_lines()
-        .iter()
-        .filter(|l| l.contains("outcome=bad_proxy_header"))
-        .count()
-        < cases.len()
-    {
-        assert!(Instant::now() < deadline, "{}", proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy.wait_conns(
+        &["outcome=bad_proxy_header"],
+        cases.len(),
+        Duration::from_secs(10),
+    );
 
     // A header that never completes: closed at handshake_timeout, silently.
     let mut stream = TcpStream::connect(to).await.unwrap();
@@ -327,31 +255,26 @@ async fn missing_or_garbled_proxy_headers_are_closed_without_a_byte() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_proxy_protocol_prepends_a_v2_header_with_client_and_listener_addresses() {
-    let dir = tempfile::tempdir().unwrap();
     let mut backend = raw_backend(b"pong").await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &config(
-            dir.path(),
-            &listener(
-                "127.0.0.1:0",
-                &[
-                    proxied_route("p.test", backend.addr),
-                    route("plain.test", backend.addr),
-                ],
-            ),
-        ),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let proxy = Proxy::in_temp_dir(|_| {
+        listener(
+            "127.0.0.1:0",
+            &[
+                proxied_route("p.test", backend.addr),
+                route("plain.test", backend.addr),
+            ],
+        )
+    });
+    let port = proxy.addr().port();
     let to = local(port);
     let hello = client_hello(Some("p.test"));
     let mut stream = connect_from("127.0.0.4", to).await.unwrap();
     let client = stream.local_addr().unwrap();
     let (reply, _) = exchange(&mut stream, &[&hello], false).await;
     assert_eq!(reply, b"pong");
-    let mut expected = v2_tcp4(client, to, &[]);
+    let mut expected = v2_tcp(client, to, &[]);
     expected.extend_from_slice(&hello);
-    assert_eq!(received(&mut backend).await, expected);
+    assert_eq!(backend.next().await, expected);
     // up= counts the client's bytes, not the header.
     proxy.wait_log(
         &[
@@ -367,7 +290,7 @@ async fn send_proxy_protocol_prepends_a_v2_header_with_client_and_listener_addre
     let mut stream = TcpStream::connect(to).await.unwrap();
     let (reply, _) = exchange(&mut stream, &[&hello], false).await;
     assert_eq!(reply, b"pong");
-    assert_eq!(received(&mut backend).await, hello);
+    assert_eq!(backend.next().await, hello);
 }
 
 /// An edge instance forwards to an origin instance with a PROXY v2 header;
@@ -377,33 +300,23 @@ async fn edge_to_origin_chain_shows_the_original_client_at_the_origin() {
     let pki = Pki::new("chain CA");
     let a = tls_backend(&pki, "A", &["a.test"]).await;
     let b = tls_backend(&pki, "B", &["b.test"]).await;
-    let origin_dir = tempfile::tempdir().unwrap();
-    let origin = Proxy::start(
-        origin_dir.path(),
-        &config(
-            origin_dir.path(),
-            &format!(
-                "{}[firewall]\nblocked_ips = [\"127.0.0.5\"]\n",
-                proxy_protocol_listener(
-                    "127.0.0.1:0",
-                    &[route("a.test", a.addr), route("b.test", b.addr)]
-                ),
+    let origin = Proxy::in_temp_dir(|_| {
+        format!(
+            "{}[firewall]\nblocked_ips = [\"127.0.0.5\"]\n",
+            proxy_protocol_listener(
+                "127.0.0.1:0",
+                &[route("a.test", a.addr), route("b.test", b.addr)]
             ),
-        ),
-    );
-    let origin_addr = origin.listener("127.0.0.1:0");
-    let edge_dir = tempfile::tempdir().unwrap();
-    let edge = Proxy::start(
-        edge_dir.path(),
-        &config(
-            edge_dir.path(),
-            &format!(
-                "{}{}",
-                listener("127.0.0.1:0", &[proxied_route("a.test", origin_addr)]),
-                admin_socket(edge_dir.path()),
-            ),
-        ),
-    );
+        )
+    });
+    let origin_addr = origin.addr();
+    let edge = Proxy::in_temp_dir(|dir| {
+        format!(
+            "{}{}",
+            listener("127.0.0.1:0", &[proxied_route("a.test", origin_addr)]),
+            admin_socket(dir),
+        )
+    });
     let edge_addr = edge.listener("127.0.0.1:0");
     // The second route goes in through the CLI, flag and all.
     let edge_config = edge.config.to_str().unwrap().to_string();
@@ -497,21 +410,21 @@ async fn routed_to(addr: SocketAddr, sni: &str, backends: &mut [&mut RawBackend]
     if reply.is_empty() {
         return None;
     }
-    // The backend records the connection just after it replies.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    // The backend records the connection just after it replies: wait for
+    // whichever backend it was.
+    let first = std::future::poll_fn(|cx| {
         for (index, backend) in backends.iter_mut().enumerate() {
-            if let Ok(bytes) = backend.received.try_recv() {
-                assert_eq!(bytes, hello);
-                return Some(index);
+            if let std::task::Poll::Ready(bytes) = backend.received.poll_recv(cx) {
+                return std::task::Poll::Ready((index, bytes));
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "reply {reply:?} but no backend recorded the connection"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        std::task::Poll::Pending
+    });
+    let (index, bytes) = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .unwrap_or_else(|_| panic!("reply {reply:?} but no backend recorded the connection"));
+    assert_eq!(bytes, Some(hello));
+    Some(index)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -706,7 +619,7 @@ async fn metrics_endpoint_counts_known_traffic_exactly() {
         let mut stream = TcpStream::connect(plain_addr).await.unwrap();
         let (reply, _) = exchange(&mut stream, &[&hello], false).await;
         assert_eq!(reply, b"pong");
-        received(&mut backend).await;
+        backend.next().await;
     }
     let mut stream = TcpStream::connect(plain_addr).await.unwrap();
     let (got, _) = exchange(&mut stream, &[&client_hello(Some("nowhere.test"))], false).await;
@@ -728,46 +641,22 @@ async fn metrics_endpoint_counts_known_traffic_exactly() {
     )
     .await;
     assert!(got.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.conn_lines().len() < 6 {
-        assert!(Instant::now() < deadline, "{}", proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy.wait_conns(&[], 6, Duration::from_secs(10));
 
     // Admin calls: one good, one refused.
-    let config_path = proxy.config.to_str().unwrap().to_string();
-    assert_eq!(run_cli(&["routes", "list", "-c", &config_path]).0, 0);
-    let (code, _, stderr) = run_cli(&[
-        "routes",
-        "add",
-        "-c",
-        &config_path,
-        "--listener",
-        &plain,
-        "--hostname",
-        "a*.test",
-        "--backend",
-        "127.0.0.1:1",
-    ]);
+    assert_eq!(proxy.cli(&["routes", "list"]).0, 0);
+    let (code, _, stderr) = proxy.routes_add(&plain, "a*.test", "127.0.0.1:1");
     assert_eq!(code, 1, "{stderr}");
 
     let metrics_addr = proxy.metrics_addr();
-    // The active gauge drops just after the log line; wait for it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (status, headers, body) = loop {
-        let scraped = http_get(metrics_addr, "/metrics").await;
-        let values = parse_metrics(&scraped.2);
-        if values.get(&format!(
-            "mc_proxy_connections_active{{listener=\"{plain}\"}}"
-        )) == Some(&0.0)
-            && values.get(&format!("mc_proxy_connections_active{{listener=\"{pp}\"}}"))
-                == Some(&0.0)
-        {
-            break scraped;
-        }
-        assert!(Instant::now() < deadline, "{}", scraped.2);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // The active gauge drops just after the log line; wait for it. Then
+    // nothing moves any more: one more scrape is the one checked.
+    let active = |listener: &str| format!("mc_proxy_connections_active{{listener=\"{listener}\"}}");
+    wait_metrics(metrics_addr, Duration::from_secs(10), |values| {
+        values.get(&active(&plain)) == Some(&0.0) && values.get(&active(&pp)) == Some(&0.0)
+    })
+    .await;
+    let (status, headers, body) = http_get(metrics_addr, "/metrics").await;
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert!(
         headers
@@ -816,18 +705,7 @@ async fn metrics_endpoint_counts_known_traffic_exactly() {
     );
 
     // Route counts follow the live table.
-    let (code, _, stderr) = run_cli(&[
-        "routes",
-        "add",
-        "-c",
-        &config_path,
-        "--listener",
-        &pp,
-        "--hostname",
-        "b.test",
-        "--backend",
-        "127.0.0.1:1",
-    ]);
+    let (code, _, stderr) = proxy.routes_add(&pp, "b.test", "127.0.0.1:1");
     assert_eq!(code, 0, "{stderr}");
     let values = parse_metrics(&http_get(metrics_addr, "/metrics").await.2);
     assert_eq!(

@@ -28,13 +28,33 @@ fn addr(port: u16) -> SocketAddr {
 /// One listener routing `a.test` to `backend`, a unix admin socket, and
 /// `[firewall]` with `firewall` lines.
 fn setup(dir: &Path, backend: SocketAddr, firewall: &str) -> String {
-    admin_config(
-        dir,
-        &format!(
-            "{}[firewall]\n{firewall}\n",
-            listener_toml("127.0.0.1:0", &[("a.test", backend)])
-        ),
+    config(dir, &setup_body(dir, backend, firewall))
+}
+
+/// [`setup`] without the `[database]` section.
+fn setup_body(dir: &Path, backend: SocketAddr, firewall: &str) -> String {
+    format!(
+        "{}\n{}[firewall]\n{firewall}\n",
+        admin_socket(dir),
+        listener_toml("127.0.0.1:0", &[("a.test", backend)])
     )
+}
+
+/// A TLS backend A for `a.test` and the binary on [`setup`] with
+/// `firewall`, in a temp dir of its own: (the proxy, the CA, A, where the
+/// proxy listens).
+async fn start(firewall: &str) -> (Proxy, Pki, TlsBackend, SocketAddr) {
+    let pki = Pki::new("test CA");
+    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let proxy = Proxy::in_temp_dir(|dir| setup_body(dir, a.addr, firewall));
+    let to = proxy.addr();
+    (proxy, pki, a, to)
+}
+
+/// Asserts that a TLS client from `source` reaches backend A.
+async fn assert_a(source: &str, to: SocketAddr, pki: &Pki) {
+    let name = who_from(source, to, "a.test", pki).await;
+    assert_eq!(name.unwrap(), "A", "from {source}");
 }
 
 /// `(total_connections, blocked_connections)` from `mc-proxy status --json`.
@@ -50,16 +70,9 @@ fn counts(proxy: &Proxy) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_source_is_routed() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(dir.path(), a.addr, "blocked_ips = [\"127.0.0.2\"]"),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let (proxy, pki, a, to) = start("blocked_ips = [\"127.0.0.2\"]").await;
 
-    assert_reset("127.0.0.2", addr(port)).await;
+    assert_reset("127.0.0.2", to).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
     let line = proxy.wait_log(
         &["client=127.0.0.2:", "connection closed"],
@@ -68,16 +81,11 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
     assert!(line.contains("outcome=blocked:ip"), "{line}");
     assert!(!line.contains("sni="), "{line}");
 
-    assert_eq!(
-        who_from("127.0.0.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.1", to, &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     // A blocked client that talks first is still refused and still unseen
     // (the reset may already be there when connect() returns).
-    match connect_from("127.0.0.2", addr(port)).await {
+    match connect_from("127.0.0.2", to).await {
         Ok(mut client) => {
             let hello = client_hello(Some("a.test"));
             let _ = tokio::io::AsyncWriteExt::write_all(&mut client, &hello).await;
@@ -93,15 +101,8 @@ async fn blocked_ip_gets_a_reset_and_the_backend_sees_nothing_while_another_sour
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cidr_blocks_addresses_inside_it_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(dir.path(), a.addr, "blocked_cidrs = [\"127.0.0.0/30\"]"),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
-    assert_reset("127.0.0.3", addr(port)).await;
+    let (proxy, pki, a, to) = start("blocked_cidrs = [\"127.0.0.0/30\"]").await;
+    assert_reset("127.0.0.3", to).await;
     let line = proxy.wait_log(
         &["client=127.0.0.3:", "connection closed"],
         Duration::from_secs(5),
@@ -110,10 +111,7 @@ async fn cidr_blocks_addresses_inside_it_only() {
     assert_eq!(a.accepted.load(Ordering::SeqCst), 0);
     // 127.0.0.4 is the first address past the /30.
     for outside in ["127.0.0.9", "127.0.0.4"] {
-        assert_eq!(
-            who_from(outside, addr(port), "a.test", &pki).await.unwrap(),
-            "A"
-        );
+        assert_a(outside, to, &pki).await;
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 }
@@ -123,9 +121,7 @@ async fn cidr_blocks_addresses_inside_it_only() {
 /// IPv6 clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let proxy = Proxy::start(
         dir.path(),
         &admin_config(
@@ -141,12 +137,7 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
     assert_reset("127.0.0.2", addr(port)).await;
     assert_reset("127.0.0.3", addr(port)).await;
     assert_reset("::1", v6).await;
-    assert_eq!(
-        who_from("127.0.0.9", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.9", addr(port), &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
     proxy.wait_blocked("127.0.0.2", "ip");
     proxy.wait_blocked("127.0.0.3", "cidr");
@@ -155,67 +146,34 @@ async fn dual_stack_listener_judges_mapped_ipv4_clients_as_ipv4_and_blocks_ipv6(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_resets_the_connection_over_the_limit_and_a_new_window_admits() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(dir.path(), a.addr, "rate_limit = 3\nrate_window = \"2s\""),
-    );
-    let port = proxy.listener("127.0.0.1:0").port();
+    let (proxy, pki, a, to) = start("rate_limit = 3\nrate_window = \"2s\"").await;
     let started = tokio::time::Instant::now();
     for _ in 0..3 {
-        assert_eq!(
-            who_from("127.0.0.5", addr(port), "a.test", &pki)
-                .await
-                .unwrap(),
-            "A"
-        );
+        assert_a("127.0.0.5", to, &pki).await;
     }
-    assert_reset("127.0.0.5", addr(port)).await;
+    assert_reset("127.0.0.5", to).await;
     // The window is counted per client: another source is not affected.
-    assert_eq!(
-        who_from("127.0.0.6", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.6", to, &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 4);
     let line = proxy.wait_log(&["outcome=blocked:rate"], Duration::from_secs(5));
     assert!(line.contains("client=127.0.0.5:"), "{line}");
 
     // 127.0.0.5's window opened at its first connection, after `started`:
-    // once it is over, the next connection opens a new one.
+    // once it is over, the next connection opens a new one (the wait is
+    // the point: the window is 2 s of wall time).
     tokio::time::sleep_until(started + Duration::from_millis(2300)).await;
-    assert_eq!(
-        who_from("127.0.0.5", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.5", to, &pki).await;
     assert_eq!(a.accepted.load(Ordering::SeqCst), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let toml = setup(dir.path(), a.addr, "");
     let proxy = Proxy::start(dir.path(), &toml);
     let port = proxy.listener("127.0.0.1:0").port();
-    assert_eq!(
-        who_from("127.0.0.7", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
-    assert_eq!(
-        who_from("127.0.8.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.7", addr(port), &pki).await;
+    assert_a("127.0.8.1", addr(port), &pki).await;
 
     for rule in [["--ip", "127.0.0.7"], ["--cidr", "127.0.8.0/24"]] {
         let (code, out, err) = proxy.cli(&["firewall", "add", rule[0], rule[1]]);
@@ -225,12 +183,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     assert_reset("127.0.8.1", addr(port)).await;
     proxy.wait_blocked("127.0.0.7", "ip");
     proxy.wait_blocked("127.0.8.1", "cidr");
-    assert_eq!(
-        who_from("127.0.9.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.9.1", addr(port), &pki).await;
     let on_disk = vec![
         ("cidr".to_string(), "127.0.8.0/24".to_string()),
         ("ip".to_string(), "127.0.0.7".to_string()),
@@ -250,12 +203,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
 
     let (code, out, err) = proxy.cli(&["firewall", "remove", "--ip", "127.0.0.7"]);
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
-    assert_eq!(
-        who_from("127.0.0.7", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.7", addr(port), &pki).await;
     assert_eq!(db_rules(&proxy.db()), on_disk[..1].to_vec());
     // Removing it again is NOT_FOUND, exit 1.
     let (code, _, err) = proxy.cli(&["firewall", "remove", "--ip", "127.0.0.7"]);
@@ -264,12 +212,7 @@ async fn rules_changed_with_the_cli_apply_to_the_next_connection_and_persist() {
     proxy.stop();
     let proxy = Proxy::start(dir.path(), &toml);
     let port = proxy.listener("127.0.0.1:0").port();
-    assert_eq!(
-        who_from("127.0.0.7", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.7", addr(port), &pki).await;
     assert_reset("127.0.8.1", addr(port)).await;
 }
 
@@ -284,22 +227,14 @@ fn replace(path: &Path, bytes: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_sighup() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["a.test"]).await;
     let mmdb = dir.path().join("GeoLite2-Country.mmdb");
     std::fs::copy(GEOLITE2, &mmdb).unwrap();
-    let proxy = Proxy::start(
-        dir.path(),
-        &setup(
-            dir.path(),
-            a.addr,
-            &format!(
-                "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
-                mmdb.display()
-            ),
-        ),
+    let firewall = format!(
+        "geoip_db = \"{}\"\nblocked_countries = [\"gb\"]",
+        mmdb.display()
     );
+    let proxy = Proxy::start(dir.path(), &setup(dir.path(), a.addr, &firewall));
     let port = proxy.listener("127.0.0.1:0").port();
     // A country rule added at runtime, normalised to upper case.
     let (code, _, err) = proxy.cli(&["firewall", "add", "--country", "kp"]);
@@ -312,18 +247,8 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
         ]
     );
     // Loopback has no country in MaxMind's test file.
-    assert_eq!(
-        who_from("127.0.0.4", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
-    assert_eq!(
-        who_from("127.0.0.12", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.4", addr(port), &pki).await;
+    assert_a("127.0.0.12", addr(port), &pki).await;
 
     // Replaced by rename: picked up without a restart (SPEC: within 5 s).
     replace(
@@ -335,22 +260,12 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     assert_reset("127.0.0.12", addr(port)).await;
     proxy.wait_blocked("127.0.0.4", "country:KP");
     proxy.wait_blocked("127.0.0.12", "country:GB");
-    assert_eq!(
-        who_from("127.0.0.1", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.1", addr(port), &pki).await;
 
     // Removing the rule lets the country in at the next connection.
     let (code, _, err) = proxy.cli(&["firewall", "remove", "--country", "KP"]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        who_from("127.0.0.4", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.4", addr(port), &pki).await;
 
     // A corrupt replacement is refused, logged, and the old data kept.
     replace(&mmdb, b"this is not a MaxMind database");
@@ -364,12 +279,7 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     // A good file again; then SIGHUP reloads even an unchanged file.
     replace(&mmdb, &geoip_db(&[("127.0.0.13/32", "GB")]));
     proxy.wait_count("GeoIP database reloaded", 2, Duration::from_secs(5));
-    assert_eq!(
-        who_from("127.0.0.12", addr(port), "a.test", &pki)
-            .await
-            .unwrap(),
-        "A"
-    );
+    assert_a("127.0.0.12", addr(port), &pki).await;
     assert_reset("127.0.0.13", addr(port)).await;
     proxy.signal("HUP");
     proxy.wait_count("SIGHUP: GeoIP database reloaded", 1, Duration::from_secs(5));
@@ -378,19 +288,29 @@ async fn countries_are_blocked_and_the_geoip_file_is_reloaded_on_change_and_on_s
     assert!(count >= 10, "{count}");
 }
 
-#[test]
-fn country_rules_without_a_geoip_file_are_a_config_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = setup(dir.path(), addr(9), "blocked_countries = [\"KP\"]");
-    let config = dir.path().join("mc-proxy.toml");
+/// With `firewall`, `check` and `server` both exit 2 with every needle in
+/// stderr, and no DB is created.
+fn refused_at_start(dir: &Path, firewall: &str, needles: &[&str]) {
+    let toml = setup(dir, addr(9), firewall);
+    let config = dir.join("mc-proxy.toml");
     std::fs::write(&config, toml).unwrap();
     let config = config.display().to_string();
     for command in ["check", "server"] {
         let (code, _, err) = run_cli(&[command, "-c", &config]);
         assert_eq!(code, 2, "{command}: {err}");
-        assert!(err.contains("firewall.geoip_db"), "{command}: {err}");
+        assert!(needles.iter().all(|n| err.contains(n)), "{command}: {err}");
     }
-    assert!(!dir.path().join("mc-proxy.db").exists());
+    assert!(!dir.join("mc-proxy.db").exists());
+}
+
+#[test]
+fn country_rules_without_a_geoip_file_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    refused_at_start(
+        dir.path(),
+        "blocked_countries = [\"KP\"]",
+        &["firewall.geoip_db"],
+    );
 }
 
 /// Regression: `server` used to open (and on a first run, seed) the DB
@@ -406,17 +326,5 @@ fn a_broken_geoip_file_at_start_is_exit_2_and_seeds_no_database() {
         "geoip_db = \"{}\"\nblocked_countries = [\"KP\"]",
         corrupt.display()
     );
-    let toml = setup(dir.path(), addr(9), &firewall);
-    let config = dir.path().join("mc-proxy.toml");
-    std::fs::write(&config, toml).unwrap();
-    let config = config.display().to_string();
-    for command in ["check", "server"] {
-        let (code, _, err) = run_cli(&[command, "-c", &config]);
-        assert_eq!(code, 2, "{command}: {err}");
-        assert!(
-            err.contains("firewall.geoip_db") && err.contains("broken.mmdb"),
-            "{command}: {err}"
-        );
-    }
-    assert!(!dir.path().join("mc-proxy.db").exists());
+    refused_at_start(dir.path(), &firewall, &["firewall.geoip_db", "broken.mmdb"]);
 }

@@ -10,11 +10,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use rustls::pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -23,11 +21,8 @@ fn local(port: u16) -> SocketAddr {
 /// A TLS session through the proxy on `tcp` (after whatever was already
 /// written on it), up to the backend's name line; the session stays open.
 async fn relayed_on(tcp: TcpStream, pki: &Pki) -> std::io::Result<TlsStream<TcpStream>> {
-    let name = ServerName::try_from("ok.test").unwrap();
     let session = async {
-        let mut tls = TlsConnector::from(pki.client_config())
-            .connect(name, tcp)
-            .await?;
+        let mut tls = tls_over(tcp, "ok.test", pki.client_config()).await?;
         let line = read_line(&mut tls).await?;
         assert_eq!(line, "backend=B");
         Ok(tls)
@@ -56,10 +51,10 @@ async fn proxied(client: &str, addr: SocketAddr) -> TcpStream {
 
 /// The value of one series on the metrics endpoint.
 async fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let (_, _, body) = http_get(addr, "/metrics").await;
-    *parse_metrics(&body)
+    let values = scrape(addr).await;
+    *values
         .get(series)
-        .unwrap_or_else(|| panic!("no series {series} in:\n{body}"))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{values:?}"))
 }
 
 /// Limit 3: a client (127.0.0.2) holding three open connections, over two
@@ -70,9 +65,7 @@ async fn metric(addr: SocketAddr, series: &str) -> f64 {
 /// counted, not the upstream's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_limit_refuses_the_fourth_open_connection_across_listeners() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("limits CA");
-    let backend = tls_backend(&pki, "B", &["ok.test"]).await;
+    let (dir, pki, backend) = tls_scene("B", &["ok.test"]).await;
     let route = [route("ok.test", backend.addr)];
     let proxy = Proxy::start(
         dir.path(),
@@ -197,9 +190,7 @@ fn start_field(proxy: &Proxy, key: &str) -> u64 {
 async fn at_max_connections_the_accept_loop_waits_instead_of_running_out_of_descriptors() {
     const EXTRA: usize = 30;
     ensure_own_nofile(4096);
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("cap CA");
-    let backend = tls_backend(&pki, "B", &["ok.test"]).await;
+    let (dir, pki, backend) = tls_scene("B", &["ok.test"]).await;
     let proxy = Proxy::start_with_nofile(
         dir.path(),
         &config(
@@ -236,13 +227,12 @@ async fn at_max_connections_the_accept_loop_waits_instead_of_running_out_of_desc
     for _ in 0..EXTRA {
         let pki_config = pki.client_config();
         waiting.spawn(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let name = ServerName::try_from("ok.test").unwrap();
-            let mut tls = TlsConnector::from(pki_config).connect(name, tcp).await?;
+            let mut tls = tls_connect(addr, "ok.test", pki_config).await?;
             let line = read_line(&mut tls).await?;
             Ok::<_, std::io::Error>((line, tls))
         });
     }
+    // The wait is the point: for 2 s nothing may answer them.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         waiting.try_join_next().is_none(),

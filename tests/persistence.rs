@@ -19,18 +19,12 @@ fn addr(port: u16) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_listener() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.test", "b.test"]).await;
-    let b = tls_backend(&pki, "B", &["a.test", "b.test"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.test", "b.test"]).await;
     let c = tls_backend(&pki, "C", &["c.test"]).await;
     let (l1, l2) = ("127.0.0.1:0".to_string(), "127.0.0.2:0".to_string());
 
     // First run: the TOML seeds the DB.
-    let first = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l1, &[("a.test", a.addr)])),
-    );
+    let first = Proxy::with_admin(dir.path(), &l1, &[("a.test", a.addr)]);
     assert_eq!(who(first.listener(&l1), "a.test", &pki).await.unwrap(), "A");
     first.wait_log(&["seeded the database from the config"], Duration::ZERO);
     first.stop();
@@ -93,9 +87,7 @@ async fn second_start_serves_the_db_routes_over_an_edited_toml_and_binds_a_new_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["new.test"]).await;
+    let (dir, pki, a) = tls_scene("A", &["new.test"]).await;
     let l = "127.0.0.1:0".to_string();
     let toml = admin_config(dir.path(), &listener_toml(&l, &[]));
     let mut proxy = Proxy::start(dir.path(), &toml);
@@ -103,16 +95,7 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
     assert!(who(addr(port), "new.test", &pki).await.is_err());
 
     let backend = a.addr.to_string();
-    let (code, out, err) = proxy.cli(&[
-        "routes",
-        "add",
-        "--listener",
-        &l,
-        "--hostname",
-        "new.test",
-        "--backend",
-        &backend,
-    ]);
+    let (code, out, err) = proxy.routes_add(&l, "new.test", &backend);
     assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
     // Acknowledged means committed: the row is in the file now.
     assert_eq!(
@@ -136,14 +119,7 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
     assert_eq!(listed[0]["backend"], backend.as_str());
 
     // Removal is as durable as addition.
-    let (code, out, err) = proxy.cli(&[
-        "routes",
-        "remove",
-        "--listener",
-        &l,
-        "--hostname",
-        "new.test",
-    ]);
+    let (code, out, err) = proxy.routes_remove(&l, "new.test");
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
     assert!(db_routes(&proxy.db()).is_empty());
     proxy.stop();
@@ -154,28 +130,11 @@ async fn route_added_with_the_cli_is_on_disk_and_survives_a_crash_and_restart() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_case_and_trailing_dot_hostnames_are_one_route() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test CA");
-    let a = tls_backend(&pki, "A", &["a.example.net"]).await;
-    let b = tls_backend(&pki, "B", &["a.example.net"]).await;
+    let (dir, pki, a, b) = tls_scene_ab(&["a.example.net"]).await;
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[]);
     let port = proxy.listener("127.0.0.1:0").port();
-    let add = |host: &str, backend: SocketAddr| {
-        proxy.cli(&[
-            "routes",
-            "add",
-            "--listener",
-            &l,
-            "--hostname",
-            host,
-            "--backend",
-            &backend.to_string(),
-        ])
-    };
+    let add = |host: &str, backend: SocketAddr| proxy.routes_add(&l, host, &backend.to_string());
     assert_eq!(add("A.Example.NET.", a.addr).1, "created\n");
     assert_eq!(
         db_routes(&proxy.db()),
@@ -188,14 +147,7 @@ async fn mixed_case_and_trailing_dot_hostnames_are_one_route() {
         vec![(l.clone(), "a.example.net".into(), b.addr.to_string())]
     );
     assert_eq!(who(addr(port), "a.example.net", &pki).await.unwrap(), "B");
-    let (code, out, err) = proxy.cli(&[
-        "routes",
-        "remove",
-        "--listener",
-        &l,
-        "--hostname",
-        "A.EXAMPLE.net.",
-    ]);
+    let (code, out, err) = proxy.routes_remove(&l, "A.EXAMPLE.net.");
     assert_eq!((code, out.as_str()), (0, "removed\n"), "{err}");
     assert!(db_routes(&proxy.db()).is_empty());
     assert!(who(addr(port), "a.example.net", &pki).await.is_err());
@@ -213,10 +165,7 @@ fn integrity(path: &std::path::Path) -> String {
 async fn snapshot_of_a_running_server_under_write_load_is_whole_and_private() {
     let dir = tempfile::tempdir().unwrap();
     let l = "127.0.0.1:0".to_string();
-    let proxy = Proxy::start(
-        dir.path(),
-        &admin_config(dir.path(), &listener_toml(&l, &[("seed.test", addr(9))])),
-    );
+    let proxy = Proxy::with_admin(dir.path(), &l, &[("seed.test", addr(9))]);
 
     // Writers: four clients adding routes until told to stop; every
     // acknowledged hostname is recorded.

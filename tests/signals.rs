@@ -122,13 +122,8 @@ fn sighup_the_moment_the_port_is_bound_never_kills_the_process() {
             )),
         }
         proxy.signal("TERM");
-        let status = proxy.wait_exit(Duration::from_secs(20));
-        if !matches!(status, Some(s) if s.success()) {
-            failures.push(format!(
-                "run {run}: on SIGTERM: {}\n{}",
-                describe(status),
-                proxy.log_text()
-            ));
+        if let Some(failure) = exit_failure(&mut proxy) {
+            failures.push(format!("run {run}: on SIGTERM: {failure}"));
         }
     }
     assert!(
@@ -143,6 +138,16 @@ fn sighup_the_moment_the_port_is_bound_never_kills_the_process() {
     );
 }
 
+/// Waits up to 20 s for the exit; unless it is 0, what happened and the
+/// log.
+fn exit_failure(proxy: &mut Proxy) -> Option<String> {
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    if matches!(status, Some(s) if s.success()) {
+        return None;
+    }
+    Some(format!("{}\n{}", describe(status), proxy.log_text()))
+}
+
 /// SIGTERM at the same moment: the handler is there, so the process
 /// finishes starting, drains nothing and exits 0 — never the default
 /// action (death by signal 15).
@@ -154,13 +159,8 @@ fn sigterm_the_moment_the_port_is_bound_exits_zero() {
     for run in 0..STARTS {
         let (mut proxy, _) =
             start_and_signal_when_bound(dir.path(), &format!("term-{run}"), &[], "TERM");
-        let status = proxy.wait_exit(Duration::from_secs(20));
-        if !matches!(status, Some(s) if s.success()) {
-            failures.push(format!(
-                "run {run}: {}\n{}",
-                describe(status),
-                proxy.log_text()
-            ));
+        if let Some(failure) = exit_failure(&mut proxy) {
+            failures.push(format!("run {run}: {failure}"));
         }
     }
     assert!(
@@ -198,16 +198,7 @@ fn second_signal_exits_with(signal: &str, code: i32) {
     // Acknowledged changes: one through the CLI, more through the API
     // while the signals arrive.
     let listener = "127.0.0.1:0".to_string();
-    let (status, _, stderr) = proxy.cli(&[
-        "routes",
-        "add",
-        "--listener",
-        &listener,
-        "--hostname",
-        "cli.test",
-        "--backend",
-        "127.0.0.1:1",
-    ]);
+    let (status, _, stderr) = proxy.routes_add(&listener, "cli.test", "127.0.0.1:1");
     assert_eq!(status, 0, "{stderr}");
 
     // A relayed connection, open: the first signal waits for it.

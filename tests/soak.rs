@@ -129,15 +129,22 @@ fn start_traffic(
     tasks
 }
 
-async fn long_stream(
+/// A TLS connection through the proxy for `sni`, and the backend's name
+/// line.
+async fn connect_named(
     listen: SocketAddr,
+    sni: &str,
     pki: &Pki,
-    n: u8,
-    stop: &AtomicBool,
-) -> Result<u64, String> {
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        String,
+    ),
+    String,
+> {
     let mut tls = tokio::time::timeout(
         Duration::from_secs(10),
-        tls_connect(listen, "stream.test", pki.client_config()),
+        tls_connect(listen, sni, pki.client_config()),
     )
     .await
     .map_err(|_| "connect timed out".to_string())?
@@ -145,6 +152,16 @@ async fn long_stream(
     let line = read_line(&mut tls)
         .await
         .map_err(|e| format!("name line: {e}"))?;
+    Ok((tls, line))
+}
+
+async fn long_stream(
+    listen: SocketAddr,
+    pki: &Pki,
+    n: u8,
+    stop: &AtomicBool,
+) -> Result<u64, String> {
+    let (mut tls, line) = connect_named(listen, "stream.test", pki).await?;
     if line != "backend=STREAM" {
         return Err(format!("wrong backend: {line}"));
     }
@@ -181,16 +198,7 @@ async fn long_stream(
 /// A short connection: TLS handshake through the proxy, the backend's name
 /// line, then a clean close both ways.
 async fn handshake(listen: SocketAddr, pki: &Pki) -> Result<String, String> {
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        tls_connect(listen, "hs.test", pki.client_config()),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| format!("connect: {e}"))?;
-    let line = read_line(&mut tls)
-        .await
-        .map_err(|e| format!("name line: {e}"))?;
+    let (mut tls, line) = connect_named(listen, "hs.test", pki).await?;
     close(&mut tls).await?;
     Ok(line)
 }
@@ -350,38 +358,22 @@ async fn wait_at_rest(admin_addr: &AdminAddr) {
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
-fn db_routes(db: &std::path::Path, listener: &str) -> BTreeMap<String, String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let mut stmt = conn
-        .prepare(
-            "SELECT r.hostname, r.backend FROM routes r \
-             JOIN listeners l ON l.id = r.listener_id WHERE l.addr = ?1",
-        )
-        .unwrap();
-    let rows = stmt
-        .query_map([listener], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .collect::<Result<BTreeMap<_, _>, _>>()
-        .unwrap();
-    rows
+/// hostname → backend of `listener`'s routes in the DB file.
+fn listener_routes(db: &std::path::Path, listener: &str) -> BTreeMap<String, String> {
+    db_routes(db)
+        .into_iter()
+        .filter(|(l, _, _)| l == listener)
+        .map(|(_, hostname, backend)| (hostname, backend))
+        .collect()
 }
 
 /// The churned firewall rules (IPs in 198.51.100.0/24) in the DB file.
 fn db_churned_rules(db: &std::path::Path) -> BTreeSet<String> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let mut stmt = conn
-        .prepare("SELECT value FROM firewall_rules WHERE type = 'ip' AND value LIKE '198.51.100.%'")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .collect::<Result<BTreeSet<String>, _>>()
-        .unwrap();
-    rows
+    db_rules(db)
+        .into_iter()
+        .filter(|(kind, value)| kind == "ip" && value.starts_with("198.51.100."))
+        .map(|(_, value)| value)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -433,7 +425,7 @@ async fn soak_mixed_traffic_with_admin_churn() {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut traffic = start_traffic(listen, pki.clone(), counts.clone(), stop.clone());
-    let initial = db_routes(&db, &listener);
+    let initial = listener_routes(&db, &listener);
     let churner = tokio::spawn(churn(
         admin_addr.clone(),
         listener.clone(),
@@ -456,7 +448,7 @@ async fn soak_mixed_traffic_with_admin_churn() {
     let ran = started.elapsed();
     wait_at_rest(&admin_addr).await;
     let after = proc_figures(pid);
-    let on_disk = db_routes(&db, &listener);
+    let on_disk = listener_routes(&db, &listener);
     let rules_on_disk = db_churned_rules(&db);
 
     // Good clients: the proxy's own log must show no relay error for them.

@@ -75,6 +75,17 @@ pub struct RawBackend {
     pub received: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
+impl RawBackend {
+    /// The bytes of the next connection that ended (the client's FIN),
+    /// within 20 s.
+    pub async fn next(&mut self) -> Vec<u8> {
+        tokio::time::timeout(std::time::Duration::from_secs(20), self.received.recv())
+            .await
+            .expect("backend got no connection in time")
+            .expect("backend channel closed")
+    }
+}
+
 pub async fn raw_backend(reply: &'static [u8]) -> RawBackend {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -99,4 +110,47 @@ pub async fn raw_backend(reply: &'static [u8]) -> RawBackend {
         accepted,
         received,
     }
+}
+
+/// An echo backend for raw bytes: reads the hello record (its 5-byte
+/// header and the length it names), then echoes everything after it until
+/// EOF.
+pub async fn raw_echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.into_split();
+                let mut header = [0u8; 5];
+                if r.read_exact(&mut header).await.is_err() {
+                    return;
+                }
+                let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+                let mut hello = vec![0u8; len];
+                if r.read_exact(&mut hello).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// What most tests start with: a temp dir, a test CA and a [`tls_backend`]
+/// called `name` for `hostnames`.
+pub async fn tls_scene(name: &str, hostnames: &[&str]) -> (tempfile::TempDir, Pki, TlsBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test CA");
+    let backend = tls_backend(&pki, name, hostnames).await;
+    (dir, pki, backend)
+}
+
+/// [`tls_scene`] with backends "A" and "B", both for `hostnames`.
+pub async fn tls_scene_ab(hostnames: &[&str]) -> (tempfile::TempDir, Pki, TlsBackend, TlsBackend) {
+    let (dir, pki, a) = tls_scene("A", hostnames).await;
+    let b = tls_backend(&pki, "B", hostnames).await;
+    (dir, pki, a, b)
 }

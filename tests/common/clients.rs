@@ -71,6 +71,44 @@ pub async fn read_line<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> io::R
     }
 }
 
+/// Writes `parts` (each its own write, or one byte per write when
+/// `byte_at_a_time`), sends FIN and returns what came back and how the read
+/// ended.
+pub async fn exchange(
+    stream: &mut TcpStream,
+    parts: &[&[u8]],
+    byte_at_a_time: bool,
+) -> (Vec<u8>, std::io::Result<()>) {
+    stream.set_nodelay(true).unwrap();
+    // A refused connection may be reset while we write: stop writing then,
+    // and let the read report how it ended.
+    'writing: for part in parts {
+        if byte_at_a_time {
+            for byte in part.iter() {
+                if stream.write_all(&[*byte]).await.is_err() {
+                    break 'writing;
+                }
+                // The pacing is the point: each byte its own segment.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } else if stream.write_all(part).await.is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown().await;
+    read_all(stream, Duration::from_secs(10)).await
+}
+
+/// Connects to `addr`, then [`exchange`].
+pub async fn send_and_finish(
+    addr: SocketAddr,
+    parts: &[&[u8]],
+    byte_at_a_time: bool,
+) -> (Vec<u8>, std::io::Result<()>) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    exchange(&mut stream, parts, byte_at_a_time).await
+}
+
 /// Reads until EOF (or error) within `limit`; returns what was read and how
 /// the read ended.
 pub async fn read_all(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, io::Result<()>) {
@@ -172,6 +210,33 @@ pub fn parse_metrics(body: &str) -> std::collections::HashMap<String, f64> {
             (series.to_string(), value.parse().unwrap())
         })
         .collect()
+}
+
+/// One GET of `/metrics` at `addr`, parsed ([`parse_metrics`]).
+pub async fn scrape(addr: SocketAddr) -> std::collections::HashMap<String, f64> {
+    parse_metrics(&http_get(addr, "/metrics").await.2)
+}
+
+/// Scrapes `/metrics` at `addr` until `check` accepts a scrape (returned)
+/// or `limit` passes (the test fails, showing the last scrape). The
+/// endpoint has no push channel, so this asks again every 20 ms.
+pub async fn wait_metrics(
+    addr: SocketAddr,
+    limit: Duration,
+    mut check: impl FnMut(&std::collections::HashMap<String, f64>) -> bool,
+) -> std::collections::HashMap<String, f64> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let values = scrape(addr).await;
+        if check(&values) {
+            return values;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never got there in {limit:?}: {values:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Connects from a chosen loopback source address (127.0.0.0/8).

@@ -112,6 +112,40 @@ pub async fn admin_client(
     .unwrap()
 }
 
+/// An AddRoute request without the PROXY header flag.
+pub fn add_route(
+    listener: &str,
+    hostname: &str,
+    backend: &str,
+) -> mc_proxy::admin::proto::AddRouteRequest {
+    mc_proxy::admin::proto::AddRouteRequest {
+        route: Some(mc_proxy::admin::proto::Route {
+            listener_addr: listener.into(),
+            hostname: hostname.into(),
+            backend: backend.into(),
+            send_proxy_protocol: false,
+        }),
+    }
+}
+
+/// `(listener, hostname, backend)` of every route ListRoutes returns, in
+/// its order.
+pub async fn list_routes(
+    admin: &mut mc_proxy::admin::proto::proxy_admin_service_client::ProxyAdminServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> Vec<(String, String, String)> {
+    admin
+        .list_routes(mc_proxy::admin::proto::ListRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .routes
+        .into_iter()
+        .map(|r| (r.listener_addr, r.hostname, r.backend))
+        .collect()
+}
+
 /// `mode & 0o777` of a file.
 pub fn file_mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;

@@ -105,9 +105,41 @@ pub struct Proxy {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub log: Arc<Log>,
+    /// The temp dir of [`Proxy::routing`], removed after the process.
+    temp: Option<tempfile::TempDir>,
 }
 
 impl Proxy {
+    /// `mc-proxy server` in a temp dir of its own: one listener on
+    /// `127.0.0.1:0` with `routes`, then `extra` (a `[proxy]` section, say).
+    /// [`Proxy::addr`] is where it listens.
+    pub fn routing(routes: &[(&str, SocketAddr)], extra: &str) -> Proxy {
+        let listener = super::fixtures::listener_toml("127.0.0.1:0", routes);
+        Proxy::in_temp_dir(|_| format!("{listener}{extra}"))
+    }
+
+    /// `mc-proxy server` in a temp dir of its own, on [`config`](super::fixtures::config)
+    /// of what `body` writes for that dir.
+    pub fn in_temp_dir(body: impl FnOnce(&Path) -> String) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = super::fixtures::config(dir.path(), &body(dir.path()));
+        let mut proxy = Proxy::start(dir.path(), &toml);
+        proxy.temp = Some(dir);
+        proxy
+    }
+
+    /// `mc-proxy server` in `dir` on [`admin_config`](super::fixtures::admin_config):
+    /// the admin socket and one listener on `addr` with `routes`.
+    pub fn with_admin(dir: &Path, addr: &str, routes: &[(&str, SocketAddr)]) -> Proxy {
+        let body = super::fixtures::listener_toml(addr, routes);
+        Proxy::start(dir, &super::fixtures::admin_config(dir, &body))
+    }
+
+    /// The bound address of the listener written `127.0.0.1:0`.
+    pub fn addr(&self) -> SocketAddr {
+        self.listener("127.0.0.1:0")
+    }
+
     /// Writes `toml` to `DIR/mc-proxy.toml`, starts `mc-proxy server` on it
     /// and waits until it logs that it started.
     pub fn start(dir: &Path, toml: &str) -> Proxy {
@@ -202,6 +234,7 @@ impl Proxy {
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             log: Log::read(stderr),
+            temp: None,
         }
     }
 
@@ -227,6 +260,27 @@ impl Proxy {
                     .map(str::to_string)
             })
             .unwrap_or_else(|| panic!("no log line with {needles:?}:\n{}", self.log_text()))
+    }
+
+    /// Waits until at least `n` "connection closed" lines contain every
+    /// needle; returns those lines.
+    pub fn wait_conns(&self, needles: &[&str], n: usize, limit: Duration) -> Vec<String> {
+        self.log
+            .wait_for(limit, |text, _| {
+                let lines: Vec<String> = text
+                    .lines()
+                    .filter(|l| l.contains("connection closed"))
+                    .filter(|l| needles.iter().all(|n| l.contains(n)))
+                    .map(str::to_string)
+                    .collect();
+                (lines.len() >= n).then_some(lines)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "fewer than {n} connection lines with {needles:?}:\n{}",
+                    self.log_text()
+                )
+            })
     }
 
     /// How many log lines contain `needle`.
@@ -311,6 +365,30 @@ impl Proxy {
         run_cli(&all)
     }
 
+    /// `routes add --listener LISTENER --hostname HOSTNAME --backend BACKEND`
+    /// through [`Proxy::cli`].
+    pub fn routes_add(
+        &self,
+        listener: &str,
+        hostname: &str,
+        backend: &str,
+    ) -> (i32, String, String) {
+        self.cli(&routes_add_args(listener, hostname, backend))
+    }
+
+    /// `routes remove --listener LISTENER --hostname HOSTNAME` through
+    /// [`Proxy::cli`].
+    pub fn routes_remove(&self, listener: &str, hostname: &str) -> (i32, String, String) {
+        self.cli(&[
+            "routes",
+            "remove",
+            "--listener",
+            listener,
+            "--hostname",
+            hostname,
+        ])
+    }
+
     /// The database file named by the config (`DIR/mc-proxy.db`).
     pub fn db(&self) -> PathBuf {
         self.dir.join("mc-proxy.db")
@@ -371,6 +449,20 @@ pub fn send_signal(pid: u32, name: &str) {
         "kill({pid}, SIG{name}): {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// `routes add --listener LISTENER --hostname HOSTNAME --backend BACKEND`.
+pub fn routes_add_args<'a>(listener: &'a str, hostname: &'a str, backend: &'a str) -> Vec<&'a str> {
+    vec![
+        "routes",
+        "add",
+        "--listener",
+        listener,
+        "--hostname",
+        hostname,
+        "--backend",
+        backend,
+    ]
 }
 
 /// Runs the binary with `args`; returns (exit code, stdout, stderr).

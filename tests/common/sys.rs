@@ -64,14 +64,19 @@ pub fn proc_figures(pid: u32) -> ProcFigures {
 
 /// Sets process `pid`'s descriptor limit (soft and hard) with `prlimit`.
 pub fn set_nofile(pid: u32, limit: u64) {
+    prlimit_nofile(pid, limit, limit);
+}
+
+/// `prlimit --pid=PID --nofile=SOFT:HARD`, which must succeed.
+fn prlimit_nofile(pid: u32, soft: u64, hard: u64) {
     let status = Command::new("prlimit")
         .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={limit}:{limit}"))
+        .arg(format!("--nofile={soft}:{hard}"))
         .status()
         .expect("prlimit (util-linux) is needed");
     assert!(
         status.success(),
-        "prlimit --pid {pid} --nofile={limit} failed"
+        "prlimit --pid {pid} --nofile={soft}:{hard} failed"
     );
 }
 
@@ -103,15 +108,7 @@ pub fn raise_nofile(pid: u32, want: u64) {
         "this test needs {want} descriptors; the hard limit is {hard}"
     );
     if soft < want {
-        let status = Command::new("prlimit")
-            .arg(format!("--pid={pid}"))
-            .arg(format!("--nofile={want}:{hard}"))
-            .status()
-            .expect("prlimit (util-linux) is needed");
-        assert!(
-            status.success(),
-            "prlimit --pid {pid} --nofile={want}:{hard} failed"
-        );
+        prlimit_nofile(pid, want, hard);
     }
 }
 
