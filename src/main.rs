@@ -303,7 +303,7 @@ fn cmd_check(config: &ConfigArg) -> ExitCode {
         if let Err(source) = GeoIp::open(path) {
             let e = ServerError::GeoIp {
                 config_file: config.source.clone(),
-                source,
+                source: Box::new(source),
             };
             return fail(e.exit_code(), e);
         }
@@ -357,7 +357,7 @@ where
     };
     let target = match admin_cli::client_target(config.as_ref(), &args.config.path(), &overrides) {
         Ok(target) => target,
-        Err(message) => return fail(2, message),
+        Err(e) => return fail(e.exit_code(), e),
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()

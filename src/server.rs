@@ -63,7 +63,8 @@ pub enum ServerError {
     #[error("{}: firewall.geoip_db: {source}", config_file.display())]
     GeoIp {
         config_file: PathBuf,
-        source: GeoIpError,
+        /// Boxed: the reader's error is large, and this is a cold path.
+        source: Box<GeoIpError>,
     },
     /// The tokio runtime cannot be built: exit 1.
     #[error("cannot start the runtime: {0}")]
@@ -258,7 +259,7 @@ impl App {
         let firewall =
             Firewall::new(&config.firewall, &[]).map_err(|source| ServerError::GeoIp {
                 config_file: config.source.clone(),
-                source,
+                source: Box::new(source),
             })?;
 
         // 1. The store: the truth for routes and rules (seeded on first run).
