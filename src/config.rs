@@ -4,8 +4,10 @@
 //! (`listeners[1].routes[0].backend: ...`). Nothing downstream re-checks a
 //! value or handles a raw string like `"5s"` or `":443"`.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
+use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,8 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
-use wire::route::{Backend, Hostname};
-use wire::rule::{Rule, RuleKind};
+use wire::route::{Backend, BackendError, Hostname, HostnameError};
+use wire::rule::{Rule, RuleError, RuleKind};
 
 /// Where the config is read from when `-c` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/srv/mc-proxy/mc-proxy.toml";
@@ -80,16 +82,16 @@ impl BindAddr {
 }
 
 impl ListenAddr {
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ListenAddrError> {
         let bind = if let Some(port) = text.strip_prefix(':') {
             let port: u16 = port
                 .parse()
-                .map_err(|_| format!("{text:?} is not \":PORT\" with a port from 0 to 65535"))?;
+                .map_err(|_| ListenAddrError::BadPort(text.to_string()))?;
             BindAddr::AllInterfaces(port)
         } else {
-            let sa: SocketAddr = text.parse().map_err(|_| {
-                format!("{text:?} is not \":PORT\", \"IPv4:PORT\" or \"[IPv6]:PORT\"")
-            })?;
+            let sa: SocketAddr = text
+                .parse()
+                .map_err(|_| ListenAddrError::NotAnAddress(text.to_string()))?;
             BindAddr::Socket(sa)
         };
         Ok(ListenAddr {
@@ -97,6 +99,18 @@ impl ListenAddr {
             bind,
         })
     }
+}
+
+/// Why a listener address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenAddrError {
+    /// `":PORT"` with a port that is not a number from 0 to 65535.
+    #[error("{0:?} is not \":PORT\" with a port from 0 to 65535")]
+    BadPort(String),
+    /// Neither `":PORT"` nor a socket address.
+    #[error("{0:?} is not \":PORT\", \"IPv4:PORT\" or \"[IPv6]:PORT\"")]
+    NotAnAddress(String),
 }
 
 impl fmt::Display for ListenAddr {
@@ -122,17 +136,29 @@ pub enum AdminAddr {
 
 impl AdminAddr {
     /// `unix:PATH` or `IP:PORT`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, AdminAddrError> {
         if let Some(path) = text.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err("\"unix:\" needs a socket path".into());
+                return Err(AdminAddrError::EmptyUnixPath);
             }
             return Ok(AdminAddr::Unix(PathBuf::from(path)));
         }
         text.parse::<SocketAddr>()
             .map(AdminAddr::Tcp)
-            .map_err(|_| format!("{text:?} is neither \"unix:PATH\" nor \"IP:PORT\""))
+            .map_err(|_| AdminAddrError::NotAnAddress(text.to_string()))
     }
+}
+
+/// Why an admin API address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminAddrError {
+    /// `"unix:"` with nothing after it.
+    #[error("\"unix:\" needs a socket path")]
+    EmptyUnixPath,
+    /// Neither `unix:PATH` nor `IP:PORT`.
+    #[error("{0:?} is neither \"unix:PATH\" nor \"IP:PORT\"")]
+    NotAnAddress(String),
 }
 
 impl fmt::Display for AdminAddr {
@@ -207,25 +233,198 @@ pub struct MetricsConfig {
 }
 
 /// A configuration error: the file, the TOML path of the bad field, and what
-/// is wrong with it. Displayed as one line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// is wrong with it ([`ConfigCause`]). Displayed as one line:
+/// `FILE: KEY: CAUSE`, or `FILE: CAUSE` for a cause that concerns the whole
+/// file. The fields are private: one is built only with a key or as a
+/// whole-file error (reading it, or a TOML error the parser places at no
+/// key).
+#[derive(Debug)]
 pub struct ConfigError {
-    pub file: PathBuf,
-    pub key: String,
-    pub message: String,
+    file: PathBuf,
+    key: String,
+    cause: ConfigCause,
+}
+
+impl ConfigError {
+    /// An error in the value at TOML path `key`. The path is empty only for
+    /// the TOML key `''` itself (legal TOML: `'' = 8` is an unknown field
+    /// at the top level), which displays, as ever, as no path at all.
+    fn at(file: &Path, key: impl Into<String>, cause: ConfigCause) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: key.into(),
+            cause,
+        }
+    }
+
+    /// An error about the whole file: it cannot be read, or the parser
+    /// places its error at no key.
+    fn whole_file(file: &Path, cause: ConfigCause) -> ConfigError {
+        ConfigError {
+            file: file.to_path_buf(),
+            key: String::new(),
+            cause,
+        }
+    }
+
+    /// The config file.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The TOML path of the bad field (`listeners[1].routes[0].backend`);
+    /// empty for an error about the whole file.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// What is wrong.
+    pub fn cause(&self) -> &ConfigCause {
+        &self.cause
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.key.is_empty() {
-            write!(f, "{}: {}", self.file.display(), self.message)
+            write!(f, "{}: {}", self.file.display(), self.cause)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.cause)
         }
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.cause)
+    }
+}
+
+/// What is wrong with a config: the message after the TOML path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigCause {
+    /// The file cannot be read (or is not UTF-8).
+    #[error("cannot read config: {0}")]
+    Read(#[source] io::Error),
+    /// The TOML parser or the deserialiser refused the text (a syntax
+    /// error, an unknown key, a value of the wrong type).
+    #[error("{0}")]
+    Toml(TomlError),
+    /// A string field that does not parse as what it names.
+    #[error("{error}{}", line_suffix(*.line))]
+    Field {
+        #[source]
+        error: FieldError,
+        /// The line of the value, when the parser knows it.
+        line: Option<usize>,
+    },
+    /// No `[database]` section.
+    #[error("missing section [database] (database.path is required)")]
+    MissingDatabase,
+    /// A required key is absent (or empty).
+    #[error("required")]
+    Required,
+    /// A `[metrics]` section without `addr`.
+    #[error("required in a [metrics] section (like \"127.0.0.1:9091\")")]
+    MetricsAddrRequired,
+    /// Two `[[listeners]]` bind the same address.
+    #[error("duplicate listener address {0:?}")]
+    DuplicateListener(String),
+    /// Two routes of one listener have the same hostname.
+    #[error("duplicate hostname {0:?} in this listener")]
+    DuplicateHostname(Hostname),
+    /// `grpc.tls_cert` without `grpc.tls_key`.
+    #[error("required when grpc.tls_cert is set")]
+    TlsKeyRequired,
+    /// `grpc.tls_key` without `grpc.tls_cert`.
+    #[error("required when grpc.tls_key is set")]
+    TlsCertRequired,
+    /// `grpc.client_ca` without the server's certificate and key.
+    #[error("needs grpc.tls_cert and grpc.tls_key (mTLS is only for TCP)")]
+    ClientCaWithoutTls,
+    /// A TCP `grpc.addr` without TLS.
+    #[error("required for a TCP grpc.addr: the admin API is never served as plaintext TCP")]
+    PlaintextTcpAdmin,
+    /// One of `grpc.client_cert` and `grpc.client_key` without the other.
+    #[error("grpc.client_cert and grpc.client_key go together")]
+    ClientCertKeyPair,
+    /// `firewall.blocked_countries` without `firewall.geoip_db`.
+    #[error("required when firewall.blocked_countries is set")]
+    GeoIpDbRequired,
+    /// `firewall.rate_window = "0s"` with a rate limit.
+    #[error("must be longer than zero when firewall.rate_limit is set")]
+    ZeroRateWindow,
+    /// A timeout of zero.
+    #[error("must be longer than zero")]
+    ZeroTimeout,
+}
+
+/// The TOML parser's or deserialiser's message, on one line, and the line
+/// number when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TomlError {
+    pub message: String,
+    pub line: Option<usize>,
+}
+
+impl TomlError {
+    fn new(text: &str, error: &toml::de::Error) -> TomlError {
+        TomlError {
+            message: error.message().trim().replace('\n', " "),
+            line: error_line(text, error),
+        }
+    }
+}
+
+impl fmt::Display for TomlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.message, line_suffix(self.line))
+    }
+}
+
+fn line_suffix(line: Option<usize>) -> String {
+    line.map_or_else(String::new, |line| format!(" (line {line})"))
+}
+
+/// A string field that does not parse: the field's type's own error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FieldError {
+    /// `listeners[].addr`.
+    #[error(transparent)]
+    ListenAddr(#[from] ListenAddrError),
+    /// `routes[].hostname` (shown after the text as written).
+    #[error("{text:?}: {source}")]
+    Hostname { text: String, source: HostnameError },
+    /// `routes[].backend` (shown after the text as written).
+    #[error("{text:?}: {source}")]
+    Backend { text: String, source: BackendError },
+    /// `grpc.addr`.
+    #[error(transparent)]
+    AdminAddr(#[from] AdminAddrError),
+    /// `firewall.blocked_ips`, `blocked_cidrs`, `blocked_countries`.
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    /// A duration (`proxy.*_timeout`, `firewall.rate_window`).
+    #[error(transparent)]
+    Duration(#[from] DurationError),
+    /// `log.level`.
+    #[error("{0:?} is not one of error, warn, info, debug, trace")]
+    LogLevel(String),
+    /// `metrics.addr`.
+    #[error("{0:?} is not IP:PORT")]
+    SocketAddr(String),
+}
+
+/// A duration that [`parse_duration`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurationError {
+    /// Empty, padded with whitespace, or not a humantime duration.
+    #[error("{0:?} is not a duration like \"250ms\", \"5s\", \"2m\" or \"1h\"")]
+    Invalid(String),
+}
 
 // ---- the raw TOML model -------------------------------------------------
 
@@ -327,37 +526,55 @@ struct RawMetrics {
 struct Parsed<T>(T);
 
 trait ParseField: Sized {
-    fn parse_field(text: &str) -> Result<Self, String>;
+    fn parse_field(text: &str) -> Result<Self, FieldError>;
+}
+
+thread_local! {
+    /// The typed error of the field that stopped the deserialiser. serde's
+    /// error type carries only text, so [`Parsed`] leaves the typed error
+    /// here for [`Config::parse`], which takes it back when the
+    /// deserialiser's message is that error's text.
+    static FIELD_ERROR: RefCell<Option<FieldError>> = const { RefCell::new(None) };
 }
 
 impl<'de, T: ParseField> Deserialize<'de> for Parsed<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        T::parse_field(&text).map(Parsed).map_err(de::Error::custom)
+        T::parse_field(&text).map(Parsed).map_err(|error| {
+            let shown = de::Error::custom(&error);
+            FIELD_ERROR.with(|slot| *slot.borrow_mut() = Some(error));
+            shown
+        })
     }
 }
 
 impl ParseField for ListenAddr {
-    fn parse_field(text: &str) -> Result<Self, String> {
-        ListenAddr::parse(text)
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        Ok(ListenAddr::parse(text)?)
     }
 }
 
 impl ParseField for Hostname {
-    fn parse_field(text: &str) -> Result<Self, String> {
-        Hostname::parse(text).map_err(|e| format!("{text:?}: {e}"))
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        Hostname::parse(text).map_err(|source| FieldError::Hostname {
+            text: text.to_string(),
+            source,
+        })
     }
 }
 
 impl ParseField for Backend {
-    fn parse_field(text: &str) -> Result<Self, String> {
-        Backend::parse(text).map_err(|e| format!("{text:?}: {e}"))
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        Backend::parse(text).map_err(|source| FieldError::Backend {
+            text: text.to_string(),
+            source,
+        })
     }
 }
 
 impl ParseField for AdminAddr {
-    fn parse_field(text: &str) -> Result<Self, String> {
-        AdminAddr::parse(text)
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        Ok(AdminAddr::parse(text)?)
     }
 }
 
@@ -366,57 +583,52 @@ struct CidrRule(Rule);
 struct CountryRule(Rule);
 
 impl ParseField for IpRule {
-    fn parse_field(text: &str) -> Result<Self, String> {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
         Rule::parse(RuleKind::Ip, text)
             .map(IpRule)
-            .map_err(|e| e.to_string())
+            .map_err(FieldError::Rule)
     }
 }
 
 impl ParseField for CidrRule {
-    fn parse_field(text: &str) -> Result<Self, String> {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
         Rule::parse(RuleKind::Cidr, text)
             .map(CidrRule)
-            .map_err(|e| e.to_string())
+            .map_err(FieldError::Rule)
     }
 }
 
 impl ParseField for CountryRule {
-    fn parse_field(text: &str) -> Result<Self, String> {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
         Rule::parse(RuleKind::Country, text)
             .map(CountryRule)
-            .map_err(|e| e.to_string())
+            .map_err(FieldError::Rule)
     }
 }
 
 struct ConfigDuration(Duration);
 
 impl ParseField for ConfigDuration {
-    fn parse_field(text: &str) -> Result<Self, String> {
-        parse_duration(text).map(ConfigDuration)
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        Ok(parse_duration(text).map(ConfigDuration)?)
     }
 }
 
 /// `"250ms"`, `"5s"`, `"2m"`, `"1h"` (and combinations like `"1m30s"`).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     if text.trim() != text || text.is_empty() {
-        return Err(format!(
-            "{text:?} is not a duration like \"250ms\", \"5s\", \"2m\" or \"1h\""
-        ));
+        return Err(DurationError::Invalid(text.to_string()));
     }
-    humantime::parse_duration(text)
-        .map_err(|_| format!("{text:?} is not a duration like \"250ms\", \"5s\", \"2m\" or \"1h\""))
+    humantime::parse_duration(text).map_err(|_| DurationError::Invalid(text.to_string()))
 }
 
 struct LogLevel(String);
 
 impl ParseField for LogLevel {
-    fn parse_field(text: &str) -> Result<Self, String> {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
         match text {
             "error" | "warn" | "info" | "debug" | "trace" => Ok(LogLevel(text.to_string())),
-            _ => Err(format!(
-                "{text:?} is not one of error, warn, info, debug, trace"
-            )),
+            _ => Err(FieldError::LogLevel(text.to_string())),
         }
     }
 }
@@ -424,10 +636,10 @@ impl ParseField for LogLevel {
 struct SocketAddrValue(SocketAddr);
 
 impl ParseField for SocketAddrValue {
-    fn parse_field(text: &str) -> Result<Self, String> {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
         text.parse()
             .map(SocketAddrValue)
-            .map_err(|_| format!("{text:?} is not IP:PORT"))
+            .map_err(|_| FieldError::SocketAddr(text.to_string()))
     }
 }
 
@@ -436,54 +648,61 @@ impl ParseField for SocketAddrValue {
 impl Config {
     /// Reads and validates a config file. Does no other I/O.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            key: String::new(),
-            message: format!("cannot read config: {e}"),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole_file(path, ConfigCause::Read(e)))?;
         Config::parse(&text, path)
     }
 
     /// Parses config text as if read from `source`.
     pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
-        let fail = |key: &str, message: String| ConfigError {
-            file: source.to_path_buf(),
-            key: key.to_string(),
-            message,
-        };
-        let deserializer =
-            toml::Deserializer::parse(text).map_err(|e| fail("", toml_message(text, &e)))?;
+        let fail = |key: &str, cause: ConfigCause| ConfigError::at(source, key, cause);
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+            ConfigError::whole_file(source, ConfigCause::Toml(TomlError::new(text, &e)))
+        })?;
+        FIELD_ERROR.with(|slot| slot.borrow_mut().take());
         let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            fail(&key, toml_message(text, e.inner()))
+            let toml = TomlError::new(text, e.inner());
+            // The field's typed error, if a field stopped the deserialiser
+            // (its message is then that error's text, on one line).
+            let cause = match FIELD_ERROR.with(|slot| slot.borrow_mut().take()) {
+                Some(error) if error.to_string().trim().replace('\n', " ") == toml.message => {
+                    ConfigCause::Field {
+                        error,
+                        line: toml.line,
+                    }
+                }
+                _ => ConfigCause::Toml(toml),
+            };
+            if key == "." {
+                ConfigError::whole_file(source, cause)
+            } else {
+                ConfigError::at(source, key, cause)
+            }
         })?;
 
         let base = source.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
-        let database = raw.database.ok_or_else(|| {
-            fail(
-                "database",
-                "missing section [database] (database.path is required)".into(),
-            )
-        })?;
+        let database = raw
+            .database
+            .ok_or_else(|| fail("database", ConfigCause::MissingDatabase))?;
         let db_path = database
             .path
             .filter(|p| !p.as_os_str().is_empty())
-            .ok_or_else(|| fail("database.path", "required".into()))?;
+            .ok_or_else(|| fail("database.path", ConfigCause::Required))?;
 
         let mut listeners = Vec::with_capacity(raw.listeners.len());
         let mut seen_binds = HashSet::new();
         for (i, listener) in raw.listeners.into_iter().enumerate() {
             let addr = listener
                 .addr
-                .ok_or_else(|| fail(&format!("listeners[{i}].addr"), "required".into()))?
+                .ok_or_else(|| fail(&format!("listeners[{i}].addr"), ConfigCause::Required))?
                 .0;
             if !seen_binds.insert(addr.bind) {
                 return Err(fail(
                     &format!("listeners[{i}].addr"),
-                    format!("duplicate listener address {:?}", addr.text),
+                    ConfigCause::DuplicateListener(addr.text.clone()),
                 ));
             }
             let mut hostnames = HashSet::new();
@@ -493,7 +712,7 @@ impl Config {
                 if !hostnames.insert(hostname.clone()) {
                     return Err(fail(
                         &format!("listeners[{i}].routes[{j}].hostname"),
-                        format!("duplicate hostname {hostname:?} in this listener"),
+                        ConfigCause::DuplicateHostname(hostname),
                     ));
                 }
                 routes.push(RouteConfig {
@@ -519,17 +738,14 @@ impl Config {
                         client_ca: g.client_ca.map(resolve),
                     }),
                     (Some(_), None) => {
-                        return Err(fail("grpc.tls_key", "required when grpc.tls_cert is set".into()))
+                        return Err(fail("grpc.tls_key", ConfigCause::TlsKeyRequired))
                     }
                     (None, Some(_)) => {
-                        return Err(fail("grpc.tls_cert", "required when grpc.tls_key is set".into()))
+                        return Err(fail("grpc.tls_cert", ConfigCause::TlsCertRequired))
                     }
                     (None, None) => {
                         if g.client_ca.is_some() {
-                            return Err(fail(
-                                "grpc.client_ca",
-                                "needs grpc.tls_cert and grpc.tls_key (mTLS is only for TCP)".into(),
-                            ));
+                            return Err(fail("grpc.client_ca", ConfigCause::ClientCaWithoutTls));
                         }
                         None
                     }
@@ -539,15 +755,16 @@ impl Config {
                     tcp => tcp,
                 };
                 if matches!(addr, AdminAddr::Tcp(_)) && tls.is_none() {
-                    return Err(fail(
-                        "grpc.tls_cert",
-                        "required for a TCP grpc.addr: the admin API is never served as plaintext TCP".into(),
-                    ));
+                    return Err(fail("grpc.tls_cert", ConfigCause::PlaintextTcpAdmin));
                 }
                 if g.client_cert.is_some() != g.client_key.is_some() {
                     return Err(fail(
-                        if g.client_cert.is_some() { "grpc.client_key" } else { "grpc.client_cert" },
-                        "grpc.client_cert and grpc.client_key go together".into(),
+                        if g.client_cert.is_some() {
+                            "grpc.client_key"
+                        } else {
+                            "grpc.client_cert"
+                        },
+                        ConfigCause::ClientCertKeyPair,
                     ));
                 }
                 Ok(GrpcConfig {
@@ -568,10 +785,7 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .map(resolve);
         if !fw.blocked_countries.is_empty() && geoip_db.is_none() {
-            return Err(fail(
-                "firewall.geoip_db",
-                "required when firewall.blocked_countries is set".into(),
-            ));
+            return Err(fail("firewall.geoip_db", ConfigCause::GeoIpDbRequired));
         }
         let mut rules: Vec<Rule> = Vec::new();
         let mut seen_rules = HashSet::new();
@@ -591,10 +805,7 @@ impl Config {
             .map(|d| d.0 .0)
             .unwrap_or(Duration::from_secs(10));
         if fw.rate_limit > 0 && rate_window.is_zero() {
-            return Err(fail(
-                "firewall.rate_window",
-                "must be longer than zero when firewall.rate_limit is set".into(),
-            ));
+            return Err(fail("firewall.rate_window", ConfigCause::ZeroRateWindow));
         }
 
         let defaults = ProxyConfig::default();
@@ -623,7 +834,7 @@ impl Config {
             ("proxy.idle_timeout", &mut proxy.idle_timeout),
         ] {
             if value.is_zero() {
-                return Err(fail(key, "must be longer than zero".into()));
+                return Err(fail(key, ConfigCause::ZeroTimeout));
             }
         }
 
@@ -649,26 +860,18 @@ impl Config {
                 .metrics
                 .map(|m| match m.addr {
                     Some(addr) => Ok(MetricsConfig { addr: addr.0 .0 }),
-                    None => Err(fail(
-                        "metrics.addr",
-                        "required in a [metrics] section (like \"127.0.0.1:9091\")".into(),
-                    )),
+                    None => Err(fail("metrics.addr", ConfigCause::MetricsAddrRequired)),
                 })
                 .transpose()?,
         })
     }
 }
 
-/// One line: the parser's message and, when known, the line number.
-fn toml_message(text: &str, error: &toml::de::Error) -> String {
-    let message = error.message().trim().replace('\n', " ");
-    match error.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("{message} (line {line})")
-        }
-        None => message,
-    }
+/// The line of the parser's error, when it knows the span.
+fn error_line(text: &str, error: &toml::de::Error) -> Option<usize> {
+    error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
 }
 
 #[cfg(test)]
@@ -682,7 +885,7 @@ mod tests {
     fn key_of(text: &str) -> String {
         match parse(text) {
             Ok(_) => panic!("accepted:\n{text}"),
-            Err(e) => e.key,
+            Err(e) => e.key().to_string(),
         }
     }
 
@@ -896,7 +1099,7 @@ level = "debug"
             for bad in ["-1", "1.5", "\"10\"", "4294967296", "true", "[]"] {
                 let text = format!("{MINIMAL}[{section}]\n{key} = {bad}\n");
                 let err = parse(&text).expect_err(&text);
-                assert_eq!(err.key, format!("{section}.{key}"), "{bad}: {err}");
+                assert_eq!(err.key(), format!("{section}.{key}"), "{bad}: {err}");
                 let shown = err.to_string();
                 assert!(
                     shown.contains(&format!("{section}.{key}: ")) && !shown.contains('\n'),
@@ -913,6 +1116,84 @@ level = "debug"
             key_of(&format!("{MINIMAL}[firewall]\nmax_connections = 5\n")),
             "firewall.max_connections"
         );
+    }
+
+    #[test]
+    fn causes_are_typed_and_display_as_before() {
+        let cause = |text: &str| parse(text).expect_err(text).cause;
+        let route = |backend: &str| {
+            format!("{MINIMAL}[[listeners]]\naddr = \":1\"\n  [[listeners.routes]]\n  hostname = \"x.test\"\n  backend = \"{backend}\"\n")
+        };
+        let err = parse(&route("b:0")).unwrap_err();
+        assert!(
+            matches!(
+                err.cause(),
+                ConfigCause::Field {
+                    error: FieldError::Backend {
+                        source: BackendError::BadPort,
+                        ..
+                    },
+                    line: Some(7),
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "/etc/mc/mc-proxy.toml: listeners[0].routes[0].backend: \"b:0\": backend port must be a number from 1 to 65535 (line 7)"
+        );
+        assert!(matches!(
+            cause(&format!("{MINIMAL}[proxy]\nidle_timeout = \"5 parsecs\"\n")),
+            ConfigCause::Field {
+                error: FieldError::Duration(DurationError::Invalid(_)),
+                ..
+            }
+        ));
+        assert!(matches!(
+            cause(&format!("{MINIMAL}[firewall]\nblocked_ips = [\"1.2.3\"]\n")),
+            ConfigCause::Field {
+                error: FieldError::Rule(RuleError::Ip(_)),
+                ..
+            }
+        ));
+        assert!(matches!(
+            cause(&format!("{MINIMAL}[grpc]\naddr = \"unix:\"\n")),
+            ConfigCause::Field {
+                error: FieldError::AdminAddr(AdminAddrError::EmptyUnixPath),
+                ..
+            }
+        ));
+        assert!(matches!(
+            cause(&format!("{MINIMAL}[[listeners]]\naddr = \":99999\"\n")),
+            ConfigCause::Field {
+                error: FieldError::ListenAddr(ListenAddrError::BadPort(_)),
+                ..
+            }
+        ));
+        assert!(matches!(
+            cause(&format!("{MINIMAL}[proxy]\nconnect_timeout = 5\n")),
+            ConfigCause::Toml(TomlError { line: Some(4), .. })
+        ));
+        assert!(matches!(cause(""), ConfigCause::MissingDatabase));
+        assert!(matches!(
+            cause(&format!("{MINIMAL}[proxy]\nidle_timeout = \"0s\"\n")),
+            ConfigCause::ZeroTimeout
+        ));
+        // Regression (fuzz corpus): the empty key `''` is a key, not a panic.
+        let err = parse("'' = 8\n").unwrap_err();
+        assert_eq!(err.key(), "");
+        assert!(matches!(err.cause(), ConfigCause::Toml(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("/etc/mc/mc-proxy.toml: unknown field ``, expected one of "),
+            "{err}"
+        );
+        let err = Config::load(Path::new("/nonexistent/mc-proxy.toml")).unwrap_err();
+        assert!(matches!(err.cause(), ConfigCause::Read(_)), "{err:?}");
+        assert_eq!(err.key(), "");
+        assert!(err
+            .to_string()
+            .starts_with("/nonexistent/mc-proxy.toml: cannot read config: "));
     }
 
     #[test]

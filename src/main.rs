@@ -228,7 +228,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn load(config: &ConfigArg) -> Result<Config, ExitCode> {
-    Config::load(&config.path()).map_err(|e| fail(2, e))
+    Config::load(&config.path()).map_err(|e| {
+        let e = ServerError::from(e);
+        fail(e.exit_code(), e)
+    })
 }
 
 fn cmd_server(config: &ConfigArg) -> ExitCode {
@@ -272,8 +275,7 @@ fn serve(config: Config) -> Result<(), ServerError> {
         let Signals {
             stop: mut stop_signals,
             hangup,
-        } = Signals::install()
-            .map_err(|e| ServerError::Runtime(format!("cannot install signal handlers: {e}")))?;
+        } = Signals::install().map_err(ServerError::Signals)?;
         let app = App::build(&config).await?;
         app.reload_geoip_on(hangup);
         let exit = app.exit_handle();
@@ -298,11 +300,12 @@ fn cmd_check(config: &ConfigArg) -> ExitCode {
         Err(code) => return code,
     };
     if let Some(path) = &config.firewall.geoip_db {
-        if let Err(e) = GeoIp::open(path) {
-            return fail(
-                2,
-                format!("{}: firewall.geoip_db: {e}", config.source.display()),
-            );
+        if let Err(source) = GeoIp::open(path) {
+            let e = ServerError::GeoIp {
+                config_file: config.source.clone(),
+                source: Box::new(source),
+            };
+            return fail(e.exit_code(), e);
         }
     }
     let routes: usize = config.listeners.iter().map(|l| l.routes.len()).sum();
@@ -354,7 +357,7 @@ where
     };
     let target = match admin_cli::client_target(config.as_ref(), &args.config.path(), &overrides) {
         Ok(target) => target,
-        Err(message) => return fail(2, message),
+        Err(e) => return fail(e.exit_code(), e),
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -12,8 +12,11 @@
 //! sees the DB's routes; the connection cap is measured once the server's
 //! own descriptors are open.
 
+use std::ffi::OsString;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,14 +25,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminError, AdminServer};
-use crate::config::{AdminAddr, Config};
-use crate::firewall::Firewall;
+use crate::config::{AdminAddr, Config, ConfigError};
+use crate::firewall::{Firewall, GeoIpError};
 use crate::logging;
 use crate::metrics::{self, ListenerStats, Stats};
 use crate::proxy::{self, capacity, Listener};
 use crate::routes::{ListenerRoutes, Routes};
 use crate::shutdown::Shutdown;
-use crate::store::{self, Store};
+use crate::store::{self, Store, StoreError};
 use crate::version;
 
 /// How often the GeoIP file is checked for replacement.
@@ -43,34 +46,98 @@ const STORE_CLOSE_LIMIT: Duration = Duration::from_secs(2);
 /// when the reader of stderr or journald is stalled; then they are lost).
 pub const LOG_FLUSH_LIMIT: Duration = Duration::from_secs(1);
 
-/// A startup failure. Its text is the one line `main` prints; the variant
-/// decides the exit status ([`ServerError::exit_code`]).
+/// A startup failure. Its text (the `Display`) is the one line `main`
+/// prints; the variant decides the exit status ([`ServerError::exit_code`]):
+/// 2 when the configuration (or the environment that configures) is wrong,
+/// 1 when the config is fine but the start failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
-    /// The configuration (or the environment that configures) is wrong:
-    /// exit 2.
-    #[error("{0}")]
-    Config(String),
-    /// The config is fine but the start failed (a port taken, the DB
-    /// unreadable): exit 1.
-    #[error("{0}")]
-    Runtime(String),
+    /// The config file does not load: exit 2.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `TOKIO_WORKER_THREADS` is not a worker count: exit 2.
+    #[error(transparent)]
+    Workers(#[from] WorkersError),
+    /// `firewall.geoip_db` cannot be opened or is not a MaxMind DB: exit 2.
+    #[error("{}: firewall.geoip_db: {source}", config_file.display())]
+    GeoIp {
+        config_file: PathBuf,
+        /// Boxed: the reader's error is large, and this is a cold path.
+        source: Box<GeoIpError>,
+    },
+    /// The tokio runtime cannot be built: exit 1.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] io::Error),
+    /// The signal handlers cannot be installed: exit 1.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    /// The task that opens the store panicked or was cancelled: exit 1.
+    #[error("store: {0}")]
+    StoreTask(#[source] tokio::task::JoinError),
+    /// The store cannot be opened, created, migrated or seeded: exit 1.
+    #[error("database.path {}: {source}", path.display())]
+    Store { path: PathBuf, source: StoreError },
+    /// A `[[listeners]]` address cannot be bound (or the handed-in socket
+    /// used): exit 1. `key` is the TOML path (`listeners[0].addr`).
+    #[error("{}: {key}: cannot listen on {addr:?}: {source}", config_file.display())]
+    Listen {
+        config_file: PathBuf,
+        key: String,
+        addr: String,
+        source: io::Error,
+    },
+    /// A listener without a route table or stats: a bug, reported rather
+    /// than panicking: exit 1.
+    #[error("{}: {key}: {addr:?} has no route table", config_file.display())]
+    NoRouteTable {
+        config_file: PathBuf,
+        key: String,
+        addr: String,
+    },
+    /// The metrics endpoint cannot be bound: exit 1.
+    #[error("{}: metrics.addr: cannot listen on {addr}: {source}", config_file.display())]
+    Metrics {
+        config_file: PathBuf,
+        addr: SocketAddr,
+        source: io::Error,
+    },
     /// The admin API could not start (`config_file` names the config): exit 1.
-    #[error("{config_file}: {error}")]
+    #[error("{}: {error}", config_file.display())]
     Admin {
-        config_file: String,
+        config_file: PathBuf,
         error: AdminError,
     },
 }
 
 impl ServerError {
-    /// The process exit status for this failure.
+    /// The process exit status for this failure: 2 for a configuration
+    /// cause, 1 for a runtime one.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ServerError::Config(_) => 2,
-            ServerError::Runtime(_) | ServerError::Admin { .. } => 1,
+            ServerError::Config(_) | ServerError::Workers(_) | ServerError::GeoIp { .. } => 2,
+            ServerError::Runtime(_)
+            | ServerError::Signals(_)
+            | ServerError::StoreTask(_)
+            | ServerError::Store { .. }
+            | ServerError::Listen { .. }
+            | ServerError::NoRouteTable { .. }
+            | ServerError::Metrics { .. }
+            | ServerError::Admin { .. } => 1,
         }
     }
+}
+
+/// Why [`WORKERS_ENV`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkersError {
+    /// The value is not UTF-8.
+    #[error("{WORKERS_ENV}={0:?} is not valid UTF-8")]
+    NotUtf8(OsString),
+    /// Not a whole number from 1 to 1024.
+    #[error("{WORKERS_ENV}={0:?} is not a number of worker threads from 1 to 1024")]
+    OutOfRange(String),
 }
 
 /// The environment variable that sets the number of worker threads.
@@ -88,13 +155,11 @@ pub const WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
 /// new connection at the same throughput (the figures are in
 /// `bench/RESULTS.md`, "One worker"). Hosts with more CPUs keep one worker
 /// per CPU.
-pub fn worker_threads(setting: Option<&str>, cpus: usize) -> Result<usize, String> {
+pub fn worker_threads(setting: Option<&str>, cpus: usize) -> Result<usize, WorkersError> {
     match setting {
         Some(text) => match text.trim().parse::<usize>() {
             Ok(n) if (1..=1024).contains(&n) => Ok(n),
-            _ => Err(format!(
-                "{WORKERS_ENV}={text:?} is not a number of worker threads from 1 to 1024"
-            )),
+            _ => Err(WorkersError::OutOfRange(text.to_string())),
         },
         None if cpus <= 2 => Ok(1),
         None => Ok(cpus),
@@ -108,12 +173,10 @@ pub fn worker_threads(setting: Option<&str>, cpus: usize) -> Result<usize, Strin
 pub fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
     let setting = match std::env::var_os(WORKERS_ENV) {
         None => None,
-        Some(value) => Some(value.into_string().map_err(|value| {
-            ServerError::Config(format!("{WORKERS_ENV}={value:?} is not valid UTF-8"))
-        })?),
+        Some(value) => Some(value.into_string().map_err(WorkersError::NotUtf8)?),
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = worker_threads(setting.as_deref(), cpus).map_err(ServerError::Config)?;
+    let workers = worker_threads(setting.as_deref(), cpus)?;
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -125,7 +188,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
         .enable_all()
         .thread_name("mc-proxy")
         .build()
-        .map_err(|e| ServerError::Runtime(format!("cannot start the runtime: {e}")))
+        .map_err(ServerError::Runtime)
 }
 
 /// One `[[listeners]]` entry, bound: its socket and everything its
@@ -186,15 +249,18 @@ impl App {
         config: &Config,
         mut inherited: Vec<(String, std::net::TcpListener)>,
     ) -> Result<App, ServerError> {
-        let source = config.source.display().to_string();
+        let source = &config.source;
         // The soft descriptor limit up to the hard one, before anything opens.
         let nofile = capacity::raise_nofile_limit();
 
         // 0. The GeoIP file first: a config error must stop the start before
         // the store is created or seeded from this config. The rules come
         // from the store below.
-        let firewall = Firewall::new(&config.firewall, &[])
-            .map_err(|e| ServerError::Config(format!("{source}: firewall.geoip_db: {e}")))?;
+        let firewall =
+            Firewall::new(&config.firewall, &[]).map_err(|source| ServerError::GeoIp {
+                config_file: config.source.clone(),
+                source: Box::new(source),
+            })?;
 
         // 1. The store: the truth for routes and rules (seeded on first run).
         let db_path = config.database.path.clone();
@@ -202,9 +268,10 @@ impl App {
             let config = config.clone();
             tokio::task::spawn_blocking(move || store::open(&config))
                 .await
-                .map_err(|e| ServerError::Runtime(format!("store: {e}")))?
-                .map_err(|e| {
-                    ServerError::Runtime(format!("database.path {}: {e}", db_path.display()))
+                .map_err(ServerError::StoreTask)?
+                .map_err(|source| ServerError::Store {
+                    path: db_path,
+                    source,
                 })?
         };
         let loaded = opened.state;
@@ -227,10 +294,12 @@ impl App {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (index, listener) in config.listeners.iter().enumerate() {
             let text = &listener.addr.text;
-            let cannot_listen = |e: std::io::Error| {
-                ServerError::Runtime(format!(
-                    "{source}: listeners[{index}].addr: cannot listen on {text:?}: {e}"
-                ))
+            let key = || format!("listeners[{index}].addr");
+            let cannot_listen = |e: std::io::Error| ServerError::Listen {
+                config_file: source.clone(),
+                key: key(),
+                addr: text.clone(),
+                source: e,
             };
             let socket = match inherited.iter().position(|(name, _)| name == text) {
                 Some(i) => {
@@ -244,10 +313,10 @@ impl App {
             let local_addr = socket.local_addr().map_err(cannot_listen)?;
             // Both tables are built from the config's listeners above; a
             // miss would be a bug here, reported rather than panicking.
-            let missing = || {
-                ServerError::Runtime(format!(
-                    "{source}: listeners[{index}].addr: {text:?} has no route table"
-                ))
+            let missing = || ServerError::NoRouteTable {
+                config_file: source.clone(),
+                key: key(),
+                addr: text.clone(),
             };
             let routes = routes.listener(text).cloned().ok_or_else(missing)?;
             let stats = stats.listener(text).cloned().ok_or_else(missing)?;
@@ -309,11 +378,10 @@ impl App {
                 };
                 let (local, task) = metrics::serve(metrics.addr, scrape, stop_rx.clone())
                     .await
-                    .map_err(|e| {
-                        ServerError::Runtime(format!(
-                            "{source}: metrics.addr: cannot listen on {}: {e}",
-                            metrics.addr
-                        ))
+                    .map_err(|e| ServerError::Metrics {
+                        config_file: source.clone(),
+                        addr: metrics.addr,
+                        source: e,
                     })?;
                 tracing::info!(addr = %local, "metrics endpoint listening on /metrics");
                 Some((local, task))
@@ -568,7 +636,37 @@ fn connection_capacity(
 
 #[cfg(test)]
 mod tests {
-    use super::worker_threads;
+    use super::{worker_threads, ServerError, WorkersError};
+    use crate::config::Config;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn the_exit_code_follows_the_cause() {
+        let config_error = Config::parse("", Path::new("/etc/mc.toml")).unwrap_err();
+        let config = ServerError::from(config_error);
+        assert_eq!(config.exit_code(), 2);
+        assert_eq!(
+            config.to_string(),
+            "/etc/mc.toml: database: missing section [database] (database.path is required)"
+        );
+        let workers = ServerError::from(WorkersError::OutOfRange("0".into()));
+        assert_eq!(workers.exit_code(), 2);
+        let listen = ServerError::Listen {
+            config_file: PathBuf::from("/etc/mc.toml"),
+            key: "listeners[1].addr".into(),
+            addr: ":443".into(),
+            source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+        };
+        assert_eq!(listen.exit_code(), 1);
+        assert!(
+            listen
+                .to_string()
+                .starts_with("/etc/mc.toml: listeners[1].addr: cannot listen on \":443\": "),
+            "{listen}"
+        );
+        let signals = ServerError::Signals(std::io::Error::from(std::io::ErrorKind::Other));
+        assert_eq!(signals.exit_code(), 1);
+    }
 
     #[test]
     fn one_worker_on_one_or_two_cpus_else_one_per_cpu() {
@@ -593,7 +691,13 @@ mod tests {
             "99999999999999999999999",
         ] {
             let error = worker_threads(Some(bad), 2).expect_err(bad);
-            assert!(error.contains("TOKIO_WORKER_THREADS"), "{error}");
+            assert_eq!(error, WorkersError::OutOfRange(bad.to_string()));
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "TOKIO_WORKER_THREADS={bad:?} is not a number of worker threads from 1 to 1024"
+                )
+            );
         }
     }
 }

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
                 line.starts_with(SOURCE),
                 "error does not name the file: {line}"
             );
-            assert!(!err.message.is_empty(), "empty error message");
+            assert!(!err.cause().to_string().is_empty(), "empty error message");
             assert!(!line.contains('\n'), "error is not one line: {line:?}");
         }
         Ok(config) => {

@@ -22,7 +22,7 @@ use super::client::{self, ClientError};
 use super::proto;
 use super::proto::proxy_admin_service_client::ProxyAdminServiceClient;
 use super::status::code_name;
-use crate::config::{AdminAddr, ClientTls, Config, GrpcConfig};
+use crate::config::{AdminAddr, AdminAddrError, ClientTls, Config, GrpcConfig};
 
 /// Command-line flags that override the config's `[grpc]` section.
 #[derive(Debug, Clone, Default)]
@@ -37,25 +37,45 @@ pub struct ClientOverrides {
     pub client_key: Option<PathBuf>,
 }
 
+/// Why no [`ClientTarget`] can be built: a usage or configuration error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// `--addr` is neither `unix:PATH` nor `IP:PORT`.
+    #[error("--addr: {0}")]
+    Addr(#[source] AdminAddrError),
+    /// No `--addr` and no `[grpc]` section in the config.
+    #[error("admin API not configured: no [grpc] section in {} (or pass --addr)", config_path.display())]
+    NotConfigured { config_path: PathBuf },
+}
+
+impl TargetError {
+    /// The process exit status: 2 (usage or configuration), for every cause.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TargetError::Addr(_) | TargetError::NotConfigured { .. } => 2,
+        }
+    }
+}
+
 /// Where the CLI finds the server: the config's `[grpc]` section with the
 /// flags applied over it. `config` may be `None` only when `--addr` is
 /// given (the file is then optional). Without a `[grpc]` section and
 /// without `--addr`, the admin API is not configured. Every `Err` is a
-/// usage or configuration error (exit status 2).
+/// usage or configuration error (exit status 2, [`TargetError::exit_code`]).
 pub fn client_target(
     config: Option<&Config>,
     config_path: &Path,
     overrides: &ClientOverrides,
-) -> Result<ClientTarget, String> {
+) -> Result<ClientTarget, TargetError> {
     let grpc: Option<&GrpcConfig> = config.and_then(|c| c.grpc.as_ref());
     let addr = match (&overrides.addr, grpc) {
-        (Some(text), _) => AdminAddr::parse(text).map_err(|e| format!("--addr: {e}"))?,
+        (Some(text), _) => AdminAddr::parse(text).map_err(TargetError::Addr)?,
         (None, Some(grpc)) => grpc.addr.clone(),
         (None, None) => {
-            return Err(format!(
-                "admin API not configured: no [grpc] section in {} (or pass --addr)",
-                config_path.display()
-            ))
+            return Err(TargetError::NotConfigured {
+                config_path: config_path.to_path_buf(),
+            })
         }
     };
     let tls = grpc.map(|g| g.client.clone()).unwrap_or_default();
@@ -554,8 +574,17 @@ mod tests {
 
         let bare = parse("[database]\npath = \"/x.db\"\n");
         let err = client_target(Some(&bare), path, &none).unwrap_err();
-        assert!(err.starts_with("admin API not configured"), "{err}");
-        assert!(err.contains("/etc/x.toml"), "{err}");
+        assert_eq!(
+            err,
+            TargetError::NotConfigured {
+                config_path: path.to_path_buf()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "admin API not configured: no [grpc] section in /etc/x.toml (or pass --addr)"
+        );
+        assert_eq!(err.exit_code(), 2);
         // --addr alone is enough, with or without a config.
         let flags = ClientOverrides {
             addr: Some("unix:/run/a.sock".into()),
@@ -567,9 +596,15 @@ mod tests {
             addr: Some("nowhere".into()),
             ..ClientOverrides::default()
         };
-        assert!(client_target(None, path, &bad)
-            .unwrap_err()
-            .starts_with("--addr: "));
+        let err = client_target(None, path, &bad).unwrap_err();
+        assert_eq!(
+            err,
+            TargetError::Addr(AdminAddrError::NotAnAddress("nowhere".into()))
+        );
+        assert_eq!(
+            err.to_string(),
+            "--addr: \"nowhere\" is neither \"unix:PATH\" nor \"IP:PORT\""
+        );
 
         let with_grpc = parse(
             "[database]\npath = \"/x.db\"\n[grpc]\naddr = \"unix:/run/a.sock\"\nca_cert = \"/ca.pem\"\n",

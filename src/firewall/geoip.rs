@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use maxminddb::Reader;
+use maxminddb::{MaxMindDbError, Reader};
 use serde::Deserialize;
 
 use wire::rule::CountryCode;
@@ -33,7 +33,59 @@ pub enum GeoIpError {
     /// The file was read but is not a usable MaxMind DB (empty, truncated,
     /// corrupt, or not an mmdb at all).
     #[error("GeoIP database {} is not a valid MaxMind DB file: {reason}", path.display())]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        path: PathBuf,
+        reason: InvalidReason,
+    },
+}
+
+/// Why a file that was read is not a usable MaxMind DB.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidReason {
+    /// A directory, a device, a FIFO...
+    #[error("not a regular file")]
+    NotAFile,
+    /// Over the size limit (2 GiB).
+    #[error("larger than {MAX_FILE_SIZE} bytes")]
+    TooLarge,
+    /// The layout check before the reader is trusted with the file.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The reader refused the file.
+    #[error("{0}")]
+    Reader(#[source] MaxMindDbError),
+    /// A probe address's record cannot be looked up or decoded.
+    #[error("record for {ip}: {source}")]
+    Record { ip: IpAddr, source: MaxMindDbError },
+}
+
+/// Why `check_layout` refused a file (before `maxminddb` may index it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    /// No metadata marker anywhere in the file.
+    #[error("no MaxMind DB metadata found in {len} bytes (empty, truncated, or not an mmdb file)")]
+    NoMetadata { len: usize },
+    /// The metadata does not decode.
+    #[error("bad metadata: {0}")]
+    Metadata(#[source] MaxMindDbError),
+    /// An IP version other than 4 or 6.
+    #[error("bad metadata: ip_version {0}")]
+    IpVersion(u16),
+    /// A search tree of no nodes.
+    #[error("bad metadata: node_count 0")]
+    NoNodes,
+    /// The search tree the metadata describes does not fit before it.
+    #[error("search tree of {nodes} nodes needs {needs} bytes before the metadata, the file has {has} (truncated?)")]
+    TreeTooLong {
+        nodes: u32,
+        needs: usize,
+        has: usize,
+    },
+    /// The 16 zero bytes after the search tree are not zero.
+    #[error("no data section separator after the search tree")]
+    NoSeparator,
 }
 
 /// Identity of a file's contents on disk, as far as `stat` tells: a change
@@ -120,7 +172,7 @@ impl GeoIp {
             path: path.to_path_buf(),
             source,
         };
-        let invalid = |reason: String| GeoIpError::Invalid {
+        let invalid = |reason: InvalidReason| GeoIpError::Invalid {
             path: path.to_path_buf(),
             reason,
         };
@@ -130,7 +182,7 @@ impl GeoIp {
         let file = File::open(path).map_err(read_error)?;
         let meta = file.metadata().map_err(read_error)?;
         if !meta.is_file() {
-            return Err(invalid("not a regular file".into()));
+            return Err(invalid(InvalidReason::NotAFile));
         }
         let stamp = FileStamp::of(&meta);
         let mut bytes = Vec::with_capacity(usize::try_from(stamp.size).unwrap_or(0));
@@ -138,20 +190,22 @@ impl GeoIp {
             .read_to_end(&mut bytes)
             .map_err(read_error)?;
         if bytes.len() as u64 > MAX_FILE_SIZE {
-            return Err(invalid(format!("larger than {MAX_FILE_SIZE} bytes")));
+            return Err(invalid(InvalidReason::TooLarge));
         }
 
-        check_layout(&bytes).map_err(invalid)?;
-        let reader = Reader::from_source(bytes).map_err(|e| invalid(e.to_string()))?;
+        check_layout(&bytes).map_err(|e| invalid(e.into()))?;
+        let reader = Reader::from_source(bytes).map_err(|e| invalid(InvalidReason::Reader(e)))?;
         let mut probes = vec![PROBE_V4];
         if reader.metadata.ip_version == 6 {
             probes.push(PROBE_V6);
         }
         for ip in probes {
-            let found = reader.lookup(ip).map_err(|e| invalid(e.to_string()))?;
+            let found = reader
+                .lookup(ip)
+                .map_err(|e| invalid(InvalidReason::Reader(e)))?;
             found
                 .decode::<CountryFields>()
-                .map_err(|e| invalid(format!("record for {ip}: {e}")))?;
+                .map_err(|source| invalid(InvalidReason::Record { ip, source }))?;
         }
 
         let kind = &reader.metadata.database_type;
@@ -211,40 +265,36 @@ const DATA_SECTION_SEPARATOR: usize = 16;
 /// decoded first on its own, behind a dummy one-node tree of zeros that any
 /// walk stays inside, and the real file is only handed over once its tree is
 /// known to fit.
-fn check_layout(bytes: &[u8]) -> Result<(), String> {
+fn check_layout(bytes: &[u8]) -> Result<(), LayoutError> {
     let marker_at = bytes
         .windows(METADATA_MARKER.len())
         .rposition(|w| w == METADATA_MARKER)
-        .ok_or_else(|| {
-            format!(
-                "no MaxMind DB metadata found in {} bytes (empty, truncated, or not an mmdb file)",
-                bytes.len()
-            )
-        })?;
+        .ok_or(LayoutError::NoMetadata { len: bytes.len() })?;
     let mut metadata_only = vec![0u8; 64];
     metadata_only.extend_from_slice(&bytes[marker_at..]);
     let metadata = Reader::from_source(metadata_only)
-        .map_err(|e| format!("bad metadata: {e}"))?
+        .map_err(LayoutError::Metadata)?
         .metadata;
 
     if metadata.ip_version != 4 && metadata.ip_version != 6 {
-        return Err(format!("bad metadata: ip_version {}", metadata.ip_version));
+        return Err(LayoutError::IpVersion(metadata.ip_version));
     }
     if metadata.node_count == 0 {
-        return Err("bad metadata: node_count 0".into());
+        return Err(LayoutError::NoNodes);
     }
     // `from_source` accepted record_size, so it is 24, 28 or 32.
     let tree_size =
         (metadata.node_count as usize).saturating_mul(usize::from(metadata.record_size)) / 4;
     let data_start = tree_size.saturating_add(DATA_SECTION_SEPARATOR);
     if data_start > marker_at {
-        return Err(format!(
-            "search tree of {} nodes needs {data_start} bytes before the metadata, the file has {marker_at} (truncated?)",
-            metadata.node_count
-        ));
+        return Err(LayoutError::TreeTooLong {
+            nodes: metadata.node_count,
+            needs: data_start,
+            has: marker_at,
+        });
     }
     if bytes[tree_size..data_start].iter().any(|&b| b != 0) {
-        return Err("no data section separator after the search tree".into());
+        return Err(LayoutError::NoSeparator);
     }
     Ok(())
 }
@@ -457,7 +507,29 @@ pub(crate) mod tests {
             match open_bytes(&bytes) {
                 Err(GeoIpError::Invalid { path, reason }) => {
                     assert!(path.ends_with("db.mmdb"), "{what}");
-                    assert!(!reason.is_empty(), "{what}");
+                    assert!(!reason.to_string().is_empty(), "{what}");
+                    // Every variant but the last byte cut stops at the
+                    // layout check, before the reader sees the file.
+                    let expected = match what {
+                        "empty" | "first half" | "random bytes" => {
+                            matches!(
+                                reason,
+                                InvalidReason::Layout(LayoutError::NoMetadata { .. })
+                            )
+                        }
+                        "last byte cut" => {
+                            matches!(reason, InvalidReason::Layout(LayoutError::Metadata(_)))
+                        }
+                        "metadata only" | "tree cut short" => matches!(
+                            reason,
+                            InvalidReason::Layout(LayoutError::TreeTooLong { nodes: 1505, .. })
+                        ),
+                        "no separator" => {
+                            matches!(reason, InvalidReason::Layout(LayoutError::NoSeparator))
+                        }
+                        _ => false,
+                    };
+                    assert!(expected, "{what}: {reason:?}");
                 }
                 other => panic!("{what}: {other:?}"),
             }

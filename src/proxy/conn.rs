@@ -10,6 +10,7 @@
 //! A route with `send_proxy_protocol` gets a PROXY v2 header in the same
 //! write as the ClientHello bytes.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -106,13 +107,14 @@ async fn run(
             }
             // LOCAL / UNKNOWN: the upstream's own connection.
             Ok(Addresses::Local) => {}
-            Err(HeaderFailure::Timeout) => {
-                record.detail = Some("PROXY header not complete within handshake_timeout".into());
-                return Outcome::HelloTimeout;
-            }
-            Err(HeaderFailure::Bad(detail)) => {
-                record.detail = Some(detail);
-                return Outcome::BadProxyHeader;
+            Err(failure) => {
+                record.detail = Some(failure.to_string());
+                return match failure {
+                    HeaderFailure::Timeout => Outcome::HelloTimeout,
+                    HeaderFailure::Reject(_) | HeaderFailure::Closed | HeaderFailure::Io(_) => {
+                        Outcome::BadProxyHeader
+                    }
+                };
             }
         }
     }
@@ -235,12 +237,21 @@ async fn run(
     }
 }
 
-/// Why no PROXY header was read.
+/// Why no PROXY header was read. The text is the close line's `error=`.
+#[derive(Debug, thiserror::Error)]
 enum HeaderFailure {
-    /// Not complete by the handshake deadline.
+    /// Not complete by the handshake deadline (outcome `hello_timeout`).
+    #[error("PROXY header not complete within handshake_timeout")]
     Timeout,
-    /// Not a valid header, or the upstream closed or failed first.
-    Bad(String),
+    /// Not a valid header (outcome `bad_proxy_header`, as are the rest).
+    #[error("{0}")]
+    Reject(proxy_protocol::Reject),
+    /// The upstream closed before the header was complete.
+    #[error("upstream closed before the PROXY header was complete")]
+    Closed,
+    /// Reading from the upstream failed.
+    #[error("{0}")]
+    Io(#[source] io::Error),
 }
 
 /// Bytes peeked at a time while reading a PROXY header: a v1 line (107
@@ -262,13 +273,9 @@ async fn read_proxy_header(
     loop {
         let n = match tokio::time::timeout_at(deadline, client.peek(&mut peeked)).await {
             Err(_) => return Err(HeaderFailure::Timeout),
-            Ok(Ok(0)) => {
-                return Err(HeaderFailure::Bad(
-                    "upstream closed before the PROXY header was complete".into(),
-                ))
-            }
+            Ok(Ok(0)) => return Err(HeaderFailure::Closed),
             Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(HeaderFailure::Bad(e.to_string())),
+            Ok(Err(e)) => return Err(HeaderFailure::Io(e)),
         };
         let seen = header.len();
         header.extend_from_slice(&peeked[..n]);
@@ -279,17 +286,81 @@ async fn read_proxy_header(
             }
             // Take what was peeked, so that the close is a FIN, not an RST
             // for unread data.
-            Err(reject) => (n, Some(Err(HeaderFailure::Bad(reject.to_string())))),
+            Err(reject) => (n, Some(Err(HeaderFailure::Reject(reject)))),
         };
         header.truncate(seen + consume);
         // These bytes are already in the socket: this read does not wait.
         match tokio::time::timeout_at(deadline, client.read_exact(&mut peeked[..consume])).await {
             Err(_) => return Err(HeaderFailure::Timeout),
-            Ok(Err(e)) => return Err(HeaderFailure::Bad(e.to_string())),
+            Ok(Err(e)) => return Err(HeaderFailure::Io(e)),
             Ok(Ok(_)) => {}
         }
         if let Some(result) = result {
             return result;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+    use wire::proxy_protocol::{Addresses, Reject};
+
+    use super::{read_proxy_header, HeaderFailure};
+
+    /// What `read_proxy_header` makes of `sent` from a real loopback peer
+    /// (which then closes its write side, unless `hold`).
+    async fn header_from(sent: &[u8], hold: bool) -> Result<Addresses, HeaderFailure> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut upstream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        upstream.write_all(sent).await.unwrap();
+        if !hold {
+            upstream.shutdown().await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        let result = read_proxy_header(&mut accepted, deadline).await;
+        drop(upstream);
+        result
+    }
+
+    #[tokio::test]
+    async fn header_failures_are_typed_and_keep_their_log_text() {
+        let failure = header_from(b"GET / HTTP/1.1\r\n\r\n", false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(failure, HeaderFailure::Reject(Reject::NotProxy)),
+            "{failure:?}"
+        );
+        assert_eq!(failure.to_string(), "not a PROXY protocol header");
+
+        let failure = header_from(b"PROXY TCP4 192.0.2.1", false)
+            .await
+            .unwrap_err();
+        assert!(matches!(failure, HeaderFailure::Closed), "{failure:?}");
+        assert_eq!(
+            failure.to_string(),
+            "upstream closed before the PROXY header was complete"
+        );
+
+        let failure = header_from(b"PROXY TCP4 192.0.2.1", true)
+            .await
+            .unwrap_err();
+        assert!(matches!(failure, HeaderFailure::Timeout), "{failure:?}");
+        assert_eq!(
+            failure.to_string(),
+            "PROXY header not complete within handshake_timeout"
+        );
+
+        let found = header_from(b"PROXY TCP4 192.0.2.1 198.51.100.2 5000 443\r\n", false)
+            .await
+            .unwrap();
+        assert!(matches!(found, Addresses::Tcp { .. }), "{found:?}");
     }
 }
