@@ -20,6 +20,7 @@ use mc_proxy::admin::proto;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
+use wire::authority::build::frame;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
@@ -47,14 +48,6 @@ fn start(dir: &Path) -> (Proxy, String) {
 fn percent_encoded(path: &Path) -> String {
     let path = path.display().to_string();
     path.trim_start_matches('/').replace('/', "%2F")
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
 }
 
 fn hpack_string(s: &[u8], out: &mut Vec<u8>) {

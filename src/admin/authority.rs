@@ -148,17 +148,10 @@ mod tests {
     use std::io;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use wire::authority::build::frame;
     use wire::authority::{Rewriter, PREFACE};
 
     use super::AuthorityShim;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
 
     /// A literal header field without indexing, new name (RFC 7541 §6.2.2),
     /// for names and values under 127 bytes.

@@ -27,6 +27,19 @@ use std::borrow::Cow;
 #[cfg(feature = "testing")]
 pub mod checks;
 
+/// Hand-built HTTP/2 frames for tests (`testing` feature).
+#[cfg(any(test, feature = "testing"))]
+pub mod build {
+    /// One frame: 24-bit length, type, flags, stream id, payload.
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+}
+
 /// What every HTTP/2 client sends first (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Largest header block (HEADERS + CONTINUATION payloads, padding
@@ -434,13 +447,7 @@ mod tests {
     const PCT_PATH: &[u8] = b"srv%2Fmc-proxy%2Fmc-proxy.sock";
     const RAW_PATH: &[u8] = b"/srv/mc-proxy/mc-proxy.sock";
 
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
+    use super::build::frame;
 
     fn request(authority: Option<&[u8]>) -> Fields {
         let mut fields: Fields = vec![
