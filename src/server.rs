@@ -422,11 +422,6 @@ impl App {
         }
     }
 
-    /// The listeners' bound addresses, in config order.
-    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.local_addr).collect()
-    }
-
     /// Where the admin API listens (for TCP, the bound port).
     pub fn admin_addr(&self) -> Option<&AdminAddr> {
         self.admin_addr.as_ref()

@@ -17,11 +17,11 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use wire::hello::{self, Parse};
 use wire::proxy_protocol::{self, Addresses};
 
 use crate::outcome::Outcome;
-use tokio_util::sync::CancellationToken;
 
 use super::connect;
 use super::listener::Listener;
