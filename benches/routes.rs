@@ -27,6 +27,7 @@ fn table(size: usize) -> ListenerRoutes {
             Target {
                 backend: backend.clone(),
                 send_proxy_protocol: false,
+                mode: mc_proxy::routes::Mode::L4,
             },
         );
     }

@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use wire::route::{Backend, BackendError, Hostname, HostnameError, RouteMap, Target};
+pub use wire::route::{
+    Backend, BackendError, BackendProtocol, Hostname, HostnameError, L7Route, Mode, RouteMap,
+    Target,
+};
 
 /// A listener's live route table. Readers `load()` a snapshot without
 /// waiting; writers build a new map and `store()` it.

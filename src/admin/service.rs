@@ -203,6 +203,7 @@ impl AdminService {
         let target = Target {
             backend,
             send_proxy_protocol: route.send_proxy_protocol,
+            mode: crate::routes::Mode::L4,
         };
         match self
             .state

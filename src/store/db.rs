@@ -159,6 +159,7 @@ pub(crate) fn load_routes(
             Target {
                 backend,
                 send_proxy_protocol,
+                mode: crate::routes::Mode::L4,
             },
         );
     }

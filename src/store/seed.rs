@@ -127,6 +127,7 @@ fn config_routes(listener: &ListenerConfig) -> Vec<(Hostname, Target)> {
                 Target {
                     backend: r.backend.clone(),
                     send_proxy_protocol: r.send_proxy_protocol,
+                    mode: crate::routes::Mode::L4,
                 },
             )
         })

@@ -103,6 +103,7 @@ fn target(backend: &str) -> Target {
     Target {
         backend: Backend::parse(backend).unwrap(),
         send_proxy_protocol: false,
+        mode: crate::routes::Mode::L4,
     }
 }
 

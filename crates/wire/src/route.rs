@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Longest DNS name we accept, in bytes, without the trailing dot.
@@ -209,8 +210,82 @@ impl fmt::Display for Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub backend: Backend,
-    /// Send a PROXY v2 header to the backend before the client's bytes.
+    /// Send a PROXY v2 header to the backend before the client's bytes
+    /// (L4 routes only).
     pub send_proxy_protocol: bool,
+    /// Relayed untouched (L4), or TLS terminated here and HTTP proxied (L7).
+    pub mode: Mode,
+}
+
+/// A route's mode (SPEC §6.2).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The TLS stream is relayed to the backend untouched.
+    #[default]
+    L4,
+    /// mc-proxy terminates TLS with the route's certificate and
+    /// reverse-proxies HTTP/1.1 and HTTP/2 to the backend.
+    L7(Arc<L7Route>),
+}
+
+impl Mode {
+    /// `"l4"` or `"l7"`: the TOML value, the store's `mode` column and the
+    /// CLI's `--mode`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Mode::L4 => "l4",
+            Mode::L7(_) => "l7",
+        }
+    }
+
+    pub fn l7(&self) -> Option<&Arc<L7Route>> {
+        match self {
+            Mode::L4 => None,
+            Mode::L7(l7) => Some(l7),
+        }
+    }
+}
+
+crate::labelled_enum! {
+    /// What an L7 route speaks to its backend.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub enum BackendProtocol {
+        /// Over TLS the backend's ALPN decides; in plaintext HTTP/1.1, and
+        /// gRPC requests over HTTP/2 with prior knowledge (h2c).
+        #[default]
+        Auto => "auto",
+        Http1 => "http1",
+        H2 => "h2",
+    }
+}
+
+impl BackendProtocol {
+    /// `"auto"`, `"http1"` or `"h2"`; the empty string is `auto` (the
+    /// admin API's default).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "" | "auto" => Some(BackendProtocol::Auto),
+            "http1" => Some(BackendProtocol::Http1),
+            "h2" => Some(BackendProtocol::H2),
+            _ => None,
+        }
+    }
+}
+
+/// An L7 route's settings, as configured (paths are not read here).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct L7Route {
+    /// PEM chain, leaf first.
+    pub tls_cert: PathBuf,
+    /// PEM private key.
+    pub tls_key: PathBuf,
+    /// TLS to the backend, verified.
+    pub backend_tls: bool,
+    /// Roots that verify the backend (`None`: the system roots).
+    pub backend_ca: Option<PathBuf>,
+    /// The name verified and sent as SNI (`None`: the backend's host).
+    pub backend_server_name: Option<String>,
+    pub backend_protocol: BackendProtocol,
 }
 
 /// An immutable hostname → target map: the unit that writers swap.
@@ -292,6 +367,7 @@ mod tests {
         Target {
             backend: Backend::parse(b).unwrap(),
             send_proxy_protocol: false,
+            mode: Mode::L4,
         }
     }
 
@@ -441,5 +517,35 @@ mod tests {
         assert_eq!(port("example.net"), None);
         assert_eq!(port("*.example.net"), None);
         assert_eq!(port(""), None);
+    }
+
+    #[test]
+    fn modes_and_backend_protocols_have_their_spec_labels() {
+        assert_eq!(Mode::default(), Mode::L4);
+        assert_eq!(Mode::L4.label(), "l4");
+        assert!(Mode::L4.l7().is_none());
+        let l7 = Arc::new(L7Route {
+            tls_cert: "/srv/mc-proxy/certs/git.pem".into(),
+            tls_key: "/srv/mc-proxy/certs/git.key".into(),
+            backend_tls: false,
+            backend_ca: None,
+            backend_server_name: None,
+            backend_protocol: BackendProtocol::default(),
+        });
+        let mode = Mode::L7(l7.clone());
+        assert_eq!(mode.label(), "l7");
+        assert_eq!(mode.l7(), Some(&l7));
+        assert_eq!(BackendProtocol::LABELS, ["auto", "http1", "h2"]);
+        for (text, parsed) in [
+            ("", BackendProtocol::Auto),
+            ("auto", BackendProtocol::Auto),
+            ("http1", BackendProtocol::Http1),
+            ("h2", BackendProtocol::H2),
+        ] {
+            assert_eq!(BackendProtocol::parse(text), Some(parsed), "{text:?}");
+        }
+        for bad in ["AUTO", "h2c", "http/1.1", " h2", "http2"] {
+            assert_eq!(BackendProtocol::parse(bad), None, "{bad:?}");
+        }
     }
 }
