@@ -210,34 +210,27 @@ impl fmt::Display for Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub backend: Backend,
-    /// Send a PROXY v2 header to the backend before the client's bytes
-    /// (L4 routes only).
+    /// Send a PROXY v2 header to the backend before the client's bytes.
     pub send_proxy_protocol: bool,
     /// Relayed untouched (L4), or TLS terminated here and HTTP proxied (L7).
     pub mode: Mode,
 }
 
-/// A route's mode (SPEC §6.2).
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// The TLS stream is relayed to the backend untouched.
-    #[default]
-    L4,
-    /// mc-proxy terminates TLS with the route's certificate and
-    /// reverse-proxies HTTP/1.1 and HTTP/2 to the backend.
-    L7(Arc<L7Route>),
+crate::labelled_enum! {
+    /// A route's mode (SPEC §6.2). Its label (`"l4"`, `"l7"`) is the TOML
+    /// value, the store's `mode` column and the CLI's `--mode`.
+    #[derive(Clone, Debug, PartialEq, Eq, Default)]
+    pub enum Mode {
+        /// The TLS stream is relayed to the backend untouched.
+        #[default]
+        L4 => "l4",
+        /// mc-proxy terminates TLS with the route's certificate and
+        /// reverse-proxies HTTP/1.1 and HTTP/2 to the backend.
+        L7(Arc<L7Route>) => "l7",
+    }
 }
 
 impl Mode {
-    /// `"l4"` or `"l7"`: the TOML value, the store's `mode` column and the
-    /// CLI's `--mode`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Mode::L4 => "l4",
-            Mode::L7(_) => "l7",
-        }
-    }
-
     pub fn l7(&self) -> Option<&Arc<L7Route>> {
         match self {
             Mode::L4 => None,
@@ -263,12 +256,12 @@ impl BackendProtocol {
     /// `"auto"`, `"http1"` or `"h2"`; the empty string is `auto` (the
     /// admin API's default).
     pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "" | "auto" => Some(BackendProtocol::Auto),
-            "http1" => Some(BackendProtocol::Http1),
-            "h2" => Some(BackendProtocol::H2),
-            _ => None,
+        if text.is_empty() {
+            return Some(BackendProtocol::Auto);
         }
+        [Self::Auto, Self::Http1, Self::H2]
+            .into_iter()
+            .find(|protocol| protocol.label() == text)
     }
 }
 
@@ -522,6 +515,7 @@ mod tests {
     #[test]
     fn modes_and_backend_protocols_have_their_spec_labels() {
         assert_eq!(Mode::default(), Mode::L4);
+        assert_eq!(Mode::LABELS, ["l4", "l7"]);
         assert_eq!(Mode::L4.label(), "l4");
         assert!(Mode::L4.l7().is_none());
         let l7 = Arc::new(L7Route {
