@@ -46,6 +46,7 @@
 pub mod admin;
 pub mod config;
 pub mod firewall;
+pub mod l7;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -1,0 +1,6 @@
+//! L7 routes (SPEC §6.2): TLS terminated here with the route's certificate,
+//! HTTP/1.1 and HTTP/2 (gRPC included) reverse-proxied to the backend.
+//!
+//! - [`certs`]: a route's certificate chain and key, read and checked.
+
+pub mod certs;
