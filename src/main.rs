@@ -277,7 +277,7 @@ fn serve(config: Config) -> Result<(), ServerError> {
             hangup,
         } = Signals::install().map_err(ServerError::Signals)?;
         let app = App::build(&config).await?;
-        app.reload_geoip_on(hangup);
+        app.reload_on(hangup);
         let exit = app.exit_handle();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let shutdown = async move {

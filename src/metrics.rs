@@ -100,6 +100,70 @@ struct AdminCallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    route: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    listener: String,
+    route: String,
+}
+
+/// Upper bounds (seconds) of the request duration histogram: from a local
+/// backend's sub-millisecond answer to a long download or stream.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
+}
+
+/// One listener's L7 request metrics. The `route` label is the route's
+/// configured hostname (bounded by the route table, never the client's
+/// Host), or empty for a request no route took.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    listener: String,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+impl RequestMetrics {
+    pub fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    /// Counts a finished request by status class and records its duration.
+    pub fn observe(&self, route: Option<&str>, status: u16, took: Duration) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        let route = route.unwrap_or_default().to_string();
+        self.requests
+            .get_or_create(&RequestLabels {
+                listener: self.listener.clone(),
+                route: route.clone(),
+                class,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&RouteLabels {
+                listener: self.listener.clone(),
+                route,
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -113,6 +177,7 @@ pub struct Metrics {
     firewall_rules: Family<RuleLabel, Gauge>,
     admin_calls: Family<AdminCallLabels, Counter>,
     capacity: CapacityMetrics,
+    upstream_open: Gauge,
 }
 
 /// The global connection cap's handles (`[proxy] max_connections`).
@@ -166,6 +231,8 @@ pub struct ListenerMetrics {
     bytes_down: Counter,
     hello_seconds: Histogram,
     connect_seconds: Histogram,
+    /// L7 requests on this listener.
+    pub requests: Arc<RequestMetrics>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -252,6 +319,27 @@ impl Metrics {
             "Times an accept loop found max_connections open and waited for one to close before accepting",
             capacity.paused.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "Requests on L7 routes, by listener, route (its configured hostname; empty when no route took it) and status class",
+            requests.clone(),
+        );
+        let durations = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            request_histogram,
+        );
+        registry.register_with_unit(
+            "http_request_duration",
+            "Time from a request's headers to the end of its response body, by listener and route",
+            Unit::Seconds,
+            durations.clone(),
+        );
+        let upstream_open = Gauge::default();
+        registry.register(
+            "upstream_connections_open",
+            "Connections to L7 backends open now (pooled ones included)",
+            upstream_open.clone(),
+        );
         registry.register_collector(Box::new(LogLinesDropped));
         registry.register(
             "build",
@@ -295,6 +383,11 @@ impl Metrics {
                     }),
                     hello_seconds: hello.get_or_create_owned(&listener),
                     connect_seconds: connect.get_or_create_owned(&listener),
+                    requests: Arc::new(RequestMetrics {
+                        listener: addr.clone(),
+                        requests: requests.clone(),
+                        durations: durations.clone(),
+                    }),
                 }
             })
             .collect();
@@ -308,7 +401,13 @@ impl Metrics {
             firewall_rules,
             admin_calls,
             capacity,
+            upstream_open,
         }
+    }
+
+    /// The gauge of connections to L7 backends open now.
+    pub fn upstream_open(&self) -> Gauge {
+        self.upstream_open.clone()
     }
 
     /// The global connection cap's handles.

@@ -21,6 +21,9 @@ wire::labelled_enum! {
         BadProxyHeader => "bad_proxy_header",
         HelloTimeout => "hello_timeout",
         BackendUnreachable => "backend_unreachable",
+        /// An L7 route's TLS handshake failed (or its certificate is not
+        /// loaded): the client got a TLS alert or a close.
+        TlsFailed => "tls_failed",
         IdleTimeout => "idle_timeout",
         Shutdown => "shutdown",
     }

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{self, AdminError, AdminServer};
 use crate::config::{AdminAddr, Config, ConfigError};
 use crate::firewall::{Firewall, GeoIpError};
+use crate::l7::registry::{CertRegistry, RegistryError};
 use crate::logging;
 use crate::metrics::{self, ListenerStats, Stats};
 use crate::proxy::{self, capacity, Listener};
@@ -37,6 +38,9 @@ use crate::version;
 
 /// How often the GeoIP file is checked for replacement.
 const GEOIP_POLL: Duration = Duration::from_secs(1);
+/// How often route certificate files are checked for changes (SPEC §6.2:
+/// a replaced file is served within 5 s).
+const CERT_POLL: Duration = Duration::from_secs(2);
 
 /// How long a second signal waits for the store to finish the change in
 /// hand (one short transaction) and close the DB before the process exits.
@@ -108,6 +112,9 @@ pub enum ServerError {
         config_file: PathBuf,
         error: AdminError,
     },
+    /// The TLS machinery for L7 routes could not be set up: exit 1.
+    #[error("L7 TLS: {0}")]
+    L7Tls(#[source] RegistryError),
 }
 
 impl ServerError {
@@ -123,7 +130,8 @@ impl ServerError {
             | ServerError::Listen { .. }
             | ServerError::NoRouteTable { .. }
             | ServerError::Metrics { .. }
-            | ServerError::Admin { .. } => 1,
+            | ServerError::Admin { .. }
+            | ServerError::L7Tls(_) => 1,
         }
     }
 }
@@ -229,6 +237,7 @@ pub struct App {
     stop: watch::Sender<bool>,
     capacity: Arc<capacity::Capacity>,
     fd_limit: Option<u64>,
+    certs: Arc<CertRegistry>,
 }
 
 impl App {
@@ -289,6 +298,10 @@ impl App {
         let stats = Arc::new(Stats::new(
             config.listeners.iter().map(|l| l.addr.text.clone()),
         ));
+        // L7 routes' certificates, loaded now so that a broken one is in
+        // the log at start (its route's handshakes fail until it is fixed).
+        let certs = Arc::new(CertRegistry::new().map_err(ServerError::L7Tls)?);
+        certs.load_routes(&routes);
 
         // 3. Listening sockets: all bound before anything is served.
         let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -406,6 +419,7 @@ impl App {
             stop,
             capacity,
             fd_limit,
+            certs,
         })
     }
 
@@ -454,16 +468,26 @@ impl App {
         }
     }
 
-    /// Reloads the GeoIP database on every SIGHUP (or whatever `hangup`
-    /// delivers), in a task of its own.
-    pub fn reload_geoip_on(&self, mut hangup: tokio::signal::unix::Signal) {
+    /// On every SIGHUP (or whatever `hangup` delivers), in a task of its
+    /// own: reloads the GeoIP database and re-reads every route
+    /// certificate.
+    pub fn reload_on(&self, mut hangup: tokio::signal::unix::Signal) {
         let firewall = self.firewall.clone();
+        let certs = self.certs.clone();
+        let routes = self.routes.clone();
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
                 let firewall = firewall.clone();
                 let result = tokio::task::spawn_blocking(move || firewall.reload_geoip()).await;
                 if let Ok(Ok(true)) = result {
                     tracing::info!("SIGHUP: GeoIP database reloaded");
+                }
+                let certs = certs.clone();
+                let routes = routes.clone();
+                let reloaded =
+                    tokio::task::spawn_blocking(move || certs.refresh(&routes, true)).await;
+                if let Ok(count) = reloaded {
+                    tracing::info!(certificates = count, "SIGHUP: route certificates re-read");
                 }
             }
         });
@@ -490,9 +514,15 @@ impl App {
             stop,
             capacity,
             fd_limit,
+            certs,
         } = self;
         let source = config.source.display().to_string();
         let drain = Shutdown::new();
+        let http = Arc::new(proxy::http::Shared::new(
+            certs.clone(),
+            &config.proxy,
+            stats.metrics.upstream_open(),
+        ));
         for bound in listeners {
             let listener = Arc::new(Listener {
                 routes: bound.routes,
@@ -501,10 +531,13 @@ impl App {
                 timeouts: config.proxy.clone(),
                 proxy_protocol: bound.proxy_protocol,
                 capacity: capacity.clone(),
+                http: http.clone(),
+                response_timeout: Some(Duration::from_secs(60)), // TODO(merge): config.proxy.response_timeout
             });
             drain.spawn(proxy::accept_loop(bound.socket, listener, drain.clone()));
         }
         firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());
+        certs.spawn_watcher(routes.clone(), CERT_POLL, stop.subscribe());
 
         tracing::info!(
             version = %version(),

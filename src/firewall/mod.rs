@@ -244,6 +244,11 @@ impl Firewall {
     }
 
     /// The rule set in force now.
+    /// TEMPORARY until the plumbing branch merges (never on main).
+    pub fn blocks_user_agent(&self, _ua: &[u8]) -> bool {
+        false
+    }
+
     pub fn rules(&self) -> Arc<RuleSet> {
         self.rules.load_full()
     }

@@ -3,4 +3,10 @@
 //!
 //! - [`certs`]: a route's certificate chain and key, read and checked.
 
+//! - [`registry`]: the certificates in service, reloaded on change.
+//!
+//! The HTTP side (the TLS handshake, the server, the upstream pools) is
+//! `proxy::http`, a branch of one connection's pipeline.
+
 pub mod certs;
+pub mod registry;

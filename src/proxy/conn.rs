@@ -9,6 +9,10 @@
 //! and only then does the firewall judge, before a ClientHello byte is read.
 //! A route with `send_proxy_protocol` gets a PROXY v2 header in the same
 //! write as the ClientHello bytes.
+//!
+//! An L7 route branches off at step 4 into [`super::http`]: TLS is
+//! terminated there and HTTP proxied; the close line is still written here,
+//! with the TLS bytes both ways and `requests=`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +28,7 @@ use wire::proxy_protocol::{self, Addresses};
 use crate::outcome::Outcome;
 
 use super::connect;
+use super::http;
 use super::listener::Listener;
 use super::relay::{self, RelayEnd};
 use super::sys;
@@ -38,6 +43,8 @@ struct Record {
     backend: Option<String>,
     up: Option<u64>,
     down: Option<u64>,
+    /// Requests served on an L7 connection.
+    requests: Option<u64>,
     detail: Option<String>,
 }
 
@@ -50,6 +57,7 @@ pub(super) async fn handle(
     client: SocketAddr,
     listener: Arc<Listener>,
     forced: CancellationToken,
+    draining: CancellationToken,
 ) {
     let started = Instant::now();
     let mut record = Record {
@@ -59,9 +67,10 @@ pub(super) async fn handle(
         backend: None,
         up: None,
         down: None,
+        requests: None,
         detail: None,
     };
-    let outcome = run(stream, &listener, &mut record, &forced).await;
+    let outcome = run(stream, &listener, &mut record, &forced, &draining).await;
     listener
         .listener_stats
         .metrics
@@ -75,6 +84,7 @@ pub(super) async fn handle(
         backend = record.backend.as_deref().map(tracing::field::display),
         up = record.up,
         down = record.down,
+        requests = record.requests,
         duration_ms = started.elapsed().as_millis() as u64,
         outcome = %outcome,
         error = record.detail.as_deref().map(tracing::field::display),
@@ -87,6 +97,7 @@ async fn run(
     listener: &Listener,
     record: &mut Record,
     forced: &CancellationToken,
+    draining: &CancellationToken,
 ) -> Outcome {
     let timeouts = &listener.timeouts;
     let deadline = tokio::time::Instant::now() + timeouts.handshake_timeout;
@@ -183,7 +194,28 @@ async fn run(
     };
     record.backend = Some(target.backend.to_string());
 
-    // 4. Backend.
+    // 4. An L7 route: TLS ends here and HTTP is proxied per request
+    // (`http`), the hello bytes read so far going to the TLS server.
+    if let Some(l7) = target.mode.l7() {
+        let served = http::serve(
+            client,
+            buffer,
+            record.client,
+            l7,
+            listener,
+            deadline,
+            forced,
+            draining,
+        )
+        .await;
+        record.up = Some(served.up);
+        record.down = Some(served.down);
+        record.requests = Some(served.requests);
+        record.detail = served.detail;
+        return served.outcome;
+    }
+
+    // 4. Backend (an L4 route).
     let connect_started = Instant::now();
     let mut backend = match connect::connect(&target.backend, timeouts.connect_timeout).await {
         Ok(stream) => {

@@ -2,6 +2,7 @@
 //! every connection's task.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::ProxyConfig;
 use crate::firewall::Firewall;
@@ -9,6 +10,7 @@ use crate::metrics::ListenerStats;
 use crate::routes::ListenerRoutes;
 
 use super::capacity::Capacity;
+use super::http;
 
 /// Everything one listener's connections share.
 pub struct Listener {
@@ -20,4 +22,8 @@ pub struct Listener {
     pub proxy_protocol: bool,
     /// The connection cap shared by every listener.
     pub capacity: Arc<Capacity>,
+    /// What L7 connections share: route certificates, upstream pools.
+    pub http: Arc<http::Shared>,
+    /// L7: how long a backend has to begin its response (`None`: forever).
+    pub response_timeout: Option<Duration>,
 }

@@ -16,6 +16,7 @@
 pub mod capacity;
 pub mod conn;
 pub mod connect;
+pub mod http;
 mod listener;
 pub mod relay;
 mod sys;
@@ -95,8 +96,9 @@ pub async fn accept_loop(socket: TcpListener, listener: Arc<Listener>, shutdown:
                 let active = ActiveGuard::accept(&listener.listener_stats);
                 let listener = listener.clone();
                 let forced = shutdown.forced().clone();
+                let draining = shutdown.draining().clone();
                 shutdown.spawn(async move {
-                    conn::handle(stream, peer, listener, forced).await;
+                    conn::handle(stream, peer, listener, forced, draining).await;
                     drop(active);
                     drop(slot);
                 });

@@ -15,6 +15,7 @@
 pub mod backends;
 pub mod clients;
 pub mod fixtures;
+pub mod http;
 pub mod inproc;
 pub mod pki;
 pub mod process;

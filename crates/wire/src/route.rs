@@ -329,6 +329,12 @@ impl RouteMap {
     /// lookups: O(length of the name), whatever the table size, and no
     /// allocation.
     pub fn lookup(&self, sni: &str) -> Option<Arc<Target>> {
+        self.lookup_entry(sni).map(|(_, target)| target.clone())
+    }
+
+    /// [`RouteMap::lookup`], with the route's own hostname (the exact name
+    /// or the wildcard that matched).
+    pub fn lookup_entry(&self, sni: &str) -> Option<(&Hostname, &Arc<Target>)> {
         let trimmed = sni.strip_suffix('.').unwrap_or(sni);
         let len = trimmed.len();
         if len == 0 || len > MAX_HOSTNAME_LEN || trimmed.contains('*') {
@@ -341,14 +347,14 @@ impl RouteMap {
         buffer[2..2 + len].make_ascii_lowercase();
         let name = std::str::from_utf8(&buffer[2..2 + len]).ok()?;
         check_labels(name).ok()?;
-        if let Some(target) = self.entries.get(name) {
-            return Some(target.clone());
+        if let Some(entry) = self.entries.get_key_value(name) {
+            return Some(entry);
         }
         let first_dot = name.find('.')?;
         let start = 1 + first_dot;
         buffer[start] = b'*';
         let wildcard = std::str::from_utf8(&buffer[start..2 + len]).ok()?;
-        self.entries.get(wildcard).cloned()
+        self.entries.get_key_value(wildcard)
     }
 }
 

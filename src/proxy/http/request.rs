@@ -1,0 +1,459 @@
+//! One request on an L7 connection, in fixed phases, each a small function:
+//! route by host → policy → upstream request headers → upstream → response
+//! → log (the record rides in the response body and is written when it
+//! ends).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_TYPE, EXPECT, HOST, TE,
+    TRANSFER_ENCODING, UPGRADE, USER_AGENT,
+};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::body::{DownBody, UpBody};
+use super::log::{RequestLog, RequestOutcome};
+use super::Shared;
+use crate::firewall::Firewall;
+use crate::l7::registry::CertFiles;
+use crate::metrics::RequestMetrics;
+use crate::routes::{ListenerRoutes, Target};
+
+/// What every request of one connection shares.
+pub struct ConnContext {
+    pub client: SocketAddr,
+    /// The certificate this connection was served with: only routes that
+    /// name the same files may take its requests (coalescing included).
+    pub files: CertFiles,
+    pub routes: Arc<ListenerRoutes>,
+    pub firewall: Arc<Firewall>,
+    pub shared: Arc<Shared>,
+    pub response_timeout: Option<Duration>,
+    pub metrics: Arc<RequestMetrics>,
+    pub requests: AtomicU64,
+    /// Relays of upgraded (WebSocket) requests: the connection waits for them.
+    pub relays: TaskTracker,
+    pub forced: CancellationToken,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// Serves one request; never fails (errors are responses).
+pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<DownBody> {
+    ctx.requests.fetch_add(1, Ordering::Relaxed);
+    let up = Arc::new(AtomicU64::new(0));
+    let host = request_host(&req).map(str::to_owned);
+    let mut log = RequestLog {
+        started: Instant::now(),
+        client: ctx.client,
+        metrics: ctx.metrics.clone(),
+        route: None,
+        host: host.clone().unwrap_or_default(),
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        status: 0,
+        up: up.clone(),
+        down: 0,
+        backend: None,
+        outcome: RequestOutcome::Proxied,
+        error: None,
+    };
+    let grpc = is_grpc(req.headers());
+
+    // 1. Route by host.
+    let Some(host) = host else {
+        return reply(
+            log,
+            StatusCode::BAD_REQUEST,
+            RequestOutcome::BadRequest,
+            grpc,
+        );
+    };
+    let Some((route_name, target)) = route_for(&host, ctx) else {
+        return reply(
+            log,
+            StatusCode::MISDIRECTED_REQUEST,
+            RequestOutcome::NoRoute,
+            grpc,
+        );
+    };
+    log.route = Some(route_name);
+    log.backend = Some(target.backend.to_string());
+    let Some(l7) = target.mode.l7() else {
+        return reply(
+            log,
+            StatusCode::MISDIRECTED_REQUEST,
+            RequestOutcome::NoRoute,
+            grpc,
+        );
+    };
+
+    // 2. Policy.
+    if let Some(agent) = req.headers().get(USER_AGENT) {
+        if ctx.firewall.blocks_user_agent(agent.as_bytes()) {
+            return reply(
+                log,
+                StatusCode::FORBIDDEN,
+                RequestOutcome::BlockedUserAgent,
+                grpc,
+            );
+        }
+    }
+
+    // 3. The upstream request.
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let upgrade_protocol = parts.headers.get(UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let (true, Some(protocol)) = (upgrade, upgrade_protocol) {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, protocol);
+    }
+    parts.headers.remove(EXPECT);
+    forwarded_headers(&mut parts.headers, ctx.client, &host);
+    let scheme = if l7.backend_tls { "https" } else { "http" };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = match Uri::builder()
+        .scheme(scheme)
+        .authority(host.as_str())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(_) => {
+            return reply(
+                log,
+                StatusCode::BAD_REQUEST,
+                RequestOutcome::BadRequest,
+                grpc,
+            )
+        }
+    };
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, UpBody::new(body, up));
+
+    // 4. Upstream.
+    let client = match ctx
+        .shared
+        .upstreams
+        .client(&target.backend, l7, grpc && !upgrade)
+    {
+        Ok(client) => client,
+        Err(e) => {
+            log.error = Some(e.to_string());
+            return reply(
+                log,
+                StatusCode::BAD_GATEWAY,
+                RequestOutcome::BackendUnreachable,
+                grpc,
+            );
+        }
+    };
+    let sent = client.request(upstream_req);
+    let answered = match ctx.response_timeout {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                log.error = Some(format!(
+                    "no response headers within response_timeout ({limit:?})"
+                ));
+                return reply(
+                    log,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    RequestOutcome::BackendTimeout,
+                    grpc,
+                );
+            }
+        },
+        None => sent.await,
+    };
+    let mut response = match answered {
+        Ok(response) => response,
+        Err(e) => {
+            log.error = Some(error_chain(&e));
+            return reply(
+                log,
+                StatusCode::BAD_GATEWAY,
+                RequestOutcome::BackendUnreachable,
+                grpc,
+            );
+        }
+    };
+
+    // 5. The response.
+    log.status = response.status().as_u16();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let forced = ctx.forced.clone();
+            ctx.relays.spawn(async move {
+                let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
+                else {
+                    return;
+                };
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    () = forced.cancelled() => {}
+                }
+            });
+            let (parts, _) = response.into_parts();
+            log.outcome = RequestOutcome::Upgraded;
+            return Response::from_parts(parts, DownBody::fixed(Bytes::new(), log));
+        }
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, DownBody::upstream(body, log))
+}
+
+/// The request's host: `:authority` (HTTP/2, or an absolute-form URI),
+/// else the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str());
+    }
+    req.headers().get(HOST)?.to_str().ok()
+}
+
+/// `host[:port]` → the name to route by (the port removed). An IP literal
+/// or anything that is not a host gives `None`.
+fn route_name(host: &str) -> Option<&str> {
+    if host.starts_with('[') {
+        return None;
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        Some(_) => return None,
+        None => host,
+    };
+    (!name.is_empty()).then_some(name)
+}
+
+/// The listener's L7 route for `host`, if it names this connection's
+/// certificate files.
+fn route_for(host: &str, ctx: &ConnContext) -> Option<(Arc<str>, Arc<Target>)> {
+    let name = route_name(host)?;
+    let table = ctx.routes.snapshot();
+    let (hostname, target) = table.lookup_entry(name)?;
+    let l7 = target.mode.l7()?;
+    ctx.files
+        .named_by(l7)
+        .then(|| (Arc::from(hostname.as_str()), target.clone()))
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// An HTTP/1.1 `Connection: upgrade` request with an `Upgrade` header.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(UPGRADE)
+        && req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1): Connection and the
+/// headers it names, Keep-Alive, Proxy-Connection, Transfer-Encoding,
+/// Upgrade, and TE unless it is `trailers`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != TE {
+            headers.remove(name);
+        }
+    }
+    headers.remove(CONNECTION);
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(UPGRADE);
+    let te_trailers = headers
+        .get_all(TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    headers.remove(TE);
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// X-Forwarded-For and X-Real-IP are the client (whatever it sent),
+/// X-Forwarded-Proto `https`, X-Forwarded-Host the request's host.
+fn forwarded_headers(headers: &mut HeaderMap, client: SocketAddr, host: &str) {
+    let ip = HeaderValue::from_str(&client.ip().to_string()).ok();
+    headers.remove(&X_FORWARDED_FOR);
+    headers.remove(&X_REAL_IP);
+    if let Some(ip) = ip {
+        headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+        headers.insert(X_REAL_IP.clone(), ip);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    headers.remove(&X_FORWARDED_HOST);
+    if let Ok(host) = HeaderValue::from_str(host) {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+}
+
+/// An answer made here: one short plain-text line, or for a gRPC request
+/// a trailers-only response with the matching gRPC status.
+fn reply(
+    mut log: RequestLog,
+    status: StatusCode,
+    outcome: RequestOutcome,
+    grpc: bool,
+) -> Response<DownBody> {
+    log.status = status.as_u16();
+    log.outcome = outcome;
+    if grpc {
+        if let Some((code, message)) = grpc_status(status) {
+            let mut response = Response::new(DownBody::fixed(Bytes::new(), log));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert(GRPC_STATUS.clone(), HeaderValue::from_static(code));
+            headers.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static(message));
+            return response;
+        }
+    }
+    let text = match status {
+        StatusCode::BAD_REQUEST => "bad request\n",
+        StatusCode::FORBIDDEN => "forbidden\n",
+        StatusCode::MISDIRECTED_REQUEST => "misdirected request: no route for this host here\n",
+        StatusCode::BAD_GATEWAY => "bad gateway: the backend could not be reached\n",
+        StatusCode::GATEWAY_TIMEOUT => "gateway timeout: the backend did not answer in time\n",
+        _ => "error\n",
+    };
+    let mut response = Response::new(DownBody::fixed(Bytes::from_static(text.as_bytes()), log));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The gRPC status a gRPC client gets instead of these HTTP statuses.
+fn grpc_status(status: StatusCode) -> Option<(&'static str, &'static str)> {
+    match status {
+        StatusCode::BAD_GATEWAY => Some(("14", "backend unavailable")),
+        StatusCode::GATEWAY_TIMEOUT => Some(("4", "backend did not answer in time")),
+        _ => None,
+    }
+}
+
+/// An error and its causes, on one line.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_te_trailers_kept() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["te", "x-kept"]);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+    }
+
+    #[test]
+    fn forwarded_headers_replace_what_the_client_sent() {
+        let mut headers = HeaderMap::new();
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("7.7.7.7"));
+        headers.insert(&X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
+        forwarded_headers(
+            &mut headers,
+            "192.0.2.9:5000".parse().unwrap(),
+            "a.test:8443",
+        );
+        let all: Vec<_> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(all, ["192.0.2.9"]);
+        assert_eq!(headers[&X_REAL_IP], "192.0.2.9");
+        assert_eq!(headers[&X_FORWARDED_PROTO], "https");
+        assert_eq!(headers[&X_FORWARDED_HOST], "a.test:8443");
+    }
+
+    #[test]
+    fn the_route_name_is_the_host_without_its_port() {
+        for (host, name) in [
+            ("a.test", Some("a.test")),
+            ("a.test:443", Some("a.test")),
+            ("A.Test.", Some("A.Test.")),
+            ("[::1]:443", None),
+            ("a.test:", None),
+            ("a.test:x", None),
+            (":443", None),
+            ("", None),
+        ] {
+            assert_eq!(route_name(host), name, "{host:?}");
+        }
+    }
+}

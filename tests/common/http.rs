@@ -1,0 +1,283 @@
+//! HTTP peers for L7 routes: a hyper backend (HTTP/1.1 and h2c, or TLS
+//! with ALPN) that reports what it received, and a hyper client over
+//! rustls that speaks HTTP/1.1 or HTTP/2 to the proxy.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::HeaderValue;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls::ClientConfig;
+use tokio::net::TcpListener;
+
+use super::clients::tls_connect;
+use super::pki::Pki;
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(text: impl Into<Bytes>) -> BoxBody {
+    Full::new(text.into()).boxed()
+}
+
+/// What the backend answers, by path:
+/// - `/echo` (any method): `backend=NAME`, then the request line's
+///   version, then selected headers, then `body=N` (bytes received);
+/// - `/slow?ms=N`: waits N ms before answering;
+/// - `/bytes?n=N`: N bytes of a repeating pattern, streamed in 64 KiB frames;
+/// - `/trailers`: a body and the trailer `x-trailer: done`;
+/// - anything else: 404.
+async fn answer(name: &'static str, req: Request<Incoming>) -> Response<BoxBody> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let number = |key: &str| -> u64 {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    match path.as_str() {
+        "/echo" => {
+            let mut lines = vec![
+                format!("backend={name}"),
+                format!("version={:?}", req.version()),
+            ];
+            lines.push(format!("method={}", req.method()));
+            lines.push(format!("uri={}", req.uri()));
+            for header in [
+                "host",
+                "x-forwarded-for",
+                "x-real-ip",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "te",
+                "connection",
+                "x-secret",
+                "expect",
+            ] {
+                let values: Vec<_> = req
+                    .headers()
+                    .get_all(header)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect();
+                lines.push(format!("{header}={}", values.join("|")));
+            }
+            let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
+            lines.push(format!("body={}", body.unwrap_or(0)));
+            Response::new(full(lines.join("\n") + "\n"))
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(number("ms"))).await;
+            Response::new(full("slow\n"))
+        }
+        "/bytes" => {
+            let total = number("n");
+            let stream = futures_stream(total);
+            Response::new(StreamBody::new(stream).boxed())
+        }
+        "/trailers" => {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-trailer", HeaderValue::from_static("done"));
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"body\n"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            let stream = tokio_stream::iter(frames);
+            Response::new(StreamBody::new(stream).boxed())
+        }
+        _ => {
+            let mut response = Response::new(full("not found\n"));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    }
+}
+
+/// `total` bytes of `pattern_byte(i)` in 64 KiB frames.
+fn futures_stream(
+    total: u64,
+) -> impl tokio_stream::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync {
+    const FRAME: u64 = 64 * 1024;
+    let frames = total.div_ceil(FRAME);
+    tokio_stream::iter((0..frames).map(move |i| {
+        let start = i * FRAME;
+        let len = FRAME.min(total - start);
+        let chunk: Vec<u8> = (start..start + len).map(pattern_byte).collect();
+        Ok(Frame::data(Bytes::from(chunk)))
+    }))
+}
+
+/// The byte at offset `i` of `/bytes` (and of test uploads).
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// A plaintext backend: HTTP/1.1, and HTTP/2 with prior knowledge (h2c).
+pub async fn http_backend(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| async move {
+                    Ok::<_, Infallible>(answer(name, req).await)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS backend (ALPN h2 and http/1.1) with a leaf of `pki` for `names`.
+pub async fn https_backend(pki: &Pki, name: &'static str, names: &[&str]) -> SocketAddr {
+    let mut config = (*pki.server_config(names)).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| async move {
+                    Ok::<_, Infallible>(answer(name, req).await)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A client config trusting `pki`, offering `alpn`.
+pub fn alpn_client(pki: &Pki, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut config = (*pki.client_config()).clone();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// One client connection to an L7 route, HTTP/1.1 or HTTP/2.
+pub enum L7Client {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Answer {
+    /// `key=value` lines of an `/echo` body → the value of `key`.
+    pub fn field(&self, key: &str) -> String {
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.body))
+            .to_string()
+    }
+}
+
+impl L7Client {
+    /// Connects with TLS for `sni` (trusting `pki`), HTTP/2 if `h2`.
+    pub async fn connect(addr: SocketAddr, sni: &str, pki: &Pki, h2: bool) -> L7Client {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_connect(addr, sni, alpn_client(pki, alpn))
+            .await
+            .expect("TLS to the L7 route");
+        let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        assert_eq!(negotiated.as_deref(), Some(alpn[0]), "ALPN");
+        let io = TokioIo::new(tls);
+        if h2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("h2 handshake");
+            tokio::spawn(conn);
+            L7Client::H2(send)
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("h1 handshake");
+            tokio::spawn(conn.with_upgrades());
+            L7Client::H1(send)
+        }
+    }
+
+    /// Sends `req` (its URI absolute, for the host) and reads the answer.
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Answer> {
+        let response = match self {
+            L7Client::H1(send) => {
+                send.ready().await?;
+                send.send_request(req).await?
+            }
+            L7Client::H2(send) => {
+                send.ready().await?;
+                send.send_request(req).await?
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+            trailers,
+        })
+    }
+
+    /// `GET https://HOST/PATH`, with a Host header for HTTP/1.1.
+    pub async fn get(&mut self, host: &str, path: &str) -> Answer {
+        self.send(request("GET", host, path, self.is_h1(), Bytes::new()))
+            .await
+            .expect("request")
+    }
+
+    pub fn is_h1(&self) -> bool {
+        matches!(self, L7Client::H1(_))
+    }
+}
+
+/// A request for `https://host/path`: origin-form with a Host header for
+/// HTTP/1.1, absolute (`:authority`) for HTTP/2.
+pub fn request(
+    method: &str,
+    host: &str,
+    path: &str,
+    h1: bool,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let builder = Request::builder().method(method);
+    let builder = if h1 {
+        builder.uri(path).header("host", host)
+    } else {
+        builder.uri(format!("https://{host}{path}"))
+    };
+    builder.body(Full::new(body)).unwrap()
+}

@@ -1,0 +1,310 @@
+//! L7 routes in-process: TLS terminated with the route's certificate,
+//! HTTP/1.1 and HTTP/2 proxied to real hyper backends, checked by what the
+//! backend received and what the client got back.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::http::*;
+use common::*;
+use mc_proxy::routes::{
+    Backend, BackendProtocol, Hostname, L7Route, Mode, RouteMap, Routes, Target,
+};
+use mc_proxy::server::App;
+
+/// A running server with one listener whose table the test fills.
+struct Scene {
+    server: InProcess,
+    routes: Arc<Routes>,
+    dir: tempfile::TempDir,
+    pki: Pki,
+}
+
+impl Scene {
+    /// A server with one listener (its config has one L4 route to nowhere;
+    /// the test replaces the table) and `extra` config.
+    async fn start(extra: &str) -> Scene {
+        let dir = tempfile::tempdir().unwrap();
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let toml = config(
+            dir.path(),
+            &format!(
+                "{}{extra}\n{METRICS_ANY_PORT}",
+                listener_toml(ONE_LISTENER, &[("unused.test", unused)])
+            ),
+        );
+        let config = load_config(dir.path(), &toml);
+        let app = App::build(&config).await.expect("App::build");
+        let routes = app.routes().clone();
+        Scene {
+            server: InProcess::run(app),
+            routes,
+            dir,
+            pki: Pki::new("route CA"),
+        }
+    }
+
+    /// Writes a leaf of the scene's CA for `names` as `NAME.pem`/`NAME.key`
+    /// (the chain: leaf, then the CA).
+    fn cert(&self, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let leaf = self.pki.leaf(names);
+        let cert = self.dir.path().join(format!("{file}.pem"));
+        let key = self.dir.path().join(format!("{file}.key"));
+        std::fs::write(&cert, leaf.cert_pem.clone() + &self.pki.ca_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        (cert, key)
+    }
+
+    /// Replaces the listener's table.
+    fn set_routes(&self, routes: &[(&str, Target)]) {
+        let mut map = RouteMap::new();
+        for (host, target) in routes {
+            map.insert(Hostname::parse(host).unwrap(), target.clone());
+        }
+        self.routes.listeners()[0].replace(map);
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+}
+
+fn l7(backend: SocketAddr, files: &(PathBuf, PathBuf)) -> Target {
+    l7_with(backend, files, |_| {})
+}
+
+fn l7_with(
+    backend: SocketAddr,
+    (cert, key): &(PathBuf, PathBuf),
+    change: impl FnOnce(&mut L7Route),
+) -> Target {
+    let mut route = L7Route {
+        tls_cert: cert.clone(),
+        tls_key: key.clone(),
+        backend_tls: false,
+        backend_ca: None,
+        backend_server_name: None,
+        backend_protocol: BackendProtocol::Auto,
+    };
+    change(&mut route);
+    Target {
+        backend: Backend::parse(&backend.to_string()).unwrap(),
+        send_proxy_protocol: false,
+        mode: Mode::L7(Arc::new(route)),
+    }
+}
+
+fn l4(backend: SocketAddr) -> Target {
+    Target {
+        backend: Backend::parse(&backend.to_string()).unwrap(),
+        send_proxy_protocol: false,
+        mode: Mode::L4,
+    }
+}
+
+fn path_of(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
+
+#[tokio::test]
+async fn http1_and_http2_reach_the_backend_with_the_client_address_not_the_forged_one() {
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        let mut req = request(
+            "POST",
+            "a.test",
+            "/echo?q=1",
+            client.is_h1(),
+            Bytes::from_static(b"12345"),
+        );
+        let headers = req.headers_mut();
+        headers.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+        headers.insert("x-real-ip", "6.6.6.6".parse().unwrap());
+        if !h2 {
+            headers.insert("connection", "x-secret".parse().unwrap());
+            headers.insert("x-secret", "1".parse().unwrap());
+        }
+        let answer = client.send(req).await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.field("backend"), "web");
+        assert_eq!(answer.field("x-forwarded-for"), "127.0.0.1", "h2={h2}");
+        assert_eq!(answer.field("x-real-ip"), "127.0.0.1");
+        assert_eq!(answer.field("x-forwarded-proto"), "https");
+        assert_eq!(answer.field("x-forwarded-host"), "a.test");
+        assert_eq!(answer.field("host"), "a.test");
+        assert_eq!(
+            answer.field("x-secret"),
+            "",
+            "a header Connection names is hop-by-hop"
+        );
+        assert_eq!(answer.field("uri"), "/echo?q=1");
+        assert_eq!(answer.field("body"), "5");
+        // A plaintext backend in auto mode gets HTTP/1.1.
+        assert_eq!(answer.field("version"), "HTTP/1.1");
+    }
+    let metrics = scene
+        .server
+        .wait_metrics(|m| {
+            m.get(&one_listener(
+                "mc_proxy_http_requests_total",
+                "route=\"a.test\",class=\"2xx\"",
+            ))
+            .is_some_and(|v| *v >= 2.0)
+        })
+        .await;
+    assert!(metrics.contains_key(&one_listener(
+        "mc_proxy_http_request_duration_seconds_count",
+        "route=\"a.test\""
+    )));
+}
+
+#[tokio::test]
+async fn the_client_sees_the_routes_certificate() {
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let tls = tls_connect(scene.addr(), "a.test", alpn_client(&scene.pki, &[b"h2"]))
+        .await
+        .unwrap();
+    let (_, session) = tls.get_ref();
+    let leaf_pem = std::fs::read_to_string(&files.0).unwrap();
+    let chain: Vec<_> = rustls::pki_types::pem::PemObject::pem_slice_iter(leaf_pem.as_bytes())
+        .collect::<Result<Vec<rustls::pki_types::CertificateDer>, _>>()
+        .unwrap();
+    assert_eq!(session.peer_certificates().unwrap(), &chain[..]);
+    assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
+    let _ = path_of(scene.dir.path(), "a.pem");
+}
+
+#[tokio::test]
+async fn http2_coalesces_hosts_of_one_certificate_and_misdirects_the_rest() {
+    let scene = Scene::start("").await;
+    let (a, b, c) = (
+        http_backend("a").await,
+        http_backend("b").await,
+        http_backend("c").await,
+    );
+    let shared = scene.cert("ab", &["a.test", "b.test"]);
+    let other = scene.cert("c", &["c.test"]);
+    scene.set_routes(&[
+        ("a.test", l7(a, &shared)),
+        ("b.test", l7(b, &shared)),
+        ("c.test", l7(c, &other)),
+        ("l4.test", l4(a)),
+    ]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/echo").await.field("backend"), "a");
+    assert_eq!(
+        client.get("b.test:443", "/echo").await.field("backend"),
+        "b"
+    );
+    for host in ["c.test", "l4.test", "nowhere.test", "[::1]:443"] {
+        let answer = client.get(host, "/echo").await;
+        assert_eq!(answer.status, 421, "{host}: {answer:?}");
+        assert!(answer.body.starts_with("misdirected request"), "{answer:?}");
+    }
+    // The connection is still good after the 421s.
+    assert_eq!(client.get("b.test", "/echo").await.field("backend"), "b");
+}
+
+#[tokio::test]
+async fn l4_and_l7_routes_share_a_listener() {
+    let scene = Scene::start("").await;
+    let web = http_backend("web").await;
+    let tls = tls_backend(&scene.pki, "passthrough", &["l4.test"]).await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(web, &files)), ("l4.test", l4(tls.addr))]);
+    assert_eq!(
+        who(scene.addr(), "l4.test", &scene.pki).await.unwrap(),
+        "passthrough"
+    );
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, false).await;
+    assert_eq!(client.get("a.test", "/echo").await.field("backend"), "web");
+    scene.server.wait_closed("relayed", 1.0).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_backend_is_502_and_grpc_gets_unavailable() {
+    let scene = Scene::start("").await;
+    // A port with nothing behind it.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(closed, &files))]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    let answer = client.get("a.test", "/echo").await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(
+        answer.body,
+        "bad gateway: the backend could not be reached\n"
+    );
+    let mut req = request("POST", "a.test", "/pkg.Svc/Call", false, Bytes::new());
+    req.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    let answer = client.send(req).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["grpc-status"], "14");
+}
+
+#[tokio::test]
+async fn trailers_reach_the_client() {
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[(
+        "a.test",
+        l7_with(backend, &files, |r| {
+            r.backend_protocol = BackendProtocol::H2
+        }),
+    )]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    let mut req = request("GET", "a.test", "/trailers", false, Bytes::new());
+    req.headers_mut().insert("te", "trailers".parse().unwrap());
+    let answer = client.send(req).await.unwrap();
+    assert_eq!(answer.body, "body\n");
+    let trailers = answer.trailers.expect("trailers");
+    assert_eq!(trailers["x-trailer"], "done");
+}
+
+#[tokio::test]
+async fn a_tls_backend_is_verified_against_backend_ca() {
+    let scene = Scene::start("").await;
+    let backend_pki = Pki::new("backend CA");
+    let backend = https_backend(&backend_pki, "secure", &["web.internal"]).await;
+    let ca = backend_pki.write_ca(scene.dir.path(), "backend-ca");
+    let other_ca = Pki::new("another CA").write_ca(scene.dir.path(), "other-ca");
+    let files = scene.cert("a", &["a.test", "b.test"]);
+    let tls = |ca: &PathBuf| {
+        let ca = ca.clone();
+        l7_with(backend, &files, move |r| {
+            r.backend_tls = true;
+            r.backend_ca = Some(ca);
+            r.backend_server_name = Some("web.internal".into());
+        })
+    };
+    scene.set_routes(&[("a.test", tls(&ca)), ("b.test", tls(&other_ca))]);
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        let answer = client.get("a.test", "/echo").await;
+        assert_eq!(answer.field("backend"), "secure");
+        // Over TLS the backend's ALPN decides: h2.
+        assert_eq!(answer.field("version"), "HTTP/2.0");
+        let refused = client.get("b.test", "/echo").await;
+        assert_eq!(
+            refused.status, 502,
+            "a backend from another CA: {refused:?}"
+        );
+    }
+}
