@@ -308,3 +308,211 @@ async fn a_tls_backend_is_verified_against_backend_ca() {
         );
     }
 }
+
+/// A TLS stream to the L7 route `sni` speaking HTTP/1.1 by hand.
+async fn raw_h1(
+    scene: &Scene,
+    sni: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_connect(scene.addr(), sni, alpn_client(&scene.pki, &[b"http/1.1"]))
+        .await
+        .unwrap()
+}
+
+/// Reads until `needle` has been seen (or EOF / 10 s); returns all read.
+async fn read_until<R: tokio::io::AsyncRead + Unpin>(reader: &mut R, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match tokio::time::timeout_at(deadline, reader.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_becomes_a_relay() {
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    let backend = http_backend("ws-echo").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let mut tls = raw_h1(&scene, "a.test").await;
+    tls.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut tls, "ws-echo\n").await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head:?}"
+    );
+    for message in ["first frame", "second frame"] {
+        tls.write_all(message.as_bytes()).await.unwrap();
+        let echoed = read_until(&mut tls, message).await;
+        assert_eq!(echoed, message);
+    }
+    drop(tls);
+    scene.server.wait_closed("relayed", 1.0).await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_its_100_before_the_body_is_sent() {
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let mut tls = raw_h1(&scene, "a.test").await;
+    tls.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let interim = read_until(&mut tls, "\r\n\r\n").await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
+    tls.write_all(b"hello world").await.unwrap();
+    let answer = read_until(&mut tls, "body=").await + &read_until(&mut tls, "\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer:?}");
+    assert!(answer.contains("\nbody=11\n"), "{answer:?}");
+    assert!(
+        answer.contains("\nexpect=\n"),
+        "Expect is not sent upstream: {answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_on_disk_is_served_to_the_next_connection() {
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let leaf_of = |tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>| {
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    let first = tls_connect(scene.addr(), "a.test", alpn_client(&scene.pki, &[b"h2"]))
+        .await
+        .unwrap();
+    let old_leaf = leaf_of(&first);
+
+    // A new chain written beside it and renamed over it (how cert managers do it).
+    let replacement = scene.cert("a-new", &["a.test"]);
+    std::fs::rename(&replacement.1, &files.1).unwrap();
+    std::fs::rename(&replacement.0, &files.0).unwrap();
+    let new_leaf = {
+        let pem = std::fs::read(&files.0).unwrap();
+        rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
+            .next()
+            .unwrap()
+            .map(|c: rustls::pki_types::CertificateDer| c.into_owned())
+            .unwrap()
+    };
+    assert_ne!(old_leaf, new_leaf);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let tls = tls_connect(scene.addr(), "a.test", alpn_client(&scene.pki, &[b"h2"]))
+            .await
+            .unwrap();
+        if leaf_of(&tls) == new_leaf {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not served within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // A broken file is refused and the certificate in service stays.
+    std::fs::write(&files.0, "not a certificate").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let tls = tls_connect(scene.addr(), "a.test", alpn_client(&scene.pki, &[b"h2"]))
+        .await
+        .unwrap();
+    assert_eq!(leaf_of(&tls), new_leaf);
+    // The first connection still works with its session.
+    drop(first);
+}
+
+#[tokio::test]
+async fn a_slowloris_does_not_delay_a_good_request_and_is_cut_at_handshake_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start(&proxy_section("handshake_timeout = \"2s\"")).await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let header =
+        b"GET /echo HTTP/1.1\r\nHost: a.test\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        slow.push(raw_h1(&scene, "a.test").await);
+    }
+    let started = std::time::Instant::now();
+    let mut cut = 0;
+    let writer = tokio::spawn(async move {
+        // One byte per connection per round, 50 ms apart: never completes.
+        for byte in header.iter().cycle().take(header.len() * 4) {
+            let mut open = 0;
+            for tls in slow.iter_mut() {
+                if tls.write_all(&[*byte]).await.is_ok() && tls.flush().await.is_ok() {
+                    open += 1;
+                }
+            }
+            if open == 0 {
+                return slow.len();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        0
+    });
+    // A good request meanwhile.
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, false).await;
+    let answer = client.get("a.test", "/echo").await;
+    assert_eq!(answer.status, 200);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    cut += writer.await.unwrap();
+    assert_eq!(cut, 300, "every slow connection was closed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_a_malformed_request_400() {
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+
+    let mut tls = raw_h1(&scene, "a.test").await;
+    let big = format!(
+        "GET /echo HTTP/1.1\r\nHost: a.test\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let _ = tls.write_all(big.as_bytes()).await;
+    let answer = read_until(&mut tls, "\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+    let mut tls = raw_h1(&scene, "a.test").await;
+    tls.write_all(b"GET /echo HTTP/1.1 junk\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut tls, "\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+
+    // HTTP/2: a header block over 64 KiB.
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    let mut req = request("GET", "a.test", "/echo", false, Bytes::new());
+    req.headers_mut()
+        .insert("x-big", "b".repeat(70 * 1024).parse().unwrap());
+    match client.send(req).await {
+        Ok(answer) => assert_eq!(answer.status, 431),
+        Err(e) => panic!("expected a 431, got {e}"),
+    }
+}

@@ -32,8 +32,10 @@ fn full(text: impl Into<Bytes>) -> BoxBody {
 /// - `/slow?ms=N`: waits N ms before answering;
 /// - `/bytes?n=N`: N bytes of a repeating pattern, streamed in 64 KiB frames;
 /// - `/trailers`: a body and the trailer `x-trailer: done`;
+/// - `/ws` with `Upgrade`: 101, then echoes the upgraded bytes (after a
+///   `NAME\n` greeting);
 /// - anything else: 404.
-async fn answer(name: &'static str, req: Request<Incoming>) -> Response<BoxBody> {
+async fn answer(name: &'static str, mut req: Request<Incoming>) -> Response<BoxBody> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let number = |key: &str| -> u64 {
@@ -73,6 +75,34 @@ async fn answer(name: &'static str, req: Request<Incoming>) -> Response<BoxBody>
             let body = req.into_body().collect().await.map(|b| b.to_bytes().len());
             lines.push(format!("body={}", body.unwrap_or(0)));
             Response::new(full(lines.join("\n") + "\n"))
+        }
+        "/ws" if req.headers().contains_key("upgrade") => {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(upgraded) = upgrade.await else {
+                    return;
+                };
+                let mut io = TokioIo::new(upgraded);
+                if io.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            response
+                .headers_mut()
+                .insert("upgrade", HeaderValue::from_static("websocket"));
+            response
+                .headers_mut()
+                .insert("connection", HeaderValue::from_static("upgrade"));
+            response
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(number("ms"))).await;

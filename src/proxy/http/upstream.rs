@@ -244,17 +244,15 @@ impl tower::Service<Uri> for Connector {
             let stream = match &inner.tls {
                 None => Stream::Plain(TokioIo::new(tcp)),
                 Some((connector, name)) => {
-                    let tls = tokio::time::timeout_at(
-                        deadline,
-                        connector.connect(name.clone(), tcp),
-                    )
-                    .await
-                    .map_err(|_| {
-                        io::Error::new(
+                    let tls =
+                        tokio::time::timeout_at(deadline, connector.connect(name.clone(), tcp))
+                            .await
+                            .map_err(|_| {
+                                io::Error::new(
                             io::ErrorKind::TimedOut,
                             "TLS handshake with the backend did not finish within connect_timeout",
                         )
-                    })??;
+                            })??;
                     Stream::Tls(Box::new(TokioIo::new(tls)))
                 }
             };
