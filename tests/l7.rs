@@ -516,3 +516,144 @@ async fn oversized_headers_get_431_and_a_malformed_request_400() {
         Err(e) => panic!("expected a 431, got {e}"),
     }
 }
+
+mod h2_frames {
+    pub use wire::authority::build::frame;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// A GET for https://a.test/echo: indexed :method GET, :scheme https,
+    /// :path / and a literal :authority (HPACK, no Huffman).
+    pub fn get_block() -> Vec<u8> {
+        let mut block = vec![0x82, 0x87, 0x84, 0x01, 6];
+        block.extend_from_slice(b"a.test");
+        block
+    }
+
+    /// A literal header field without indexing, new name.
+    pub fn literal(name: &str, value: &str) -> Vec<u8> {
+        assert!(name.len() < 127 && value.len() < 127);
+        let mut out = vec![0x00, name.len() as u8];
+        out.extend_from_slice(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+        out
+    }
+
+    /// Reads frames until a GOAWAY (its error code) or the end of the stream.
+    pub async fn goaway<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> Option<u32> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut head = [0u8; 9];
+            match tokio::time::timeout_at(deadline, reader.read_exact(&mut head)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            match tokio::time::timeout_at(deadline, reader.read_exact(&mut payload)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+            if head[3] == GOAWAY && payload.len() >= 8 {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+    }
+}
+
+/// HTTP/2 over TLS to the scene's a.test, the preface and SETTINGS sent.
+async fn raw_h2(scene: &Scene) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_connect(scene.addr(), "a.test", alpn_client(&scene.pki, &[b"h2"]))
+        .await
+        .unwrap();
+    tls.write_all(h2_frames::PREFACE).await.unwrap();
+    tls.write_all(&h2_frames::frame(h2_frames::SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+    tls
+}
+
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_is_cut_with_enhance_your_calm() {
+    use h2_frames::*;
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    // A backend that never answers: every stream stays pending until reset.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(silent.local_addr().unwrap(), &files))]);
+    let mut tls = raw_h2(&scene).await;
+    let mut burst = Vec::new();
+    for i in 0..2000u32 {
+        let stream = 2 * i + 1;
+        burst.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &get_block(),
+        ));
+        burst.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+    }
+    let _ = tls.write_all(&burst).await;
+    // ENHANCE_YOUR_CALM (0xb), and the connection ends.
+    assert_eq!(goaway(&mut tls).await, Some(0xb));
+    // The server is fine for everyone else.
+    let web = http_backend("web").await;
+    scene.set_routes(&[("a.test", l7(web, &files))]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/echo").await.status, 200);
+}
+
+#[tokio::test]
+async fn an_http2_continuation_flood_is_cut_before_it_is_buffered() {
+    use h2_frames::*;
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    let web = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(web, &files))]);
+    let mut tls = raw_h2(&scene).await;
+    tls.write_all(&frame(HEADERS, 0, 1, &get_block()))
+        .await
+        .unwrap();
+    // 1 MiB of CONTINUATION frames that never end the header block.
+    let field = literal("x-flood", &"f".repeat(100));
+    let mut sent = 0usize;
+    let mut write_failed = false;
+    while sent < 1 << 20 {
+        let chunk: Vec<u8> = field
+            .iter()
+            .copied()
+            .cycle()
+            .take(field.len() * 100)
+            .collect();
+        if tls
+            .write_all(&frame(CONTINUATION, 0, 1, &chunk))
+            .await
+            .is_err()
+        {
+            write_failed = true;
+            break;
+        }
+        sent += chunk.len();
+    }
+    // Either the server already closed on us, or it answers with a GOAWAY.
+    if !write_failed {
+        let code = goaway(&mut tls).await;
+        assert!(code.is_some(), "no GOAWAY after 1 MiB of CONTINUATION");
+    }
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/echo").await.status, 200);
+}

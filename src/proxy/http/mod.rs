@@ -18,6 +18,7 @@
 //! - [`log`]: one request's log line and metrics.
 
 pub mod body;
+pub mod harness;
 pub mod io;
 pub mod log;
 pub mod request;
@@ -74,6 +75,9 @@ impl Shared {
             .timer(TokioTimer::new())
             .header_read_timeout(proxy.handshake_timeout)
             .max_buf_size(MAX_HEADER_BLOCK)
+            // A client that half-closes after its request still gets the
+            // response.
+            .half_close(true)
             .keep_alive(true);
         builder
             .http2()
@@ -157,6 +161,39 @@ pub async fn serve(
         relays: TaskTracker::new(),
         forced: forced.clone(),
     });
+    let idle = listener.timeouts.idle_timeout;
+    let (outcome, detail) = drive(
+        TokioIo::new(tls),
+        h2,
+        ctx.clone(),
+        &meter,
+        idle,
+        forced,
+        draining,
+    )
+    .await;
+    let requests = ctx.requests.load(Ordering::Relaxed);
+    served(outcome, requests, detail)
+}
+
+/// Serves HTTP on `io` (HTTP/2 if `h2`, else HTTP/1.1) until the client
+/// is done, the connection has been idle for `idle` (no byte either way,
+/// by `meter`), the drain asks it to finish (graceful: the request under
+/// way completes, HTTP/2 gets a GOAWAY) or the shutdown forces it closed;
+/// then waits for the relays of upgraded requests.
+async fn drive<I>(
+    io: I,
+    h2: bool,
+    ctx: Arc<ConnContext>,
+    meter: &Meter,
+    idle: Duration,
+    forced: &CancellationToken,
+    draining: &CancellationToken,
+) -> (Outcome, Option<String>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let shared = ctx.shared.clone();
     let service = {
         let ctx = ctx.clone();
         service_fn(move |req| {
@@ -165,10 +202,9 @@ pub async fn serve(
         })
     };
     let builder = if h2 { &shared.http2 } else { &shared.http1 };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
 
-    let idle = listener.timeouts.idle_timeout;
     let mut drained = false;
     let mut outcome = Outcome::Relayed;
     let mut detail = None;
@@ -190,7 +226,7 @@ pub async fn serve(
                 connection.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep_until(idle_at) => {
-                if is_idle(&meter, idle) {
+                if is_idle(meter, idle) {
                     outcome = Outcome::IdleTimeout;
                     break;
                 }
@@ -209,7 +245,7 @@ pub async fn serve(
                     break;
                 }
                 () = tokio::time::sleep_until(idle_at) => {
-                    if is_idle(&meter, idle) {
+                    if is_idle(meter, idle) {
                         outcome = Outcome::IdleTimeout;
                         break;
                     }
@@ -217,8 +253,7 @@ pub async fn serve(
             }
         }
     }
-    let requests = ctx.requests.load(Ordering::Relaxed);
-    served(outcome, requests, detail)
+    (outcome, detail)
 }
 
 fn is_idle(meter: &Meter, idle: Duration) -> bool {
