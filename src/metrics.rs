@@ -3,8 +3,9 @@
 //!
 //! Owns: every metric's name, help and labels (the table in RUNBOOK.md), and
 //! the endpoint. Labels are bounded: listener addresses (fixed at start),
-//! outcomes, rule types, admin methods and status codes. Never a hostname or
-//! a client address.
+//! outcomes, rule types, admin methods and status codes, and for L7
+//! requests the route's configured hostname and a status class. Never a
+//! hostname a client sent, never a client address.
 //!
 //! The hot path never looks a metric up: each listener's handles
 //! ([`ListenerMetrics`]) are resolved once at start and a connection only
