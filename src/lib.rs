@@ -1,4 +1,4 @@
-//! mc-proxy: a Layer 4 TLS SNI proxy and router.
+//! mc-proxy: a TLS SNI proxy and router (L4 relay, L7 TLS termination and HTTP proxying).
 //!
 //! # Layout
 //!
@@ -29,6 +29,8 @@
 //! - [`shutdown`]: signals, drain, force-close.
 //! - [`net`]: the accept back-off both accept loops share.
 //! - [`version`]: the version string.
+//! - [`l7`]: L7 route certificates: read and checked (`l7::certs`), and
+//!   the ones in service, re-read on change and SIGHUP (`l7::registry`).
 //! - [`firewall`]: rule set (IP, CIDR, GeoIP country), per-IP rate limit
 //!   and open-connection limit → allow or block, decided before a byte is
 //!   read.
@@ -37,7 +39,9 @@
 //! - [`metrics`]: Prometheus metrics (per-listener handles resolved at
 //!   start), the live counters `GetStatus` reads ([`metrics::Stats`]), and
 //!   the optional `/metrics` endpoint.
-//! - [`proxy`]: accept loops, one connection's pipeline, the relay.
+//! - [`proxy`]: accept loops, one connection's pipeline, the relay; for
+//!   L7 routes, `proxy::http` (TLS termination, the HTTP server, the
+//!   per-request phases and the upstream pools).
 //! - [`admin`]: the gRPC admin API server and the client the CLI uses.
 //! - [`server`]: `mc-proxy server`: wires the above together and serves
 //!   until shutdown.

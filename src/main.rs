@@ -13,7 +13,7 @@ use mc_proxy::shutdown::Signals;
 use mc_proxy::{logging, store};
 
 #[derive(Parser)]
-#[command(name = "mc-proxy", about = "Layer 4 TLS SNI proxy and router")]
+#[command(name = "mc-proxy", about = "TLS SNI proxy and router (L4 relay, L7 TLS termination)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
