@@ -13,7 +13,10 @@ use mc_proxy::shutdown::Signals;
 use mc_proxy::{logging, store};
 
 #[derive(Parser)]
-#[command(name = "mc-proxy", about = "TLS SNI proxy and router (L4 relay, L7 TLS termination)")]
+#[command(
+    name = "mc-proxy",
+    about = "TLS SNI proxy and router (L4 relay, L7 TLS termination)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -41,6 +41,9 @@ const GEOIP_POLL: Duration = Duration::from_secs(1);
 /// How often route certificate files are checked for changes (SPEC §6.2:
 /// a replaced file is served within 5 s).
 const CERT_POLL: Duration = Duration::from_secs(2);
+/// How often the upstream pools of backends no route names any more are
+/// dropped.
+const UPSTREAM_PRUNE: Duration = Duration::from_secs(30);
 
 /// How long a second signal waits for the store to finish the change in
 /// hand (one short transaction) and close the DB before the process exits.
@@ -538,6 +541,7 @@ impl App {
         }
         firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());
         certs.spawn_watcher(routes.clone(), CERT_POLL, stop.subscribe());
+        http.spawn_pool_pruner(routes.clone(), UPSTREAM_PRUNE, stop.subscribe());
 
         tracing::info!(
             version = %version(),

@@ -120,6 +120,7 @@ async fn run(data: &[u8]) -> Vec<u8> {
         metrics: metrics.listeners()[0].requests.clone(),
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
+        last_upstream: std::sync::Mutex::new(None),
         forced: CancellationToken::new(),
     });
     let (mut client, server) = tokio::io::duplex(64 * 1024);

@@ -94,6 +94,35 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Every `every`, drops the upstream pools whose backend no route of
+    /// `routes` names (their idle connections close), until `stop`.
+    pub fn spawn_pool_pruner(
+        self: &Arc<Self>,
+        routes: Arc<crate::routes::Routes>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let named: std::collections::HashSet<crate::routes::Backend> = routes
+                    .listeners()
+                    .iter()
+                    .flat_map(|l| l.snapshot().sorted())
+                    .filter(|(_, target)| target.mode.l7().is_some())
+                    .map(|(_, target)| target.backend.clone())
+                    .collect();
+                shared.upstreams.retain(|backend| named.contains(backend));
+            }
+        });
+    }
+}
+
 /// How an L7 connection went, for its close line.
 pub struct Served {
     pub outcome: Outcome,
@@ -159,6 +188,7 @@ pub async fn serve(
         metrics: listener.listener_stats.metrics.requests.clone(),
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
+        last_upstream: std::sync::Mutex::new(None),
         forced: forced.clone(),
     });
     let idle = listener.timeouts.idle_timeout;
