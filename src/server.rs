@@ -535,7 +535,7 @@ impl App {
                 proxy_protocol: bound.proxy_protocol,
                 capacity: capacity.clone(),
                 http: http.clone(),
-                response_timeout: Some(Duration::from_secs(60)), // TODO(merge): config.proxy.response_timeout
+                response_timeout: config.proxy.response_timeout,
             });
             drain.spawn(proxy::accept_loop(bound.socket, listener, drain.clone()));
         }

@@ -32,6 +32,7 @@ fn route(listener: &str, hostname: &str, backend: &str) -> proto::AddRouteReques
             hostname: hostname.into(),
             backend: backend.into(),
             send_proxy_protocol: false,
+            ..Default::default()
         }),
     }
 }

@@ -657,3 +657,54 @@ async fn an_http2_continuation_flood_is_cut_before_it_is_buffered() {
     let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
     assert_eq!(client.get("a.test", "/echo").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_blocked_user_agent_gets_403_and_the_backend_never_sees_it() {
+    use std::sync::atomic::Ordering;
+    let scene = Scene::start("[firewall]\nblocked_user_agents = [\"(?i)sqlmap\"]\n").await;
+    let (backend, seen) = counting_http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        let mut req = request("GET", "a.test", "/echo", client.is_h1(), Bytes::new());
+        req.headers_mut().insert(
+            "user-agent",
+            "SQLMap/1.7 (https://sqlmap.org)".parse().unwrap(),
+        );
+        let answer = client.send(req).await.unwrap();
+        assert_eq!(answer.status, 403);
+        assert_eq!(answer.body, "forbidden\n");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            0,
+            "the backend saw a blocked request"
+        );
+        let mut req = request("GET", "a.test", "/echo", client.is_h1(), Bytes::new());
+        req.headers_mut()
+            .insert("user-agent", "curl/8.5.0".parse().unwrap());
+        assert_eq!(client.send(req).await.unwrap().status, 200);
+        assert_eq!(seen.swap(0, Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_does_not_answer_in_response_timeout_is_504() {
+    let scene = Scene::start(&proxy_section("response_timeout = \"1s\"")).await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/slow?ms=100").await.status, 200);
+    let answer = client.get("a.test", "/slow?ms=5000").await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(
+        answer.body,
+        "gateway timeout: the backend did not answer in time\n"
+    );
+    let mut req = request("POST", "a.test", "/slow?ms=5000", false, Bytes::new());
+    req.headers_mut()
+        .insert("content-type", "application/grpc+proto".parse().unwrap());
+    let answer = client.send(req).await.unwrap();
+    assert_eq!(answer.headers["grpc-status"], "4");
+}

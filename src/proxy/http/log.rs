@@ -38,6 +38,8 @@ pub struct RequestLog {
     pub route: Option<Arc<str>>,
     pub host: String,
     pub method: hyper::Method,
+    /// The client's HTTP version.
+    pub version: hyper::Version,
     pub path: String,
     pub status: u16,
     pub up: Arc<AtomicU64>,
@@ -59,13 +61,14 @@ impl Drop for RequestLog {
             listener = %self.metrics.listener(),
             host = %self.host,
             method = %self.method,
+            version = ?self.version,
             path = %self.path,
             status = self.status,
             up,
             down = self.down,
             duration_ms = took.as_millis() as u64,
             backend = self.backend.as_deref().map(tracing::field::display),
-            outcome = self.outcome.label(),
+            outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"
         );

@@ -70,6 +70,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         route: None,
         host: host.clone().unwrap_or_default(),
         method: req.method().clone(),
+        version: req.version(),
         path: req.uri().path().to_owned(),
         status: 0,
         up: up.clone(),
