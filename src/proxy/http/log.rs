@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::RequestMetrics;
+use crate::routes::Target;
 
 wire::labelled_enum! {
     /// How a request ended: the `outcome=` of its log line.
@@ -44,7 +45,8 @@ pub struct RequestLog {
     pub status: u16,
     pub up: Arc<AtomicU64>,
     pub down: u64,
-    pub backend: Option<String>,
+    /// The route's target (its backend is the line's `backend=`).
+    pub target: Option<Arc<Target>>,
     pub outcome: RequestOutcome,
     pub error: Option<String>,
 }
@@ -67,7 +69,7 @@ impl Drop for RequestLog {
             up,
             down = self.down,
             duration_ms = took.as_millis() as u64,
-            backend = self.backend.as_deref().map(tracing::field::display),
+            backend = self.target.as_ref().map(|t| tracing::field::display(&t.backend)),
             outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"

@@ -75,7 +75,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         status: 0,
         up: up.clone(),
         down: 0,
-        backend: None,
+        target: None,
         outcome: RequestOutcome::Proxied,
         error: None,
     };
@@ -99,7 +99,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         );
     };
     log.route = Some(route_name);
-    log.backend = Some(target.backend.to_string());
+    log.target = Some(target.clone());
     let Some(l7) = target.mode.l7() else {
         return reply(
             log,
