@@ -31,7 +31,8 @@
 //! - [`version`]: the version string.
 //! - [`firewall`]: rule set (IP, CIDR, GeoIP country), per-IP rate limit
 //!   and open-connection limit → allow or block, decided before a byte is
-//!   read.
+//!   read; and the user-agent rules that requests on L7 routes are checked
+//!   against (`Firewall::blocks_user_agent`).
 //! - [`store`]: SQLite: migrations, seeding, write-through changes, snapshot.
 //! - [`outcome`]: how a connection ended (log field and metric label).
 //! - [`metrics`]: Prometheus metrics (per-listener handles resolved at
