@@ -20,20 +20,21 @@
 //! before it; ARCHITECTURE.md draws the graph). A reader following one
 //! connection can start at [`proxy`]:
 //!
-//! - [`config`]: TOML → validated [`config::Config`]; the only place raw
-//!   strings from the config are parsed.
 //! - [`routes`]: per-listener live tables that readers load without waiting
 //!   (the `wire::route` values re-exported).
+//! - [`l7`]: L7 route certificates: read and checked (`l7::certs`), and
+//!   the ones in service, re-read on change and SIGHUP (`l7::registry`).
+//! - [`config`]: TOML → validated [`config::Config`]; the only place raw
+//!   strings from the config are parsed.
 //! - [`logging`]: log output to stderr or journald through a bounded queue
 //!   and one writer thread; the dropped-lines count.
 //! - [`shutdown`]: signals, drain, force-close.
 //! - [`net`]: the accept back-off both accept loops share.
 //! - [`version`]: the version string.
-//! - [`l7`]: L7 route certificates: read and checked (`l7::certs`), and
-//!   the ones in service, re-read on change and SIGHUP (`l7::registry`).
 //! - [`firewall`]: rule set (IP, CIDR, GeoIP country), per-IP rate limit
 //!   and open-connection limit → allow or block, decided before a byte is
-//!   read.
+//!   read; and the user-agent rules that requests on L7 routes are checked
+//!   against (`Firewall::blocks_user_agent`).
 //! - [`store`]: SQLite: migrations, seeding, write-through changes, snapshot.
 //! - [`outcome`]: how a connection ended (log field and metric label).
 //! - [`metrics`]: Prometheus metrics (per-listener handles resolved at

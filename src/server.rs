@@ -528,14 +528,20 @@ impl App {
         ));
         for bound in listeners {
             let listener = Arc::new(Listener {
+                http: proxy::http::ListenerHttp {
+                    shared: http.clone(),
+                    routes: bound.routes.clone(),
+                    firewall: firewall.clone(),
+                    metrics: bound.stats.metrics.requests.clone(),
+                    idle_timeout: config.proxy.idle_timeout,
+                    response_timeout: config.proxy.response_timeout,
+                },
                 routes: bound.routes,
                 firewall: firewall.clone(),
                 listener_stats: bound.stats,
                 timeouts: config.proxy.clone(),
                 proxy_protocol: bound.proxy_protocol,
                 capacity: capacity.clone(),
-                http: http.clone(),
-                response_timeout: config.proxy.response_timeout,
             });
             drain.spawn(proxy::accept_loop(bound.socket, listener, drain.clone()));
         }

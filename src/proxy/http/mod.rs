@@ -45,7 +45,6 @@ use crate::routes::L7Route;
 use self::io::{ClientIo, Meter};
 use self::request::ConnContext;
 use self::upstream::Upstreams;
-use super::listener::Listener;
 
 /// The most a request's header block may hold (SPEC §6.2): beyond it, 431.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
@@ -123,6 +122,19 @@ impl Shared {
     }
 }
 
+/// What one listener's L7 connections share: built once per listener
+/// (the listener holds it), so this branch needs nothing else from the
+/// listener.
+pub struct ListenerHttp {
+    pub shared: Arc<Shared>,
+    pub routes: Arc<crate::routes::ListenerRoutes>,
+    pub firewall: Arc<crate::firewall::Firewall>,
+    pub metrics: Arc<crate::metrics::RequestMetrics>,
+    pub idle_timeout: Duration,
+    /// How long a backend has to begin its response (`None`: forever).
+    pub response_timeout: Option<Duration>,
+}
+
 /// How an L7 connection went, for its close line.
 pub struct Served {
     pub outcome: Outcome,
@@ -140,7 +152,7 @@ pub async fn serve(
     hello: Vec<u8>,
     client: SocketAddr,
     route: &L7Route,
-    listener: &Listener,
+    listener: &ListenerHttp,
     deadline: tokio::time::Instant,
     forced: &CancellationToken,
     draining: &CancellationToken,
@@ -153,7 +165,7 @@ pub async fn serve(
         requests,
         detail,
     };
-    let shared = &listener.http;
+    let shared = &listener.shared;
     let entry = match shared.certs.get(route) {
         Ok(entry) => entry,
         Err(e) => {
@@ -185,13 +197,13 @@ pub async fn serve(
         firewall: listener.firewall.clone(),
         shared: shared.clone(),
         response_timeout: listener.response_timeout,
-        metrics: listener.listener_stats.metrics.requests.clone(),
+        metrics: listener.metrics.clone(),
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
         last_upstream: std::sync::Mutex::new(None),
         forced: forced.clone(),
     });
-    let idle = listener.timeouts.idle_timeout;
+    let idle = listener.idle_timeout;
     let (outcome, detail) = drive(
         TokioIo::new(tls),
         h2,
