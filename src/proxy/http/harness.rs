@@ -44,7 +44,7 @@ fn closed_port() -> SocketAddr {
 /// Serves `data`: its first byte's low bit picks HTTP/2 (the client
 /// preface is sent first) or HTTP/1.1; the rest is what the client sends,
 /// in writes of up to 1 KiB, then the client closes its side. Returns what
-/// the server wrote back. Panics if the server does not finish by [`HANG`].
+/// the server wrote back. Panics if the server does not finish within 5 s.
 pub fn exercise(data: &[u8]) -> Vec<u8> {
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
