@@ -708,3 +708,123 @@ async fn a_backend_that_does_not_answer_in_response_timeout_is_504() {
     let answer = client.send(req).await.unwrap();
     assert_eq!(answer.headers["grpc-status"], "4");
 }
+
+#[tokio::test]
+async fn an_http1_only_backend_works_in_auto_and_its_connections_are_pooled() {
+    use std::sync::atomic::Ordering;
+    let scene = Scene::start("").await;
+    let (backend, connections) = http1_only_backend("forge").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    // Sequential requests from two client connections, HTTP/1.1 and HTTP/2.
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        for _ in 0..10 {
+            let answer = client.get("a.test", "/echo").await;
+            assert_eq!(answer.field("backend"), "forge");
+            assert_eq!(answer.field("version"), "HTTP/1.1");
+        }
+    }
+    // 20 requests, one at a time: one kept-alive upstream connection.
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "upstream connections"
+    );
+    let metrics = scene.server.metrics().await;
+    assert_eq!(
+        metrics.get("mc_proxy_upstream_connections_open"),
+        Some(&1.0)
+    );
+}
+
+#[tokio::test]
+async fn tls_1_2_works_and_sessions_resume_with_tickets() {
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[version])
+                .with_root_certificates(scene.pki.roots())
+                .with_no_client_auth(),
+        );
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let mut tls = tls_connect(scene.addr(), "a.test", config.clone())
+                .await
+                .unwrap();
+            assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+            // A request, so that TLS 1.3's tickets (sent after the
+            // handshake) reach the client before it goes.
+            use tokio::io::AsyncWriteExt;
+            tls.write_all(b"GET /echo HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let answer = read_until(&mut tls, "body=").await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+            kinds.push(tls.get_ref().1.handshake_kind());
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ],
+            "{version:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_l7_route_added_through_the_admin_api_terminates_tls_from_the_next_connection() {
+    use mc_proxy::admin::proto;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("route CA");
+    let leaf = pki.leaf(&["git.test"]);
+    let (cert, key) = (dir.path().join("git.pem"), dir.path().join("git.key"));
+    std::fs::write(&cert, leaf.cert_pem.clone() + &pki.ca_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    let passthrough = tls_backend(&pki, "passthrough", &["git.test"]).await;
+    let web = http_backend("forge").await;
+    let server =
+        InProcess::with_admin(dir.path(), ONE_LISTENER, &[("git.test", passthrough.addr)]).await;
+    assert_eq!(
+        who(server.addr(), "git.test", &pki).await.unwrap(),
+        "passthrough"
+    );
+
+    // The control plane switches the route to L7 with the same call it
+    // always makes, plus the mode and the certificate.
+    let mut admin = admin_client(&dir.path().join("admin.sock")).await;
+    let route = proto::Route {
+        listener_addr: ONE_LISTENER.into(),
+        hostname: "git.test".into(),
+        backend: web.to_string(),
+        mode: proto::RouteMode::L7 as i32,
+        tls_cert: cert.display().to_string(),
+        tls_key: key.display().to_string(),
+        ..Default::default()
+    };
+    admin
+        .add_route(proto::AddRouteRequest {
+            route: Some(route.clone()),
+        })
+        .await
+        .unwrap();
+    let mut client = L7Client::connect(server.addr(), "git.test", &pki, true).await;
+    let answer = client.get("git.test", "/echo").await;
+    assert_eq!(answer.field("backend"), "forge");
+    assert_eq!(answer.field("x-forwarded-for"), "127.0.0.1");
+    // ListRoutes gives the mode back: it was not dropped on the way.
+    let listed = admin
+        .list_routes(proto::ListRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].mode, proto::RouteMode::L7 as i32);
+    assert_eq!(listed[0].tls_cert, route.tls_cert);
+}
