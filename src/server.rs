@@ -534,6 +534,7 @@ impl App {
                     firewall: firewall.clone(),
                     metrics: bound.stats.metrics.requests.clone(),
                     idle_timeout: config.proxy.idle_timeout,
+                    header_timeout: config.proxy.handshake_timeout,
                     response_timeout: config.proxy.response_timeout,
                 },
                 routes: bound.routes,

@@ -480,6 +480,7 @@ async fn a_slowloris_does_not_delay_a_good_request_and_is_cut_at_handshake_timeo
     cut += writer.await.unwrap();
     assert_eq!(cut, 300, "every slow connection was closed");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    scene.server.wait_closed("header_timeout", 300.0).await;
 }
 
 #[tokio::test]
@@ -827,4 +828,26 @@ async fn an_l7_route_added_through_the_admin_api_terminates_tls_from_the_next_co
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].mode, proto::RouteMode::L7 as i32);
     assert_eq!(listed[0].tls_cert, route.tls_cert);
+}
+
+#[tokio::test]
+async fn keep_alive_connections_live_until_idle_timeout_not_handshake_timeout() {
+    let scene = Scene::start(&proxy_section(
+        "handshake_timeout = \"1s\"\nidle_timeout = \"4s\"",
+    ))
+    .await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        assert_eq!(client.get("a.test", "/echo").await.status, 200);
+        // Idle past handshake_timeout: still open.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        assert_eq!(client.get("a.test", "/echo").await.status, 200, "h2={h2}");
+    }
+    // Idle past idle_timeout: closed by the server (outcome idle_timeout).
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, false).await;
+    assert_eq!(client.get("a.test", "/echo").await.status, 200);
+    scene.server.wait_closed("idle_timeout", 1.0).await;
 }

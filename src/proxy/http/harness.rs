@@ -110,6 +110,9 @@ async fn run(data: &[u8]) -> Vec<u8> {
         &proxy,
         metrics.upstream_open(),
     ));
+    let meter = Arc::new(Meter::new());
+    meter.arm_headers();
+    meter.arm_on_read(!h2);
     let ctx = Arc::new(ConnContext {
         client: SocketAddr::from(([192, 0, 2, 1], 40000)),
         files,
@@ -122,6 +125,7 @@ async fn run(data: &[u8]) -> Vec<u8> {
         relays: TaskTracker::new(),
         last_upstream: std::sync::Mutex::new(None),
         forced: CancellationToken::new(),
+        meter: meter.clone(),
     });
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     let writer = tokio::spawn(async move {
@@ -142,7 +146,6 @@ async fn run(data: &[u8]) -> Vec<u8> {
         let _ = tokio::join!(send, receive);
         output
     });
-    let meter = Meter::new();
     let forced = CancellationToken::new();
     let draining = CancellationToken::new();
     let _ = drive(
@@ -150,7 +153,10 @@ async fn run(data: &[u8]) -> Vec<u8> {
         h2,
         ctx,
         &meter,
-        Duration::from_secs(3),
+        super::Limits {
+            idle: Duration::from_secs(3),
+            headers: Duration::from_secs(2),
+        },
         &forced,
         &draining,
     )

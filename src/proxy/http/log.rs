@@ -34,6 +34,8 @@ wire::labelled_enum! {
 pub struct RequestLog {
     pub started: Instant,
     pub client: SocketAddr,
+    /// The connection's meter (this request is in flight until dropped).
+    pub meter: Arc<super::io::Meter>,
     pub metrics: Arc<RequestMetrics>,
     /// The route's configured hostname (the metrics' `route` label), if any.
     pub route: Option<Arc<str>>,
@@ -54,6 +56,7 @@ pub struct RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let took = self.started.elapsed();
+        self.meter.request_ended();
         let up = self.up.load(Ordering::Relaxed);
         self.metrics
             .observe(self.route.as_deref(), self.status, took);

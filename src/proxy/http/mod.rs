@@ -72,7 +72,10 @@ impl Shared {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(proxy.handshake_timeout)
+            // The request-header deadline is ours (`io::Meter`): hyper's
+            // also runs while a keep-alive connection waits for its next
+            // request, which would cut it at handshake_timeout.
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEADER_BLOCK)
             // A client that half-closes after its request still gets the
             // response.
@@ -131,6 +134,8 @@ pub struct ListenerHttp {
     pub firewall: Arc<crate::firewall::Firewall>,
     pub metrics: Arc<crate::metrics::RequestMetrics>,
     pub idle_timeout: Duration,
+    /// How long a request's headers may take (slowloris).
+    pub header_timeout: Duration,
     /// How long a backend has to begin its response (`None`: forever).
     pub response_timeout: Option<Duration>,
 }
@@ -189,6 +194,8 @@ pub async fn serve(
         Ok(Ok(tls)) => tls,
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    meter.arm_headers();
+    meter.arm_on_read(!h2);
 
     let ctx = Arc::new(ConnContext {
         client,
@@ -202,14 +209,18 @@ pub async fn serve(
         relays: TaskTracker::new(),
         last_upstream: std::sync::Mutex::new(None),
         forced: forced.clone(),
+        meter: meter.clone(),
     });
-    let idle = listener.idle_timeout;
+    let limits = Limits {
+        idle: listener.idle_timeout,
+        headers: listener.header_timeout,
+    };
     let (outcome, detail) = drive(
         TokioIo::new(tls),
         h2,
         ctx.clone(),
         &meter,
-        idle,
+        limits,
         forced,
         draining,
     )
@@ -218,9 +229,19 @@ pub async fn serve(
     served(outcome, requests, detail)
 }
 
+/// The connection's time limits.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    /// No byte either way for this long closes the connection.
+    pub idle: Duration,
+    /// A request's headers must be complete this long after they began.
+    pub headers: Duration,
+}
+
 /// Serves HTTP on `io` (HTTP/2 if `h2`, else HTTP/1.1) until the client
-/// is done, the connection has been idle for `idle` (no byte either way,
-/// by `meter`), the drain asks it to finish (graceful: the request under
+/// is done, the connection has been idle for `limits.idle` (no byte either
+/// way, by `meter`), a request's headers took longer than
+/// `limits.headers`, the drain asks it to finish (graceful: the request under
 /// way completes, HTTP/2 gets a GOAWAY) or the shutdown forces it closed;
 /// then waits for the relays of upgraded requests.
 async fn drive<I>(
@@ -228,7 +249,7 @@ async fn drive<I>(
     h2: bool,
     ctx: Arc<ConnContext>,
     meter: &Meter,
-    idle: Duration,
+    limits: Limits,
     forced: &CancellationToken,
     draining: &CancellationToken,
 ) -> (Outcome, Option<String>)
@@ -250,8 +271,12 @@ where
     let mut drained = false;
     let mut outcome = Outcome::Relayed;
     let mut detail = None;
+    let idle = limits.idle;
     loop {
         let idle_at = tokio::time::Instant::from_std(meter.last_activity() + idle);
+        let headers_at = meter
+            .headers_since()
+            .map(|since| tokio::time::Instant::from_std(since + limits.headers));
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -270,6 +295,12 @@ where
             () = tokio::time::sleep_until(idle_at) => {
                 if is_idle(meter, idle) {
                     outcome = Outcome::IdleTimeout;
+                    break;
+                }
+            }
+            () = sleep_until_some(headers_at) => {
+                if meter.headers_since().is_some_and(|since| since.elapsed() >= limits.headers) {
+                    outcome = Outcome::HeaderTimeout;
                     break;
                 }
             }
@@ -296,6 +327,14 @@ where
         }
     }
     (outcome, detail)
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn is_idle(meter: &Meter, idle: Duration) -> bool {

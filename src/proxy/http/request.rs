@@ -47,6 +47,8 @@ pub struct ConnContext {
     /// for, whether it was the gRPC one, and the client.
     pub last_upstream: std::sync::Mutex<Option<(Arc<Target>, bool, UpstreamClient)>>,
     pub forced: CancellationToken,
+    /// The connection's meter: requests in flight, the header deadline.
+    pub meter: Arc<super::io::Meter>,
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -61,11 +63,13 @@ static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// Serves one request; never fails (errors are responses).
 pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<DownBody> {
     ctx.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.meter.request_started();
     let up = Arc::new(AtomicU64::new(0));
     let host = request_host(&req).map(str::to_owned);
     let mut log = RequestLog {
         started: Instant::now(),
         client: ctx.client,
+        meter: ctx.meter.clone(),
         metrics: ctx.metrics.clone(),
         route: None,
         host: host.clone().unwrap_or_default(),
@@ -224,6 +228,8 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
             });
             let (parts, _) = response.into_parts();
             log.outcome = RequestOutcome::Upgraded;
+            // The connection is a relay now: its bytes are no request's.
+            ctx.meter.arm_on_read(false);
             return Response::from_parts(parts, DownBody::fixed(Bytes::new(), log));
         }
     }
