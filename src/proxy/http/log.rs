@@ -65,7 +65,7 @@ impl Drop for RequestLog {
             down = self.down,
             duration_ms = took.as_millis() as u64,
             backend = self.backend.as_deref().map(tracing::field::display),
-            outcome = self.outcome.label(),
+            outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"
         );
