@@ -650,7 +650,8 @@ fn headless_chromium_loads_a_page_over_http2() {
     let port = proxy.addr().port();
     let profile = scene.path().join("chromium-profile");
     let netlog = scene.path().join("netlog.json");
-    let mut child = Command::new("chromium")
+    let mut chromium = Command::new("chromium");
+    chromium
         .args([
             "--headless=new",
             "--no-sandbox",
@@ -665,32 +666,10 @@ fn headless_chromium_loads_a_page_over_http2() {
         .arg(format!("--ignore-certificate-errors-spki-list={spki}"))
         .arg(format!("--log-net-log={}", netlog.display()))
         .arg("--dump-dom")
-        .arg(format!("https://a.test:{port}/page.html"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn chromium");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut dom = String::new();
-        let _ = stdout.read_to_string(&mut dom);
-        dom
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chromium did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let dom = reader.join().unwrap();
-    let mut stderr = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        .arg(format!("https://a.test:{port}/page.html"));
+    let out = output_within(&mut chromium, Duration::from_secs(60)).expect("run chromium");
+    let (status, dom) = (out.status, String::from_utf8_lossy(&out.stdout));
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(status.success(), "chromium: {status}\n{stderr}");
     assert!(
         dom.contains(&format!("<p id=\"m\">{marker}</p>")),

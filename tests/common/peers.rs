@@ -5,10 +5,10 @@
 //! A missing tool skips the test with a printed reason, or fails it when
 //! `MC_PROXY_TEST_STRICT` is set (as `.ci/run` does).
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a peer may take to start.
@@ -54,25 +54,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until something accepts on `addr`, or panics after
-/// [`START_LIMIT`] (or at once if `child` exited, with `why`'s text).
-fn wait_listening(addr: SocketAddr, child: &mut Child, why: impl Fn() -> String) {
+/// Waits until something accepts on `addr`: `Err` if `child` exits first
+/// (with its status), a panic after [`START_LIMIT`].
+fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + START_LIMIT;
     loop {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+            return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "peer exited with {status} before listening on {addr}:\n{}",
-                why()
-            );
+            return Err(format!("exited with {status} before listening on {addr}"));
         }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {addr}:\n{}",
-            why()
-        );
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -84,15 +77,54 @@ pub fn python_script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs `python3 tests/python/SCRIPT ARGS`. `None` (after [`skip`]) when
-/// python3 is missing or the script exits 3 (a module is missing).
-pub fn run_python(test: &str, script: &str, args: &[&str]) -> Option<Output> {
-    let output = match Command::new("python3")
-        .arg(python_script(script))
-        .args(args)
+/// Runs `command` to its end, its output collected, killing it after
+/// `limit` (a panic: a peer that hangs fails the test instead of CI).
+/// `Err` if it cannot be started.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::io::Result<Output> {
+    let mut child = command
         .stdin(Stdio::null())
-        .output()
-    {
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+            panic!("{command:?} did not finish within {limit:?}: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    })
+}
+
+/// How long a client script may run.
+const SCRIPT_LIMIT: Duration = Duration::from_secs(90);
+
+/// Runs `python3 tests/python/SCRIPT ARGS` (within [`SCRIPT_LIMIT`]).
+/// `None` (after [`skip`]) when python3 is missing or the script exits 3
+/// (a module is missing).
+pub fn run_python(test: &str, script: &str, args: &[&str]) -> Option<Output> {
+    let mut command = Command::new("python3");
+    command.arg(python_script(script)).args(args);
+    let output = match output_within(&mut command, SCRIPT_LIMIT) {
         Ok(output) => output,
         Err(err) => {
             skip(test, &format!("cannot run python3: {err}"));
@@ -152,24 +184,35 @@ impl PythonPeer {
                 return None;
             }
         };
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        let _ = stdout.read_line(&mut first);
-        let Some(port) = first.trim().strip_prefix("port ") else {
+        let events = super::process::Log::read(child.stdout.take().unwrap());
+        let stderr = super::process::Log::read(child.stderr.take().unwrap());
+        let port = events.wait_for(START_LIMIT, |text, closed| {
+            let port = text
+                .lines()
+                .find_map(|l| l.strip_prefix("port ")?.trim().parse::<u16>().ok());
+            port.map(Some).or(closed.then_some(None))
+        });
+        let Some(Some(port)) = port else {
+            let _ = child.kill();
             let status = child.wait().unwrap();
-            let mut stderr = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+            // stderr is read to its end once the process is gone.
+            stderr.wait_for(Duration::from_secs(5), |_, closed| closed.then_some(()));
             if status.code() == Some(3) {
-                skip(test, &format!("a Python module is missing: {stderr}"));
+                skip(
+                    test,
+                    &format!("a Python module is missing: {}", stderr.text()),
+                );
                 return None;
             }
-            panic!("{script} serve did not start ({status}): {first}{stderr}");
+            panic!(
+                "{script} serve did not print its port ({status}): {}{}",
+                events.text(),
+                stderr.text()
+            );
         };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port.parse().unwrap()));
-        let events = super::process::Log::read(StdoutRest(stdout));
         Some(PythonPeer {
             child,
-            addr,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
             events,
         })
     }
@@ -194,15 +237,6 @@ fn parse_events(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
-}
-
-/// A `BufReader` over a child's stdout, handed on after its first line.
-struct StdoutRest(BufReader<ChildStdout>);
-
-impl Read for StdoutRest {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf)
-    }
 }
 
 impl Drop for PythonPeer {
@@ -242,6 +276,21 @@ impl Nginx {
     /// port accepts.
     pub fn start(dir: &Path, servers: &[NginxServer]) -> Nginx {
         std::fs::create_dir_all(dir.join("www/up")).unwrap();
+        // A port picked by [`free_port`] may be taken by another test
+        // before nginx binds it: then nginx exits, and another try picks
+        // other ports.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Nginx::try_start(dir, servers) {
+                Ok(nginx) => return nginx,
+                Err(why) if tries < 3 && why.contains("Address already in use") => continue,
+                Err(why) => panic!("nginx did not start: {why}"),
+            }
+        }
+    }
+
+    fn try_start(dir: &Path, servers: &[NginxServer]) -> Result<Nginx, String> {
         let ports: Vec<SocketAddr> = servers
             .iter()
             .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
@@ -292,7 +341,7 @@ impl Nginx {
         let config = dir.join("nginx.conf");
         std::fs::write(&config, &conf).unwrap();
         let error_log = dir.join("error.log");
-        let mut child = Command::new("nginx")
+        let child = Command::new("nginx")
             .arg("-p")
             .arg(dir)
             .arg("-e")
@@ -305,19 +354,18 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn nginx");
-        for addr in &ports {
-            wait_listening(*addr, &mut child, || {
-                format!(
-                    "{conf}\nerror.log:\n{}",
-                    std::fs::read_to_string(&error_log).unwrap_or_default()
-                )
-            });
-        }
-        Nginx {
+        let mut nginx = Nginx {
             child,
             dir: dir.to_path_buf(),
             ports,
+        };
+        for addr in nginx.ports.clone() {
+            if let Err(why) = wait_listening(addr, &mut nginx.child) {
+                let log = std::fs::read_to_string(&error_log).unwrap_or_default();
+                return Err(format!("{why}\n{conf}\nerror.log:\n{log}"));
+            }
         }
+        Ok(nginx)
     }
 
     /// The directory nginx serves.
