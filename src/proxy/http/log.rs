@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::RequestMetrics;
+use crate::routes::Target;
 
 wire::labelled_enum! {
     /// How a request ended: the `outcome=` of its log line.
@@ -38,11 +39,14 @@ pub struct RequestLog {
     pub route: Option<Arc<str>>,
     pub host: String,
     pub method: hyper::Method,
+    /// The client's HTTP version.
+    pub version: hyper::Version,
     pub path: String,
     pub status: u16,
     pub up: Arc<AtomicU64>,
     pub down: u64,
-    pub backend: Option<String>,
+    /// The route's target (its backend is the line's `backend=`).
+    pub target: Option<Arc<Target>>,
     pub outcome: RequestOutcome,
     pub error: Option<String>,
 }
@@ -59,12 +63,13 @@ impl Drop for RequestLog {
             listener = %self.metrics.listener(),
             host = %self.host,
             method = %self.method,
+            version = ?self.version,
             path = %self.path,
             status = self.status,
             up,
             down = self.down,
             duration_ms = took.as_millis() as u64,
-            backend = self.backend.as_deref().map(tracing::field::display),
+            backend = self.target.as_ref().map(|t| tracing::field::display(&t.backend)),
             outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"

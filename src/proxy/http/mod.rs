@@ -18,6 +18,7 @@
 //! - [`log`]: one request's log line and metrics.
 
 pub mod body;
+pub mod harness;
 pub mod io;
 pub mod log;
 pub mod request;
@@ -44,7 +45,6 @@ use crate::routes::L7Route;
 use self::io::{ClientIo, Meter};
 use self::request::ConnContext;
 use self::upstream::Upstreams;
-use super::listener::Listener;
 
 /// The most a request's header block may hold (SPEC §6.2): beyond it, 431.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
@@ -74,6 +74,9 @@ impl Shared {
             .timer(TokioTimer::new())
             .header_read_timeout(proxy.handshake_timeout)
             .max_buf_size(MAX_HEADER_BLOCK)
+            // A client that half-closes after its request still gets the
+            // response.
+            .half_close(true)
             .keep_alive(true);
         builder
             .http2()
@@ -88,6 +91,48 @@ impl Shared {
             http2: builder.http2_only(),
         }
     }
+}
+
+impl Shared {
+    /// Every `every`, drops the upstream pools whose backend no route of
+    /// `routes` names (their idle connections close), until `stop`.
+    pub fn spawn_pool_pruner(
+        self: &Arc<Self>,
+        routes: Arc<crate::routes::Routes>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let named: std::collections::HashSet<crate::routes::Backend> = routes
+                    .listeners()
+                    .iter()
+                    .flat_map(|l| l.snapshot().sorted())
+                    .filter(|(_, target)| target.mode.l7().is_some())
+                    .map(|(_, target)| target.backend.clone())
+                    .collect();
+                shared.upstreams.retain(|backend| named.contains(backend));
+            }
+        });
+    }
+}
+
+/// What one listener's L7 connections share: built once per listener
+/// (the listener holds it), so this branch needs nothing else from the
+/// listener.
+pub struct ListenerHttp {
+    pub shared: Arc<Shared>,
+    pub routes: Arc<crate::routes::ListenerRoutes>,
+    pub firewall: Arc<crate::firewall::Firewall>,
+    pub metrics: Arc<crate::metrics::RequestMetrics>,
+    pub idle_timeout: Duration,
+    /// How long a backend has to begin its response (`None`: forever).
+    pub response_timeout: Option<Duration>,
 }
 
 /// How an L7 connection went, for its close line.
@@ -107,7 +152,7 @@ pub async fn serve(
     hello: Vec<u8>,
     client: SocketAddr,
     route: &L7Route,
-    listener: &Listener,
+    listener: &ListenerHttp,
     deadline: tokio::time::Instant,
     forced: &CancellationToken,
     draining: &CancellationToken,
@@ -120,7 +165,7 @@ pub async fn serve(
         requests,
         detail,
     };
-    let shared = &listener.http;
+    let shared = &listener.shared;
     let entry = match shared.certs.get(route) {
         Ok(entry) => entry,
         Err(e) => {
@@ -152,11 +197,45 @@ pub async fn serve(
         firewall: listener.firewall.clone(),
         shared: shared.clone(),
         response_timeout: listener.response_timeout,
-        metrics: listener.listener_stats.metrics.requests.clone(),
+        metrics: listener.metrics.clone(),
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
+        last_upstream: std::sync::Mutex::new(None),
         forced: forced.clone(),
     });
+    let idle = listener.idle_timeout;
+    let (outcome, detail) = drive(
+        TokioIo::new(tls),
+        h2,
+        ctx.clone(),
+        &meter,
+        idle,
+        forced,
+        draining,
+    )
+    .await;
+    let requests = ctx.requests.load(Ordering::Relaxed);
+    served(outcome, requests, detail)
+}
+
+/// Serves HTTP on `io` (HTTP/2 if `h2`, else HTTP/1.1) until the client
+/// is done, the connection has been idle for `idle` (no byte either way,
+/// by `meter`), the drain asks it to finish (graceful: the request under
+/// way completes, HTTP/2 gets a GOAWAY) or the shutdown forces it closed;
+/// then waits for the relays of upgraded requests.
+async fn drive<I>(
+    io: I,
+    h2: bool,
+    ctx: Arc<ConnContext>,
+    meter: &Meter,
+    idle: Duration,
+    forced: &CancellationToken,
+    draining: &CancellationToken,
+) -> (Outcome, Option<String>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let shared = ctx.shared.clone();
     let service = {
         let ctx = ctx.clone();
         service_fn(move |req| {
@@ -165,10 +244,9 @@ pub async fn serve(
         })
     };
     let builder = if h2 { &shared.http2 } else { &shared.http1 };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
 
-    let idle = listener.timeouts.idle_timeout;
     let mut drained = false;
     let mut outcome = Outcome::Relayed;
     let mut detail = None;
@@ -190,7 +268,7 @@ pub async fn serve(
                 connection.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep_until(idle_at) => {
-                if is_idle(&meter, idle) {
+                if is_idle(meter, idle) {
                     outcome = Outcome::IdleTimeout;
                     break;
                 }
@@ -209,7 +287,7 @@ pub async fn serve(
                     break;
                 }
                 () = tokio::time::sleep_until(idle_at) => {
-                    if is_idle(&meter, idle) {
+                    if is_idle(meter, idle) {
                         outcome = Outcome::IdleTimeout;
                         break;
                     }
@@ -217,8 +295,7 @@ pub async fn serve(
             }
         }
     }
-    let requests = ctx.requests.load(Ordering::Relaxed);
-    served(outcome, requests, detail)
+    (outcome, detail)
 }
 
 fn is_idle(meter: &Meter, idle: Duration) -> bool {
