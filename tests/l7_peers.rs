@@ -158,9 +158,12 @@ fn curl_http1_and_http2_to_nginx_plain_and_tls_and_a_backend_of_another_ca_is_50
     let web = web(&scene);
     let proxy = scene.proxy(&web.routes, "", false);
     let addr = proxy.addr();
-    for (round, (flag, version)) in [("--http1.1", "1.1"), ("--http2", "2")]
-        .into_iter()
-        .enumerate()
+    for (round, (flag, version, logged_version)) in [
+        ("--http1.1", "1.1", "HTTP/1.1"),
+        ("--http2", "2", "HTTP/2.0"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         for (host, backend, upstream) in [
             ("plain.test", web.nginx.ports[0], "HTTP/1.1"),
@@ -191,6 +194,11 @@ fn curl_http1_and_http2_to_nginx_plain_and_tls_and_a_backend_of_another_ca_is_50
             let logged = request_line(&proxy, host, "/who", round + 1);
             assert_eq!(log_field(&logged, "status"), Some("200"), "{logged}");
             assert_eq!(log_field(&logged, "outcome"), Some("proxied"), "{logged}");
+            assert_eq!(
+                log_field(&logged, "version"),
+                Some(logged_version),
+                "{logged}"
+            );
             assert_eq!(
                 log_field(&logged, "backend"),
                 Some(backend.to_string().as_str()),
@@ -676,12 +684,13 @@ fn headless_chromium_loads_a_page_over_http2() {
         "DOM: {dom}\nchromium: {stderr}\nproxy:\n{}",
         proxy.log_text()
     );
+    // The proxy served it over HTTP/2 ...
     let logged = request_line(&proxy, "a.test", "/page.html", 1);
     assert_eq!(log_field(&logged, "status"), Some("200"), "{logged}");
-    // The protocol Chromium negotiated with the route, from its NetLog:
-    // the ALPN result of every TLS connection to the proxy's port, and an
-    // HTTP/2 session for the origin. (mc-proxy's own log lines do not
-    // carry the protocol a client spoke.)
+    assert_eq!(log_field(&logged, "version"), Some("HTTP/2.0"), "{logged}");
+    // ... and Chromium says so too, in its NetLog: the ALPN result of
+    // every TLS connection to the proxy's port, and an HTTP/2 session for
+    // the origin.
     let (alpn, h2_sessions) = chromium_protocols(&netlog, port);
     assert!(
         !alpn.is_empty() && alpn.iter().all(|p| p == "h2"),
