@@ -8,6 +8,7 @@
 //! - [`process`]: the real binary (start, log channel, signals, CLI).
 //! - [`fixtures`]: config text, GeoIP files, the DB on disk, the admin client.
 //! - [`sys`]: /proc figures and descriptor limits.
+//! - [`peers`]: nginx, curl, Python peers and Chromium for the binary's L7 routes.
 //! - [`inproc`]: the server in-process (`App::build` on port 0).
 //! - hand-built ClientHellos: `wire::hello::build` (the `testing` feature).
 #![allow(dead_code, unused_imports)] // each test file uses a different part
@@ -17,6 +18,7 @@ pub mod clients;
 pub mod fixtures;
 pub mod http;
 pub mod inproc;
+pub mod peers;
 pub mod pki;
 pub mod process;
 pub mod sys;

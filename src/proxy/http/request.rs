@@ -162,6 +162,11 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         }
     };
     parts.version = Version::HTTP_11;
+    // The host travels in the URI: an HTTP/2 upstream sends it as
+    // :authority, an HTTP/1.1 one writes Host from it. A Host header left
+    // here would reach an HTTP/2 backend beside :authority (nginx answers
+    // 400, "duplicate host header").
+    parts.headers.remove(HOST);
     let upstream_req = Request::from_parts(parts, UpBody::new(body, up));
 
     // 4. Upstream.
