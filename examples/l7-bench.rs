@@ -294,9 +294,14 @@ mod sys {
 }
 
 /// A child process in a process group of its own; stopped when dropped.
+/// A second child, the reaper, holds a pipe from us and kills the group
+/// when the pipe closes: if this program is killed outright (SIGKILL), the
+/// group still goes, nginx's workers included (PR_SET_PDEATHSIG reaches
+/// only the leader).
 struct Proc {
     name: String,
     child: Child,
+    reaper: Option<Child>,
     log: PathBuf,
     stopped: bool,
 }
@@ -314,9 +319,20 @@ impl Proc {
         let child = command
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+        let reaper = Command::new("sh")
+            .arg("-c")
+            .arg(r#"read -r _; kill -9 "-$0" 2>/dev/null"#)
+            .arg(child.id().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .ok();
         Ok(Proc {
             name: name.to_string(),
             child,
+            reaper,
             log: log.to_path_buf(),
             stopped: false,
         })
@@ -349,6 +365,12 @@ impl Proc {
             return;
         }
         self.stopped = true;
+        // The reaper first (our child, not yet reaped, so its pid is ours):
+        // the group is stopped here.
+        if let Some(mut reaper) = self.reaper.take() {
+            let _ = reaper.kill();
+            let _ = reaper.wait();
+        }
         let pgid = self.pid();
         if !self.exited() {
             sys::signal_group(pgid, libc::SIGTERM);
