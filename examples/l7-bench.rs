@@ -1391,6 +1391,16 @@ impl Bench {
     /// by sample across the targets.
     async fn phase_latency(&mut self, targets: &[Target]) -> Result<()> {
         for rep in 0..self.args.reps {
+            if let Err(e) = self.latency_rep(targets, rep).await {
+                log(format!("latency rep{rep}: {e:#}"));
+                self.results.error("latency", "all", 1);
+            }
+        }
+        Ok(())
+    }
+
+    async fn latency_rep(&mut self, targets: &[Target], rep: usize) -> Result<()> {
+        {
             let order = rotated(targets, rep);
             self.quiet
                 .wait(&self.procfs, self.ncpu, &format!("latency rep{rep}"))
@@ -1466,72 +1476,79 @@ impl Bench {
 
     /// RSS per idle L7 connection, each proxy restarted fresh.
     async fn phase_idle(&mut self, targets: &mut [Target]) -> Result<()> {
-        let count = self.args.idle;
         for rep in 0..self.args.reps {
             let indices: Vec<usize> = (0..targets.len()).filter(|&i| targets[i].tls()).collect();
             for &i in rotated(&indices, rep) {
                 let t = &mut targets[i];
-                let label = format!("idle rep{rep} {}", t.name);
-                if let Some(mut proc) = t.proc.take() {
-                    proc.stop();
+                if let Err(e) = self.idle_one(t, rep).await {
+                    log(format!("idle rep{rep} {}: {e:#}", t.name));
+                    self.results.error("idle", t.name, 1);
                 }
-                start_target(t, &self.args)?;
-                wait_listening(t.addr, t.proc.as_ref()).await?;
-                let t = &targets[i];
-                self.quiet.wait(&self.procfs, self.ncpu, &label).await;
-                let tls = self.tls_for(t, false);
-                // One request first, so lazily built state (the upstream
-                // pool, TLS config) is in the baseline.
-                let mut first = H1::connect(t.addr, tls.as_ref()).await?;
-                first.exchange(REQUEST).await?;
-                drop(first);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let pids = t.pids();
-                let (rss0, pss0) = ProcFs::mem_kib(&pids);
-                let cpu0 = self.procfs.cpu_s(&pids);
-                let started = Instant::now();
-                let conns = open_idle(t.addr, tls.clone(), count, 32).await;
-                let setup = started.elapsed().as_secs_f64();
-                let opened = conns.len();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let pids = t.pids();
-                let (rss1, pss1) = ProcFs::mem_kib(&pids);
-                let cpu1 = self.procfs.cpu_s(&pids);
-                let fds = ProcFs::fds(&pids);
-                let alive = use_again(conns).await;
-                let n = opened.max(1) as f64;
-                let r = &mut self.results;
-                r.add("idle", "rss_kib_per_conn", t.name, (rss1 - rss0) / n);
-                r.add("idle", "pss_kib_per_conn", t.name, (pss1 - pss0) / n);
-                r.add("idle", "rss_before_mib", t.name, rss0 / 1024.0);
-                r.add("idle", "rss_after_mib", t.name, rss1 / 1024.0);
-                r.add(
-                    "idle",
-                    "setup_cpu_us_per_conn",
-                    t.name,
-                    (cpu1 - cpu0) / n * 1e6,
-                );
-                if opened < count || alive < opened {
-                    r.error("idle", t.name, (count - opened + opened - alive) as u64);
-                }
-                r.records.push(json!({
-                    "phase": "idle", "rep": rep, "target": t.name, "wanted": count,
-                    "opened": opened, "alive_after": alive, "setup_secs": setup,
-                    "rss_before_kib": rss0, "rss_after_kib": rss1,
-                    "pss_before_kib": pss0, "pss_after_kib": pss1, "fds": fds,
-                    "processes": pids.len(), "setup_cpu_s": cpu1 - cpu0,
-                }));
-                log(format!(
-                    "{label:<22} {opened}/{count} open ({alive} alive after), RSS {:.1} -> {:.1} MiB = {:.2} KiB/conn, PSS {:.2} KiB/conn, {} processes, {fds} fds",
-                    rss0 / 1024.0,
-                    rss1 / 1024.0,
-                    (rss1 - rss0) / n,
-                    (pss1 - pss0) / n,
-                    pids.len()
-                ));
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         }
+        Ok(())
+    }
+
+    async fn idle_one(&mut self, t: &mut Target, rep: usize) -> Result<()> {
+        let count = self.args.idle;
+        let label = format!("idle rep{rep} {}", t.name);
+        if let Some(mut proc) = t.proc.take() {
+            proc.stop();
+        }
+        start_target(t, &self.args)?;
+        wait_listening(t.addr, t.proc.as_ref()).await?;
+        self.quiet.wait(&self.procfs, self.ncpu, &label).await;
+        let tls = self.tls_for(t, false);
+        // One request first, so lazily built state (the upstream pool, the
+        // TLS config) is in the baseline.
+        let mut first = H1::connect(t.addr, tls.as_ref()).await?;
+        first.exchange(REQUEST).await?;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pids = t.pids();
+        let (rss0, pss0) = ProcFs::mem_kib(&pids);
+        let cpu0 = self.procfs.cpu_s(&pids);
+        let started = Instant::now();
+        let conns = open_idle(t.addr, tls.clone(), count, 32).await;
+        let setup = started.elapsed().as_secs_f64();
+        let opened = conns.len();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let pids = t.pids();
+        let (rss1, pss1) = ProcFs::mem_kib(&pids);
+        let cpu1 = self.procfs.cpu_s(&pids);
+        let fds = ProcFs::fds(&pids);
+        let alive = use_again(conns).await;
+        let n = opened.max(1) as f64;
+        let r = &mut self.results;
+        r.add("idle", "rss_kib_per_conn", t.name, (rss1 - rss0) / n);
+        r.add("idle", "pss_kib_per_conn", t.name, (pss1 - pss0) / n);
+        r.add("idle", "rss_before_mib", t.name, rss0 / 1024.0);
+        r.add("idle", "rss_after_mib", t.name, rss1 / 1024.0);
+        r.add(
+            "idle",
+            "setup_cpu_us_per_conn",
+            t.name,
+            (cpu1 - cpu0) / n * 1e6,
+        );
+        if alive < count {
+            r.error("idle", t.name, (count - alive) as u64);
+        }
+        r.records.push(json!({
+            "phase": "idle", "rep": rep, "target": t.name, "wanted": count,
+            "opened": opened, "alive_after": alive, "setup_secs": setup,
+            "rss_before_kib": rss0, "rss_after_kib": rss1,
+            "pss_before_kib": pss0, "pss_after_kib": pss1, "fds": fds,
+            "processes": pids.len(), "setup_cpu_s": cpu1 - cpu0,
+        }));
+        log(format!(
+            "{label:<22} {opened}/{count} open ({alive} alive after), RSS {:.1} -> {:.1} MiB = {:.2} KiB/conn, PSS {:.2} KiB/conn, {} processes, {fds} fds",
+            rss0 / 1024.0,
+            rss1 / 1024.0,
+            (rss1 - rss0) / n,
+            (pss1 - pss0) / n,
+            pids.len()
+        ));
         Ok(())
     }
 
@@ -2038,7 +2055,7 @@ fn markdown(
 /// A JSON value as prose: strings unquoted, objects as `key: value; ...`.
 fn plain(value: &Value) -> String {
     match value {
-        Value::String(s) => s.clone(),
+        Value::String(s) => s.trim().replace('\n', " / "),
         Value::Array(items) => items.iter().map(plain).collect::<Vec<_>>().join(", "),
         Value::Object(map) => map
             .iter()
