@@ -109,7 +109,8 @@ struct Args {
     /// HAProxy binary.
     #[arg(long, default_value = "/usr/sbin/haproxy")]
     haproxy: PathBuf,
-    /// Comma-separated targets: direct, mc-proxy, nginx, haproxy.
+    /// Comma-separated targets: direct, mc-proxy, nginx, haproxy; also
+    /// mc-proxy-2w (mc-proxy with 2 worker threads, on its own port).
     #[arg(long, default_value = "direct,mc-proxy,nginx,haproxy")]
     targets: String,
     /// Comma-separated phases: h1, h2, handshake, latency, idle.
@@ -142,8 +143,8 @@ struct Args {
     /// Idle TLS connections held in the idle phase.
     #[arg(long, default_value_t = 2000)]
     idle: usize,
-    /// Worker threads for mc-proxy (TOKIO_WORKER_THREADS); default: its own
-    /// choice (one on a host with 1-2 CPUs).
+    /// Worker threads for the `mc-proxy` target (TOKIO_WORKER_THREADS);
+    /// default: its own choice (one on a host with 1-2 CPUs).
     #[arg(long)]
     mc_workers: Option<usize>,
     /// mc-proxy's log level (`info` adds its per-request log line).
@@ -758,6 +759,8 @@ enum Kind {
 struct Target {
     name: &'static str,
     kind: Kind,
+    /// mc-proxy's worker threads (`TOKIO_WORKER_THREADS`; None = its default).
+    workers: Option<usize>,
     addr: SocketAddr,
     dir: PathBuf,
     proc: Option<Proc>,
@@ -804,21 +807,25 @@ fn make_cert(dir: &Path) -> Result<CertFiles> {
     Ok(files)
 }
 
-fn write_configs(dir: &Path, args: &Args, certs: &CertFiles, backend: SocketAddr) -> Result<()> {
+/// An mc-proxy config for target `name` (its files under `DIR/NAME/`).
+fn write_mc_config(
+    dir: &Path,
+    name: &str,
+    listen: SocketAddr,
+    args: &Args,
+    certs: &CertFiles,
+    backend: SocketAddr,
+) -> Result<()> {
     let d = dir.display();
-    let (mc, ng, hp) = (
-        port(args, Kind::McProxy),
-        port(args, Kind::Nginx),
-        port(args, Kind::Haproxy),
-    );
+    std::fs::create_dir_all(dir.join(name))?;
     std::fs::write(
-        dir.join("mc-proxy.toml"),
+        dir.join(format!("{name}.toml")),
         format!(
             r#"[database]
-path = "{d}/mc-proxy/mc-proxy.db"
+path = "{d}/{name}/mc-proxy.db"
 
 [[listeners]]
-addr = "127.0.0.1:{mc}"
+addr = "{listen}"
   [[listeners.routes]]
   hostname = "{HOST}"
   backend  = "{backend}"
@@ -840,6 +847,13 @@ level = "{level}"
             level = args.mc_log_level,
         ),
     )?;
+    Ok(())
+}
+
+/// The nginx and HAProxy configs.
+fn write_configs(dir: &Path, args: &Args, certs: &CertFiles, backend: SocketAddr) -> Result<()> {
+    let d = dir.display();
+    let (ng, hp) = (port(args, "nginx"), port(args, "haproxy"));
     std::fs::create_dir_all(dir.join("nginx/tmp"))?;
     std::fs::write(
         dir.join("nginx/nginx.conf"),
@@ -909,17 +923,19 @@ backend backend
             combined = certs.combined.display(),
         ),
     )?;
-    std::fs::create_dir_all(dir.join("mc-proxy"))?;
     Ok(())
 }
 
-fn port(args: &Args, kind: Kind) -> u16 {
+/// Where `name` listens: the backend (`direct`) at BASE+1, the proxies
+/// from BASE+10.
+fn port(args: &Args, name: &str) -> u16 {
     args.port_base
-        + match kind {
-            Kind::Direct => 1,
-            Kind::McProxy => 10,
-            Kind::Nginx => 11,
-            Kind::Haproxy => 12,
+        + match name {
+            "mc-proxy" => 10,
+            "nginx" => 11,
+            "haproxy" => 12,
+            "mc-proxy-2w" => 13,
+            _ => 1,
         }
 }
 
@@ -929,20 +945,21 @@ fn start_target(t: &mut Target, args: &Args) -> Result<()> {
         Kind::Direct => return Ok(()),
         Kind::McProxy => {
             // A fresh database each start: the config seeds it.
+            let name = t.name;
             for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(d.join(format!("mc-proxy/mc-proxy.db{suffix}")));
+                let _ = std::fs::remove_file(d.join(format!("{name}/mc-proxy.db{suffix}")));
             }
             let mut command = Command::new(&args.bin);
             command
                 .arg("server")
                 .arg("-c")
-                .arg(d.join("mc-proxy.toml"))
+                .arg(d.join(format!("{name}.toml")))
                 .env_remove("RUST_LOG");
-            match args.mc_workers {
+            match t.workers {
                 Some(n) => command.env("TOKIO_WORKER_THREADS", n.to_string()),
                 None => command.env_remove("TOKIO_WORKER_THREADS"),
             };
-            Proc::spawn("mc-proxy", &mut command, &d.join("mc-proxy/log"))?
+            Proc::spawn(name, &mut command, &d.join(format!("{name}/log")))?
         }
         Kind::Nginx => Proc::spawn(
             "nginx",
@@ -2003,11 +2020,21 @@ fn markdown(
             (Some(mc), Some(rf)) => {
                 let (a, b) = (median(mc), median(rf));
                 let ((mlo, mhi), (rlo, rhi)) = (spread(mc), spread(rf));
-                let overlap = mlo <= rhi && rlo <= mhi;
+                let spreads = if mc.len() < 2 || rf.len() < 2 {
+                    "one repetition"
+                } else if mlo <= rhi && rlo <= mhi {
+                    "overlap"
+                } else {
+                    "apart"
+                };
+                let unit = METRICS
+                    .iter()
+                    .find(|m| m.phase == goal.phase && m.key == goal.metric)
+                    .map_or("", |m| m.unit);
                 let verdict = if a <= b { "PASS" } else { "MISS" };
                 (
                     format!(
-                        "{} | {} ({}) | {} | {} |",
+                        "{} {unit} | {} {unit} ({}) | {} | {spreads} |",
                         fmt(a),
                         fmt(b),
                         goal.reference,
@@ -2016,7 +2043,6 @@ fn markdown(
                         } else {
                             "-".into()
                         },
-                        if overlap { "overlap" } else { "apart" }
                     ),
                     verdict,
                 )
@@ -2130,22 +2156,29 @@ async fn run(args: Args) -> Result<()> {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     }
     let certs = make_cert(&dir)?;
-    let backend_addr = SocketAddr::from(([127, 0, 0, 1], port(&args, Kind::Direct)));
+    let backend_addr = SocketAddr::from(([127, 0, 0, 1], port(&args, "direct")));
     write_configs(&dir, &args, &certs, backend_addr)?;
 
     let mut targets = Vec::new();
     for name in &names {
-        let (name, kind) = match *name {
-            "direct" => ("direct", Kind::Direct),
-            "mc-proxy" => ("mc-proxy", Kind::McProxy),
-            "nginx" => ("nginx", Kind::Nginx),
-            "haproxy" => ("haproxy", Kind::Haproxy),
-            other => bail!("unknown target {other:?} (direct, mc-proxy, nginx, haproxy)"),
+        let (name, kind, workers) = match *name {
+            "direct" => ("direct", Kind::Direct, None),
+            "mc-proxy" => ("mc-proxy", Kind::McProxy, args.mc_workers),
+            "mc-proxy-2w" => ("mc-proxy-2w", Kind::McProxy, Some(2)),
+            "nginx" => ("nginx", Kind::Nginx, None),
+            "haproxy" => ("haproxy", Kind::Haproxy, None),
+            other => {
+                bail!("unknown target {other:?} (direct, mc-proxy, nginx, haproxy, mc-proxy-2w)")
+            }
         };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port(&args, kind)));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port(&args, name)));
+        if kind == Kind::McProxy {
+            write_mc_config(&dir, name, addr, &args, &certs, backend_addr)?;
+        }
         targets.push(Target {
             name,
             kind,
+            workers,
             addr,
             dir: dir.clone(),
             proc: None,
@@ -2276,7 +2309,7 @@ async fn run(args: Args) -> Result<()> {
         ),
         "versions": versions,
         "tls (sanity check)": sanity,
-        "mc-proxy workers": args.mc_workers.map_or("default (TOKIO_WORKER_THREADS unset)".to_string(), |n| n.to_string()),
+        "mc-proxy workers": args.mc_workers.map_or("default (TOKIO_WORKER_THREADS unset; 1 on a 1-2 CPU host)".to_string(), |n| n.to_string()) + "; mc-proxy-2w: 2",
         "params": {
             "reps": args.reps, "secs": args.secs, "warmup": args.warmup, "conns": args.conns,
             "h2_conns": args.h2_conns, "streams": args.streams, "hs_workers": args.hs_workers,
@@ -2285,7 +2318,7 @@ async fn run(args: Args) -> Result<()> {
         },
         "phase seconds": phase_secs,
         "total seconds": (total_secs * 10.0).round() / 10.0,
-        "warnings": warnings,
+        "warnings": if warnings.is_empty() { json!("none") } else { json!(warnings) },
     });
     let names_live: Vec<&str> = live.iter().map(|t| t.name).collect();
     let (md, goals) = markdown(&bench.results, &args, &names_live, &phases, &meta);
