@@ -1,5 +1,5 @@
 {
-  description = "mc-proxy: Layer 4 TLS SNI proxy and router (static binary and distroless OCI image)";
+  description = "mc-proxy: TLS SNI proxy and router (static binary and distroless OCI image)";
 
   # No flake.lock is committed: nixpkgs cannot be fetched in this project's CI,
   # so a lock could not be produced or checked there. The first `nix build`

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # make devserver: a working local mc-proxy on loopback.
-# First run creates ./srv/ with a dev config, a demo CA and a certificate for
-# demo.test; every run starts a demo TLS backend (openssl s_server) on
-# 127.0.0.1:18443 and then mc-proxy in the foreground on 127.0.0.1:8443.
+# First run creates ./srv/ with a dev config, a demo CA and certificates for
+# demo.test (the backend's) and web.test (mc-proxy's own, for the L7 route);
+# every run starts a demo TLS backend (openssl s_server) on 127.0.0.1:18443
+# and then mc-proxy in the foreground on 127.0.0.1:8443, with two routes:
+#   demo.test  L4: relayed untouched, the client sees the backend's certificate
+#   web.test   L7: TLS ends in mc-proxy (web.test's certificate), HTTP goes on
+#              to the same backend over TLS, verified against the demo CA
 # Try it from another terminal:
 #   curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/
+#   curl --cacert srv/certs/ca.pem --resolve web.test:8443:127.0.0.1 https://web.test:8443/ -v
 #   openssl s_client -connect 127.0.0.1:8443 -servername demo.test -CAfile srv/certs/ca.pem
 #   ./target/debug/mc-proxy routes list -c srv/mc-proxy.toml
 set -euo pipefail
@@ -23,6 +28,13 @@ if [ ! -f "$srv/mc-proxy.toml" ]; then
   printf 'subjectAltName=DNS:demo.test,DNS:localhost,IP:127.0.0.1\n' > "$certs/demo.ext"
   openssl x509 -req -in "$certs/demo.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" \
     -CAcreateserial -days 3650 -extfile "$certs/demo.ext" -out "$certs/demo.pem" 2>/dev/null
+  # web.test: the L7 route's certificate, served by mc-proxy (chain: leaf, CA).
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -subj "/CN=web.test" -keyout "$certs/web.key" -out "$certs/web.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:web.test\n' > "$certs/web.ext"
+  openssl x509 -req -in "$certs/web.csr" -CA "$certs/ca.pem" -CAkey "$certs/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$certs/web.ext" -out "$certs/web.leaf.pem" 2>/dev/null
+  cat "$certs/web.leaf.pem" "$certs/ca.pem" > "$certs/web.pem"
   cat > "$srv/mc-proxy.toml" <<'TOML'
 # Development config written by `make devserver` (paths are relative to this file).
 [database]
@@ -30,9 +42,22 @@ path = "mc-proxy.db"
 
 [[listeners]]
 addr = "127.0.0.1:8443"
+  # L4: the TLS stream is relayed untouched to the backend.
   [[listeners.routes]]
   hostname = "demo.test"
   backend  = "127.0.0.1:18443"
+
+  # L7: mc-proxy terminates TLS with web.test's certificate and proxies
+  # HTTP to the backend over TLS, verifying it against the demo CA.
+  [[listeners.routes]]
+  hostname = "web.test"
+  backend  = "127.0.0.1:18443"
+  mode     = "l7"
+  tls_cert = "certs/web.pem"
+  tls_key  = "certs/web.key"
+  backend_tls = true
+  backend_ca  = "certs/ca.pem"
+  backend_server_name = "demo.test"
 
 [grpc]
 addr = "unix:mc-proxy.sock"
@@ -43,7 +68,7 @@ shutdown_timeout = "2s"
 [log]
 level = "info"
 TOML
-  echo "devserver: created $srv/ (config, demo CA, demo.test certificate)"
+  echo "devserver: created $srv/ (config, demo CA, demo.test and web.test certificates)"
 fi
 
 openssl s_server -accept 127.0.0.1:18443 -cert "$certs/demo.pem" -key "$certs/demo.key" \
@@ -52,5 +77,6 @@ backend=$!
 trap 'kill "$backend" 2>/dev/null || true' EXIT INT TERM
 
 echo "devserver: demo backend on 127.0.0.1:18443, mc-proxy on 127.0.0.1:8443 (Ctrl-C stops both)"
-echo "devserver: curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/"
+echo "devserver: curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/   (L4)"
+echo "devserver: curl --cacert srv/certs/ca.pem --resolve web.test:8443:127.0.0.1 https://web.test:8443/    (L7)"
 "$bin" server -c "$srv/mc-proxy.toml"

@@ -3,6 +3,11 @@
 //! Every error names the TOML path of the bad field
 //! (`listeners[1].routes[0].backend: ...`). Nothing downstream re-checks a
 //! value or handles a raw string like `"5s"` or `":443"`.
+//!
+//! [`Config::parse`] reads nothing but the text; an L7 route's certificate
+//! files are read and checked by [`Config::check_certificates`] (`server`
+//! and `check` call it; the admin CLI, which may not be able to read them,
+//! does not).
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -11,12 +16,18 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
-use wire::route::{Backend, BackendError, Hostname, HostnameError};
+use wire::route::{
+    parse_server_name, Backend, BackendError, BackendProtocol, Hostname, HostnameError, L7Route,
+    Mode, Target,
+};
 use wire::rule::{Rule, RuleError, RuleKind};
+
+use crate::l7::certs::{self, CertError};
 
 /// Where the config is read from when `-c` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/srv/mc-proxy/mc-proxy.toml";
@@ -52,7 +63,22 @@ pub struct ListenerConfig {
 pub struct RouteConfig {
     pub hostname: Hostname,
     pub backend: Backend,
+    /// Never true on an L7 route (refused at load).
     pub send_proxy_protocol: bool,
+    /// L4 (the default), or L7 with its settings (paths resolved against
+    /// the config's directory).
+    pub mode: Mode,
+}
+
+impl RouteConfig {
+    /// The route's target, as the route table holds it.
+    pub fn target(&self) -> Target {
+        Target {
+            backend: self.backend.clone(),
+            send_proxy_protocol: self.send_proxy_protocol,
+            mode: self.mode.clone(),
+        }
+    }
 }
 
 /// A listener address: its text exactly as written (the listener's name in
@@ -204,6 +230,9 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// L7: how long a backend may take to begin its response headers
+    /// (then 504); `None` = no limit (`response_timeout = "0s"`).
+    pub response_timeout: Option<Duration>,
     /// Client connections open at once over all listeners; `None` = derived
     /// from RLIMIT_NOFILE at start (`max_connections = 0`).
     pub max_connections: Option<NonZeroU32>,
@@ -216,6 +245,7 @@ impl Default for ProxyConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             shutdown_timeout: Duration::from_secs(30),
+            response_timeout: Some(Duration::from_secs(60)),
             max_connections: None,
         }
     }
@@ -358,6 +388,22 @@ pub enum ConfigCause {
     /// A timeout of zero.
     #[error("must be longer than zero")]
     ZeroTimeout,
+    /// An L7-only key on an L4 route.
+    #[error("only for mode = \"l7\" routes (this route is l4)")]
+    L7Only,
+    /// `tls_cert` or `tls_key` missing (or empty) on an L7 route.
+    #[error("required for a mode = \"l7\" route")]
+    RequiredForL7,
+    /// `send_proxy_protocol = true` on an L7 route.
+    #[error("not allowed on a mode = \"l7\" route: its backend connections are pooled, so a per-client PROXY header cannot be right (X-Forwarded-For carries the client)")]
+    ProxyProtocolOnL7,
+    /// `backend_ca` or `backend_server_name` without `backend_tls = true`.
+    #[error("needs backend_tls = true")]
+    NeedsBackendTls,
+    /// An L7 route's certificate or key file was refused
+    /// ([`Config::check_certificates`]).
+    #[error("{0}")]
+    Certificate(#[source] CertError),
 }
 
 /// The TOML parser's or deserialiser's message, on one line, and the line
@@ -415,6 +461,15 @@ pub enum FieldError {
     /// `metrics.addr`.
     #[error("{0:?} is not IP:PORT")]
     SocketAddr(String),
+    /// `routes[].mode`.
+    #[error("{0:?} is not \"l4\" or \"l7\"")]
+    Mode(String),
+    /// `routes[].backend_protocol`.
+    #[error("{0:?} is not one of auto, http1, h2")]
+    BackendProtocol(String),
+    /// `routes[].backend_server_name` (shown after the text as written).
+    #[error("{text:?}: not an IP address or DNS name: {source}")]
+    ServerName { text: String, source: HostnameError },
 }
 
 /// A duration that [`parse_duration`] refuses.
@@ -467,6 +522,14 @@ struct RawRoute {
     backend: Parsed<Backend>,
     #[serde(default)]
     send_proxy_protocol: bool,
+    mode: Option<Parsed<RouteModeKind>>,
+    // L7 only: set on an L4 route, each is an error naming it.
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    backend_tls: Option<bool>,
+    backend_ca: Option<PathBuf>,
+    backend_server_name: Option<Parsed<ServerName>>,
+    backend_protocol: Option<Parsed<BackendProtocol>>,
 }
 
 #[derive(Deserialize)]
@@ -492,6 +555,8 @@ struct RawFirewall {
     #[serde(default)]
     blocked_countries: Vec<Parsed<CountryRule>>,
     #[serde(default)]
+    blocked_user_agents: Vec<Parsed<UserAgentRule>>,
+    #[serde(default)]
     rate_limit: u32,
     rate_window: Option<Parsed<ConfigDuration>>,
     #[serde(default)]
@@ -505,6 +570,7 @@ struct RawProxy {
     handshake_timeout: Option<Parsed<ConfigDuration>>,
     idle_timeout: Option<Parsed<ConfigDuration>>,
     shutdown_timeout: Option<Parsed<ConfigDuration>>,
+    response_timeout: Option<Parsed<ConfigDuration>>,
     #[serde(default)]
     max_connections: u32,
 }
@@ -578,9 +644,60 @@ impl ParseField for AdminAddr {
     }
 }
 
+/// A route's `mode`: `"l4"` or `"l7"` (the L7 settings come from the other
+/// keys).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RouteModeKind {
+    L4,
+    L7,
+}
+
+impl ParseField for RouteModeKind {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        match text {
+            "l4" => Ok(RouteModeKind::L4),
+            "l7" => Ok(RouteModeKind::L7),
+            _ => Err(FieldError::Mode(text.to_string())),
+        }
+    }
+}
+
+impl ParseField for BackendProtocol {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        // The empty string is the admin API's default, not a TOML value.
+        match BackendProtocol::parse(text) {
+            Some(protocol) if !text.is_empty() => Ok(protocol),
+            _ => Err(FieldError::BackendProtocol(text.to_string())),
+        }
+    }
+}
+
+/// `backend_server_name`, normalised.
+struct ServerName(String);
+
+impl ParseField for ServerName {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        parse_server_name(text)
+            .map(ServerName)
+            .map_err(|source| FieldError::ServerName {
+                text: text.to_string(),
+                source,
+            })
+    }
+}
+
 struct IpRule(Rule);
 struct CidrRule(Rule);
 struct CountryRule(Rule);
+struct UserAgentRule(Rule);
+
+impl ParseField for UserAgentRule {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        Rule::parse(RuleKind::UserAgent, text)
+            .map(UserAgentRule)
+            .map_err(FieldError::Rule)
+    }
+}
 
 impl ParseField for IpRule {
     fn parse_field(text: &str) -> Result<Self, FieldError> {
@@ -683,6 +800,13 @@ impl Config {
 
         let base = source.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        // An L7 route's files are stored with the route and read by the
+        // server whatever its working directory: always absolute, even
+        // when the config was named by a relative path (`-c ./srv/x.toml`).
+        let resolve_absolute = |p: PathBuf| {
+            let joined = resolve(p);
+            std::path::absolute(&joined).unwrap_or(joined)
+        };
 
         let database = raw
             .database
@@ -708,17 +832,28 @@ impl Config {
             let mut hostnames = HashSet::new();
             let mut routes = Vec::with_capacity(listener.routes.len());
             for (j, route) in listener.routes.into_iter().enumerate() {
+                let key = |name: &str| format!("listeners[{i}].routes[{j}].{name}");
+                let l7 = route.l7();
                 let hostname = route.hostname.0;
                 if !hostnames.insert(hostname.clone()) {
                     return Err(fail(
-                        &format!("listeners[{i}].routes[{j}].hostname"),
+                        &key("hostname"),
                         ConfigCause::DuplicateHostname(hostname),
+                    ));
+                }
+                let mode = route_mode(route.mode.map(|m| m.0), l7, &resolve_absolute)
+                    .map_err(|(name, cause)| fail(&key(name), cause))?;
+                if route.send_proxy_protocol && matches!(mode, Mode::L7(_)) {
+                    return Err(fail(
+                        &key("send_proxy_protocol"),
+                        ConfigCause::ProxyProtocolOnL7,
                     ));
                 }
                 routes.push(RouteConfig {
                     hostname,
                     backend: route.backend.0,
                     send_proxy_protocol: route.send_proxy_protocol,
+                    mode,
                 });
             }
             listeners.push(ListenerConfig {
@@ -795,8 +930,9 @@ impl Config {
             .map(|r| r.0 .0)
             .chain(fw.blocked_cidrs.into_iter().map(|r| r.0 .0))
             .chain(fw.blocked_countries.into_iter().map(|r| r.0 .0));
+        let all = all.chain(fw.blocked_user_agents.into_iter().map(|r| r.0 .0));
         for rule in all {
-            if seen_rules.insert(rule) {
+            if seen_rules.insert(rule.clone()) {
                 rules.push(rule);
             }
         }
@@ -826,6 +962,11 @@ impl Config {
                 .proxy
                 .shutdown_timeout
                 .map_or(defaults.shutdown_timeout, |d| d.0 .0),
+            response_timeout: match raw.proxy.response_timeout {
+                None => defaults.response_timeout,
+                Some(d) if d.0 .0.is_zero() => None,
+                Some(d) => Some(d.0 .0),
+            },
             max_connections: NonZeroU32::new(raw.proxy.max_connections),
         };
         for (key, value) in [
@@ -865,6 +1006,128 @@ impl Config {
                 .transpose()?,
         })
     }
+}
+
+/// A route certificate that passed [`Config::check_certificates`] but is
+/// only a leaf not signed by itself: clients that don't already hold its
+/// intermediate will fail (worth a warning).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafOnlyCert {
+    /// The TOML path of the route's `tls_cert`
+    /// (`listeners[0].routes[1].tls_cert`).
+    pub key: String,
+    pub path: PathBuf,
+}
+
+impl Config {
+    /// Reads and checks every L7 route's certificate chain and key
+    /// (`l7::certs::load`: readable PEM, the chain parses, the key matches
+    /// the leaf). A refused file is an error naming
+    /// `listeners[i].routes[j].tls_cert` or `...tls_key`; chains that are
+    /// only a leaf are returned, to be warned about. Blocking file I/O.
+    pub fn check_certificates(&self) -> Result<Vec<LeafOnlyCert>, ConfigError> {
+        let mut leaf_only = Vec::new();
+        for (i, listener) in self.listeners.iter().enumerate() {
+            for (j, route) in listener.routes.iter().enumerate() {
+                let Some(l7) = route.mode.l7() else {
+                    continue;
+                };
+                let key = |name: &str| format!("listeners[{i}].routes[{j}].{name}");
+                match certs::load(&l7.tls_cert, &l7.tls_key) {
+                    Ok(loaded) => {
+                        if loaded.leaf_only {
+                            leaf_only.push(LeafOnlyCert {
+                                key: key("tls_cert"),
+                                path: l7.tls_cert.clone(),
+                            });
+                        }
+                    }
+                    Err(err) => {
+                        return Err(ConfigError::at(
+                            &self.source,
+                            key(err.file().field()),
+                            ConfigCause::Certificate(err),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(leaf_only)
+    }
+}
+
+/// An L7 route's keys as written (paths not yet resolved).
+struct RawL7 {
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    backend_tls: Option<bool>,
+    backend_ca: Option<PathBuf>,
+    backend_server_name: Option<String>,
+    backend_protocol: Option<BackendProtocol>,
+}
+
+impl RawRoute {
+    fn l7(&self) -> RawL7 {
+        RawL7 {
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            backend_tls: self.backend_tls,
+            backend_ca: self.backend_ca.clone(),
+            backend_server_name: self.backend_server_name.as_ref().map(|n| n.0 .0.clone()),
+            backend_protocol: self.backend_protocol.as_ref().map(|p| p.0),
+        }
+    }
+}
+
+/// A route's [`Mode`] from its `mode` and L7 keys; an error names the key
+/// at fault (its last path component) and why.
+fn route_mode(
+    mode: Option<RouteModeKind>,
+    raw: RawL7,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<Mode, (&'static str, ConfigCause)> {
+    if mode != Some(RouteModeKind::L7) {
+        let set = [
+            ("tls_cert", raw.tls_cert.is_some()),
+            ("tls_key", raw.tls_key.is_some()),
+            ("backend_tls", raw.backend_tls.is_some()),
+            ("backend_ca", raw.backend_ca.is_some()),
+            ("backend_server_name", raw.backend_server_name.is_some()),
+            ("backend_protocol", raw.backend_protocol.is_some()),
+        ];
+        return match set.into_iter().find(|(_, set)| *set) {
+            Some((name, _)) => Err((name, ConfigCause::L7Only)),
+            None => Ok(Mode::L4),
+        };
+    }
+    let required = |name: &'static str, path: Option<PathBuf>| {
+        path.filter(|p| !p.as_os_str().is_empty())
+            .map(resolve)
+            .ok_or((name, ConfigCause::RequiredForL7))
+    };
+    let tls_cert = required("tls_cert", raw.tls_cert)?;
+    let tls_key = required("tls_key", raw.tls_key)?;
+    let backend_tls = raw.backend_tls.unwrap_or(false);
+    if !backend_tls {
+        if raw.backend_ca.is_some() {
+            return Err(("backend_ca", ConfigCause::NeedsBackendTls));
+        }
+        if raw.backend_server_name.is_some() {
+            return Err(("backend_server_name", ConfigCause::NeedsBackendTls));
+        }
+    }
+    let backend_ca = match raw.backend_ca {
+        Some(p) if p.as_os_str().is_empty() => return Err(("backend_ca", ConfigCause::Required)),
+        other => other.map(resolve),
+    };
+    Ok(Mode::L7(Arc::new(L7Route {
+        tls_cert,
+        tls_key,
+        backend_tls,
+        backend_ca,
+        backend_server_name: raw.backend_server_name,
+        backend_protocol: raw.backend_protocol.unwrap_or_default(),
+    })))
 }
 
 /// The line of the parser's error, when it knows the span.
@@ -1211,5 +1474,276 @@ level = "debug"
             config.grpc.unwrap().addr,
             AdminAddr::Unix(PathBuf::from("/etc/mc/run/mc.sock"))
         );
+    }
+
+    /// One listener with one route whose body (after hostname and
+    /// backend) is `extra`.
+    fn one_route(extra: &str) -> String {
+        format!("{MINIMAL}[[listeners]]\naddr = \":1\"\n  [[listeners.routes]]\n  hostname = \"ok.test\"\n  backend = \"127.0.0.1:1\"\n  [[listeners.routes]]\n  hostname = \"git.test\"\n  backend = \"127.0.0.1:3000\"\n{extra}\n")
+    }
+
+    const L7: &str =
+        "  mode = \"l7\"\n  tls_cert = \"certs/git.pem\"\n  tls_key = \"/srv/certs/git.key\"\n";
+
+    #[test]
+    fn l7_routes_parse_with_defaults_and_resolved_paths() {
+        let config = parse(&one_route(L7)).unwrap();
+        let routes = &config.listeners[0].routes;
+        assert_eq!(routes[0].mode, Mode::L4);
+        assert_eq!(routes[0].target().mode, Mode::L4);
+        let l7 = routes[1].mode.l7().expect("an l7 route");
+        assert_eq!(l7.tls_cert, PathBuf::from("/etc/mc/certs/git.pem"));
+        assert_eq!(l7.tls_key, PathBuf::from("/srv/certs/git.key"));
+        assert!(!l7.backend_tls);
+        assert_eq!(l7.backend_ca, None);
+        assert_eq!(l7.backend_server_name, None);
+        assert_eq!(l7.backend_protocol, BackendProtocol::Auto);
+        assert_eq!(routes[1].target().mode, routes[1].mode);
+
+        let config = parse(&one_route(&format!(
+            "{L7}  backend_tls = true\n  backend_ca = \"ca.pem\"\n  backend_server_name = \"Git.SVC.internal.\"\n  backend_protocol = \"h2\"\n  send_proxy_protocol = false\n"
+        )))
+        .unwrap();
+        let l7 = config.listeners[0].routes[1].mode.l7().unwrap().clone();
+        assert_eq!(
+            *l7,
+            L7Route {
+                tls_cert: "/etc/mc/certs/git.pem".into(),
+                tls_key: "/srv/certs/git.key".into(),
+                backend_tls: true,
+                backend_ca: Some("/etc/mc/ca.pem".into()),
+                backend_server_name: Some("git.svc.internal".into()),
+                backend_protocol: BackendProtocol::H2,
+            }
+        );
+        // "l4" said out loud is the default.
+        let config = parse(&one_route("  mode = \"l4\"\n  send_proxy_protocol = true")).unwrap();
+        assert_eq!(config.listeners[0].routes[1].mode, Mode::L4);
+        let config = parse(&one_route(&format!(
+            "{L7}  backend_tls = true\n  backend_server_name = \"2001:DB8::1\"\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            config.listeners[0].routes[1]
+                .mode
+                .l7()
+                .unwrap()
+                .backend_server_name
+                .as_deref(),
+            Some("2001:db8::1")
+        );
+    }
+
+    #[test]
+    fn l7_route_errors_name_the_key() {
+        let at = |name: &str| format!("listeners[0].routes[1].{name}");
+        // L7-only keys on an L4 route (mode absent or "l4").
+        for (line, name) in [
+            ("tls_cert = \"a.pem\"", "tls_cert"),
+            ("tls_key = \"a.key\"", "tls_key"),
+            ("backend_tls = false", "backend_tls"),
+            ("backend_ca = \"ca.pem\"", "backend_ca"),
+            ("backend_server_name = \"a.test\"", "backend_server_name"),
+            ("backend_protocol = \"auto\"", "backend_protocol"),
+        ] {
+            for mode in ["", "  mode = \"l4\"\n"] {
+                let err = parse(&one_route(&format!("{mode}  {line}"))).unwrap_err();
+                assert_eq!(err.key(), at(name), "{line}: {err}");
+                assert!(matches!(err.cause(), ConfigCause::L7Only), "{err:?}");
+                assert!(
+                    err.to_string()
+                        .ends_with("only for mode = \"l7\" routes (this route is l4)"),
+                    "{err}"
+                );
+            }
+        }
+        let cases = [
+            (
+                "  mode = \"l7\"\n  tls_key = \"k\"",
+                "tls_cert",
+                "required for a mode = \"l7\" route",
+            ),
+            (
+                "  mode = \"l7\"\n  tls_cert = \"c\"",
+                "tls_key",
+                "required for a mode = \"l7\" route",
+            ),
+            (
+                "  mode = \"l7\"\n  tls_cert = \"\"\n  tls_key = \"k\"",
+                "tls_cert",
+                "required",
+            ),
+            (
+                &format!("{L7}  send_proxy_protocol = true"),
+                "send_proxy_protocol",
+                "pooled",
+            ),
+            (
+                &format!("{L7}  backend_ca = \"ca.pem\""),
+                "backend_ca",
+                "needs backend_tls = true",
+            ),
+            (
+                &format!("{L7}  backend_tls = false\n  backend_server_name = \"a.test\""),
+                "backend_server_name",
+                "needs backend_tls = true",
+            ),
+            (
+                &format!("{L7}  backend_tls = true\n  backend_server_name = \"*.a.test\""),
+                "backend_server_name",
+                "not an IP address or DNS name",
+            ),
+            (
+                &format!("{L7}  backend_tls = true\n  backend_server_name = \"a b\""),
+                "backend_server_name",
+                "\"a b\"",
+            ),
+            (
+                &format!("{L7}  backend_protocol = \"http2\""),
+                "backend_protocol",
+                "\"http2\" is not one of auto, http1, h2",
+            ),
+            (
+                &format!("{L7}  backend_protocol = \"\""),
+                "backend_protocol",
+                "is not one of",
+            ),
+            (
+                &format!("{L7}  backend_tls = \"yes\""),
+                "backend_tls",
+                "invalid type",
+            ),
+            ("  mode = \"L7\"", "mode", "\"L7\" is not \"l4\" or \"l7\""),
+            ("  mode = \"http\"", "mode", "is not \"l4\" or \"l7\""),
+            (
+                &format!("{L7}  tls_chain = \"x\""),
+                "tls_chain",
+                "unknown field",
+            ),
+        ];
+        for (extra, name, text) in cases {
+            let err = parse(&one_route(extra)).unwrap_err();
+            assert_eq!(err.key(), at(name), "{extra}: {err}");
+            let shown = err.to_string();
+            assert!(
+                shown.contains(text) && !shown.contains('\n'),
+                "{extra}: {shown}"
+            );
+        }
+        assert!(matches!(
+            parse(&one_route("  mode = \"x\"")).unwrap_err().cause(),
+            ConfigCause::Field {
+                error: FieldError::Mode(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse(&one_route(&format!("{L7}  send_proxy_protocol = true")))
+                .unwrap_err()
+                .cause(),
+            ConfigCause::ProxyProtocolOnL7
+        ));
+    }
+
+    #[test]
+    fn response_timeout_defaults_to_a_minute_and_zero_is_none() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().proxy.response_timeout,
+            Some(Duration::from_secs(60))
+        );
+        let with = |value: &str| {
+            parse(&format!(
+                "{MINIMAL}[proxy]\nresponse_timeout = \"{value}\"\n"
+            ))
+            .map(|c| c.proxy.response_timeout)
+        };
+        assert_eq!(with("0s").unwrap(), None);
+        assert_eq!(with("2m").unwrap(), Some(Duration::from_secs(120)));
+        assert_eq!(with("soon").unwrap_err().key(), "proxy.response_timeout");
+    }
+
+    #[test]
+    fn blocked_user_agents_are_rules_and_bad_ones_name_their_index() {
+        let config = parse(&format!(
+            "{MINIMAL}[firewall]\nblocked_ips = [\"192.0.2.7\"]\nblocked_user_agents = [\"(?i)sqlmap\", \"^curl/\", \"(?i)sqlmap\"]\n"
+        ))
+        .unwrap();
+        let shown: Vec<String> = config
+            .firewall
+            .rules
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            shown,
+            ["ip 192.0.2.7", "user_agent (?i)sqlmap", "user_agent ^curl/"]
+        );
+        let err = parse(&format!(
+            "{MINIMAL}[firewall]\nblocked_user_agents = [\"ok\", \"(?i)sqlmap(\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key(), "firewall.blocked_user_agents[1]");
+        assert!(
+            matches!(
+                err.cause(),
+                ConfigCause::Field {
+                    error: FieldError::Rule(RuleError::UserAgent(_)),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "/etc/mc/mc-proxy.toml: firewall.blocked_user_agents[1]: not a valid regular expression: unclosed group (line 4)"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[firewall]\nblocked_user_agents = [\"\"]\n"
+            )),
+            "firewall.blocked_user_agents[0]"
+        );
+    }
+
+    #[test]
+    fn certificates_are_checked_on_request_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["git.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.path().join("git.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("git.key"), key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.path().join("other.key"),
+            rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let source = dir.path().join("mc-proxy.toml");
+        let with = |cert: &str, key: &str| {
+            let text = one_route(&format!(
+                "  mode = \"l7\"\n  tls_cert = \"{cert}\"\n  tls_key = \"{key}\"\n"
+            ));
+            Config::parse(&text, &source).unwrap()
+        };
+        assert_eq!(with("git.pem", "git.key").check_certificates().unwrap(), []);
+        for (cert, key, name, text) in [
+            ("missing.pem", "git.key", "tls_cert", "reading"),
+            ("git.key", "git.key", "tls_cert", "no PEM certificate"),
+            ("git.pem", "missing.key", "tls_key", "reading"),
+            ("git.pem", "other.key", "tls_key", "does not match"),
+        ] {
+            let err = with(cert, key).check_certificates().unwrap_err();
+            assert_eq!(err.key(), format!("listeners[0].routes[1].{name}"), "{err}");
+            assert!(
+                matches!(err.cause(), ConfigCause::Certificate(_)),
+                "{err:?}"
+            );
+            let shown = err.to_string();
+            assert!(shown.contains(text) && !shown.contains('\n'), "{shown}");
+        }
+        // Parsing alone reads no file.
+        assert!(Config::parse(&one_route("  mode = \"l7\"\n  tls_cert = \"/nonexistent/c\"\n  tls_key = \"/nonexistent/k\"\n"), &source).is_ok());
     }
 }

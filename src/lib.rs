@@ -1,4 +1,4 @@
-//! mc-proxy: a Layer 4 TLS SNI proxy and router.
+//! mc-proxy: a TLS SNI proxy and router (L4 relay, L7 TLS termination and HTTP proxying).
 //!
 //! # Layout
 //!
@@ -20,10 +20,12 @@
 //! before it; ARCHITECTURE.md draws the graph). A reader following one
 //! connection can start at [`proxy`]:
 //!
-//! - [`config`]: TOML → validated [`config::Config`]; the only place raw
-//!   strings from the config are parsed.
 //! - [`routes`]: per-listener live tables that readers load without waiting
 //!   (the `wire::route` values re-exported).
+//! - [`l7`]: L7 route certificates: read and checked (`l7::certs`), and
+//!   the ones in service, re-read on change and SIGHUP (`l7::registry`).
+//! - [`config`]: TOML → validated [`config::Config`]; the only place raw
+//!   strings from the config are parsed.
 //! - [`logging`]: log output to stderr or journald through a bounded queue
 //!   and one writer thread; the dropped-lines count.
 //! - [`shutdown`]: signals, drain, force-close.
@@ -31,13 +33,16 @@
 //! - [`version`]: the version string.
 //! - [`firewall`]: rule set (IP, CIDR, GeoIP country), per-IP rate limit
 //!   and open-connection limit → allow or block, decided before a byte is
-//!   read.
+//!   read; and the user-agent rules that requests on L7 routes are checked
+//!   against (`Firewall::blocks_user_agent`).
 //! - [`store`]: SQLite: migrations, seeding, write-through changes, snapshot.
 //! - [`outcome`]: how a connection ended (log field and metric label).
 //! - [`metrics`]: Prometheus metrics (per-listener handles resolved at
 //!   start), the live counters `GetStatus` reads ([`metrics::Stats`]), and
 //!   the optional `/metrics` endpoint.
-//! - [`proxy`]: accept loops, one connection's pipeline, the relay.
+//! - [`proxy`]: accept loops, one connection's pipeline, the relay; for
+//!   L7 routes, `proxy::http` (TLS termination, the HTTP server, the
+//!   per-request phases and the upstream pools).
 //! - [`admin`]: the gRPC admin API server and the client the CLI uses.
 //! - [`server`]: `mc-proxy server`: wires the above together and serves
 //!   until shutdown.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use mc_proxy::admin::cli::{self as admin_cli, ClientOverrides};
+use mc_proxy::admin::cli::{self as admin_cli, ClientOverrides, RouteSpec};
 use mc_proxy::config::{Config, DEFAULT_CONFIG_PATH};
 use mc_proxy::firewall::{GeoIp, RuleKind};
 use mc_proxy::server::{self, App, ServerError};
@@ -13,7 +13,10 @@ use mc_proxy::shutdown::Signals;
 use mc_proxy::{logging, store};
 
 #[derive(Parser)]
-#[command(name = "mc-proxy", about = "Layer 4 TLS SNI proxy and router")]
+#[command(
+    name = "mc-proxy",
+    about = "TLS SNI proxy and router (L4 relay, L7 TLS termination)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -101,19 +104,12 @@ enum RoutesCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Add a route, or update its backend if it exists
+    /// Add a route, or replace it if it exists (it may switch between l4 and l7)
     Add {
         #[command(flatten)]
         admin: AdminArgs,
-        #[arg(long, value_name = "ADDR")]
-        listener: String,
-        #[arg(long, value_name = "HOST")]
-        hostname: String,
-        #[arg(long, value_name = "HOST:PORT")]
-        backend: String,
-        /// Send a PROXY protocol v2 header to the backend
-        #[arg(long)]
-        send_proxy_protocol: bool,
+        #[command(flatten)]
+        route: RouteAddArgs,
     },
     /// Remove a route
     Remove {
@@ -124,6 +120,58 @@ enum RoutesCommand {
         #[arg(long, value_name = "HOST")]
         hostname: String,
     },
+}
+
+#[derive(Args)]
+struct RouteAddArgs {
+    #[arg(long, value_name = "ADDR")]
+    listener: String,
+    #[arg(long, value_name = "HOST")]
+    hostname: String,
+    #[arg(long, value_name = "HOST:PORT")]
+    backend: String,
+    /// Send a PROXY protocol v2 header to the backend (l4 only)
+    #[arg(long)]
+    send_proxy_protocol: bool,
+    /// l4: relay the TLS stream untouched; l7: terminate TLS and proxy HTTP
+    #[arg(long, value_name = "MODE", value_parser = ["l4", "l7"], default_value = "l4")]
+    mode: String,
+    /// l7: PEM certificate chain, leaf first (relative = to the current directory)
+    #[arg(long, value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// l7: PEM private key
+    #[arg(long, value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// l7: TLS to the backend, verified
+    #[arg(long)]
+    backend_tls: bool,
+    /// l7 with --backend-tls: roots that verify the backend [default: the system roots]
+    #[arg(long, value_name = "PATH")]
+    backend_ca: Option<PathBuf>,
+    /// l7 with --backend-tls: the name verified and sent as SNI [default: the backend's host]
+    #[arg(long, value_name = "NAME")]
+    backend_server_name: Option<String>,
+    /// l7: what to speak to the backend [default: auto]
+    #[arg(long, value_name = "PROTOCOL", value_parser = ["auto", "http1", "h2"])]
+    backend_protocol: Option<String>,
+}
+
+impl From<RouteAddArgs> for RouteSpec {
+    fn from(args: RouteAddArgs) -> Self {
+        RouteSpec {
+            listener: args.listener,
+            hostname: args.hostname,
+            backend: args.backend,
+            send_proxy_protocol: args.send_proxy_protocol,
+            l7: args.mode == "l7",
+            tls_cert: args.tls_cert,
+            tls_key: args.tls_key,
+            backend_tls: args.backend_tls,
+            backend_ca: args.backend_ca,
+            backend_server_name: args.backend_server_name,
+            backend_protocol: args.backend_protocol,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -138,16 +186,20 @@ struct RuleArg {
     /// An ISO 3166-1 alpha-2 country code
     #[arg(long)]
     country: Option<String>,
+    /// A regular expression matched against the User-Agent of requests on l7 routes
+    #[arg(long, value_name = "REGEX", allow_hyphen_values = true)]
+    user_agent: Option<String>,
 }
 
 impl RuleArg {
     fn kind_value(self) -> (RuleKind, String) {
-        match (self.ip, self.cidr, self.country) {
-            (Some(ip), _, _) => (RuleKind::Ip, ip),
-            (_, Some(cidr), _) => (RuleKind::Cidr, cidr),
-            (_, _, Some(country)) => (RuleKind::Country, country),
+        match (self.ip, self.cidr, self.country, self.user_agent) {
+            (Some(ip), _, _, _) => (RuleKind::Ip, ip),
+            (_, Some(cidr), _, _) => (RuleKind::Cidr, cidr),
+            (_, _, Some(country), _) => (RuleKind::Country, country),
+            (_, _, _, Some(pattern)) => (RuleKind::UserAgent, pattern),
             // clap's group makes exactly one present.
-            (None, None, None) => (RuleKind::Ip, String::new()),
+            (None, None, None, None) => (RuleKind::Ip, String::new()),
         }
     }
 }
@@ -194,15 +246,9 @@ fn main() -> ExitCode {
             listener,
             json,
         }) => with_admin(&admin, |t| admin_cli::routes_list(t, listener, json)),
-        Command::Routes(RoutesCommand::Add {
-            admin,
-            listener,
-            hostname,
-            backend,
-            send_proxy_protocol,
-        }) => with_admin(&admin, |t| {
-            admin_cli::routes_add(t, listener, hostname, backend, send_proxy_protocol)
-        }),
+        Command::Routes(RoutesCommand::Add { admin, route }) => {
+            with_admin(&admin, |t| admin_cli::routes_add(t, route.into()))
+        }
         Command::Routes(RoutesCommand::Remove {
             admin,
             listener,
@@ -239,6 +285,9 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Err(code) = check_certificates(&config) {
+        return code;
+    }
     let sink = logging::init(&config.log.level);
     if rustls::crypto::ring::default_provider()
         .install_default()
@@ -294,11 +343,36 @@ fn serve(config: Config) -> Result<(), ServerError> {
     })
 }
 
+/// Reads and checks the L7 routes' certificates (exit 2 naming the TOML
+/// key of a refused file); a leaf-only chain is a warning on stderr.
+fn check_certificates(config: &Config) -> Result<(), ExitCode> {
+    match config.check_certificates() {
+        Ok(leaf_only) => {
+            for cert in leaf_only {
+                eprintln!(
+                    "mc-proxy: warning: {}: {}: {}: the chain is only a leaf not signed by itself; clients that need the intermediate will fail",
+                    config.source.display(),
+                    cert.key,
+                    cert.path.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let e = ServerError::from(e);
+            Err(fail(e.exit_code(), e))
+        }
+    }
+}
+
 fn cmd_check(config: &ConfigArg) -> ExitCode {
     let config = match load(config) {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Err(code) = check_certificates(&config) {
+        return code;
+    }
     if let Some(path) = &config.firewall.geoip_db {
         if let Err(source) = GeoIp::open(path) {
             let e = ServerError::GeoIp {

@@ -3,8 +3,9 @@
 //!
 //! Owns: every metric's name, help and labels (the table in RUNBOOK.md), and
 //! the endpoint. Labels are bounded: listener addresses (fixed at start),
-//! outcomes, rule types, admin methods and status codes. Never a hostname or
-//! a client address.
+//! outcomes, rule types, admin methods and status codes, and for L7
+//! requests the route's configured hostname and a status class. Never a
+//! hostname a client sent, never a client address.
 //!
 //! The hot path never looks a metric up: each listener's handles
 //! ([`ListenerMetrics`]) are resolved once at start and a connection only
@@ -125,41 +126,81 @@ fn request_histogram() -> Histogram {
 /// One listener's L7 request metrics. The `route` label is the route's
 /// configured hostname (bounded by the route table, never the client's
 /// Host), or empty for a request no route took.
+///
+/// A route's handles are resolved on its first request and kept (one
+/// read-locked map lookup per request after that, no allocation); a route
+/// removed from the table keeps its series, as Prometheus expects.
 #[derive(Debug)]
 pub struct RequestMetrics {
     listener: String,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    routes: std::sync::RwLock<std::collections::HashMap<Arc<str>, Arc<RouteHandles>>>,
 }
 
+/// One route's request handles.
+#[derive(Debug)]
+struct RouteHandles {
+    /// By status class: 1xx … 5xx.
+    classes: [Counter; 5],
+    duration: Histogram,
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 impl RequestMetrics {
+    fn new(
+        listener: String,
+        requests: Family<RequestLabels, Counter>,
+        durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    ) -> RequestMetrics {
+        RequestMetrics {
+            listener,
+            requests,
+            durations,
+            routes: std::sync::RwLock::new(std::collections::HashMap::new()),
+        }
+    }
+
     pub fn listener(&self) -> &str {
         &self.listener
     }
 
+    fn handles(&self, route: &str) -> Arc<RouteHandles> {
+        if let Some(found) = self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(route)
+        {
+            return found.clone();
+        }
+        let handles = Arc::new(RouteHandles {
+            classes: STATUS_CLASSES.map(|class| {
+                self.requests.get_or_create_owned(&RequestLabels {
+                    listener: self.listener.clone(),
+                    route: route.to_string(),
+                    class,
+                })
+            }),
+            duration: self.durations.get_or_create_owned(&RouteLabels {
+                listener: self.listener.clone(),
+                route: route.to_string(),
+            }),
+        });
+        self.routes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Arc::from(route), handles.clone());
+        handles
+    }
+
     /// Counts a finished request by status class and records its duration.
     pub fn observe(&self, route: Option<&str>, status: u16, took: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        let route = route.unwrap_or_default().to_string();
-        self.requests
-            .get_or_create(&RequestLabels {
-                listener: self.listener.clone(),
-                route: route.clone(),
-                class,
-            })
-            .inc();
-        self.durations
-            .get_or_create(&RouteLabels {
-                listener: self.listener.clone(),
-                route,
-            })
-            .observe(took.as_secs_f64());
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        let handles = self.handles(route.unwrap_or_default());
+        handles.classes[class].inc();
+        handles.duration.observe(took.as_secs_f64());
     }
 }
 
@@ -383,11 +424,11 @@ impl Metrics {
                     }),
                     hello_seconds: hello.get_or_create_owned(&listener),
                     connect_seconds: connect.get_or_create_owned(&listener),
-                    requests: Arc::new(RequestMetrics {
-                        listener: addr.clone(),
-                        requests: requests.clone(),
-                        durations: durations.clone(),
-                    }),
+                    requests: Arc::new(RequestMetrics::new(
+                        addr.clone(),
+                        requests.clone(),
+                        durations.clone(),
+                    )),
                 }
             })
             .collect();

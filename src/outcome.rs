@@ -20,6 +20,9 @@ wire::labelled_enum! {
         /// A `proxy_protocol` listener got no valid PROXY header.
         BadProxyHeader => "bad_proxy_header",
         HelloTimeout => "hello_timeout",
+        /// L7: a request's headers not complete within handshake_timeout
+        /// of their first byte (or of the TLS handshake, for the first).
+        HeaderTimeout => "header_timeout",
         BackendUnreachable => "backend_unreachable",
         /// An L7 route's TLS handshake failed (or its certificate is not
         /// loaded): the client got a TLS alert or a close.

@@ -41,6 +41,9 @@ const GEOIP_POLL: Duration = Duration::from_secs(1);
 /// How often route certificate files are checked for changes (SPEC §6.2:
 /// a replaced file is served within 5 s).
 const CERT_POLL: Duration = Duration::from_secs(2);
+/// How often the upstream pools of backends no route names any more are
+/// dropped.
+const UPSTREAM_PRUNE: Duration = Duration::from_secs(30);
 
 /// How long a second signal waits for the store to finish the change in
 /// hand (one short transaction) and close the DB before the process exits.
@@ -525,19 +528,27 @@ impl App {
         ));
         for bound in listeners {
             let listener = Arc::new(Listener {
+                http: proxy::http::ListenerHttp {
+                    shared: http.clone(),
+                    routes: bound.routes.clone(),
+                    firewall: firewall.clone(),
+                    metrics: bound.stats.metrics.requests.clone(),
+                    idle_timeout: config.proxy.idle_timeout,
+                    header_timeout: config.proxy.handshake_timeout,
+                    response_timeout: config.proxy.response_timeout,
+                },
                 routes: bound.routes,
                 firewall: firewall.clone(),
                 listener_stats: bound.stats,
                 timeouts: config.proxy.clone(),
                 proxy_protocol: bound.proxy_protocol,
                 capacity: capacity.clone(),
-                http: http.clone(),
-                response_timeout: Some(Duration::from_secs(60)), // TODO(merge): config.proxy.response_timeout
             });
             drain.spawn(proxy::accept_loop(bound.socket, listener, drain.clone()));
         }
         firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());
         certs.spawn_watcher(routes.clone(), CERT_POLL, stop.subscribe());
+        http.spawn_pool_pruner(routes.clone(), UPSTREAM_PRUNE, stop.subscribe());
 
         tracing::info!(
             version = %version(),

@@ -176,6 +176,7 @@ fn route(listener: &str, hostname: &str, backend: &str) -> proto::Route {
         hostname: hostname.into(),
         backend: backend.into(),
         send_proxy_protocol: false,
+        ..Default::default()
     }
 }
 
@@ -1041,10 +1042,12 @@ async fn cli_commands_return_documented_exit_statuses() {
     assert_eq!(
         cli::routes_add(
             target.clone(),
-            ":443".into(),
-            "a.test".into(),
-            "127.0.0.1:1".into(),
-            false
+            cli::RouteSpec {
+                listener: ":443".into(),
+                hostname: "a.test".into(),
+                backend: "127.0.0.1:1".into(),
+                ..cli::RouteSpec::default()
+            }
         )
         .await,
         ExitCode::SUCCESS

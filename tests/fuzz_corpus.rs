@@ -106,6 +106,13 @@ fn check_proxy_protocol(data: &[u8]) {
     }
 }
 
+/// The L7 request side: the `http_request` fuzz target's call (the hyper
+/// server and the request phases over an in-memory connection; it panics
+/// on a hang).
+fn check_http_request(data: &[u8]) {
+    let _ = mc_proxy::proxy::http::harness::exercise(data);
+}
+
 macro_rules! replay {
     ($($target:ident => $check:expr;)*) => {
         $(
@@ -122,4 +129,5 @@ replay! {
     config => check_config;
     proxy_protocol => check_proxy_protocol;
     authority => check_authority;
+    http_request => check_http_request;
 }

@@ -480,6 +480,7 @@ async fn a_slowloris_does_not_delay_a_good_request_and_is_cut_at_handshake_timeo
     cut += writer.await.unwrap();
     assert_eq!(cut, 300, "every slow connection was closed");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    scene.server.wait_closed("header_timeout", 300.0).await;
 }
 
 #[tokio::test]
@@ -515,4 +516,338 @@ async fn oversized_headers_get_431_and_a_malformed_request_400() {
         Ok(answer) => assert_eq!(answer.status, 431),
         Err(e) => panic!("expected a 431, got {e}"),
     }
+}
+
+mod h2_frames {
+    pub use wire::authority::build::frame;
+    pub const HEADERS: u8 = 0x1;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const GOAWAY: u8 = 0x7;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// A GET for https://a.test/echo: indexed :method GET, :scheme https,
+    /// :path / and a literal :authority (HPACK, no Huffman).
+    pub fn get_block() -> Vec<u8> {
+        let mut block = vec![0x82, 0x87, 0x84, 0x01, 6];
+        block.extend_from_slice(b"a.test");
+        block
+    }
+
+    /// A literal header field without indexing, new name.
+    pub fn literal(name: &str, value: &str) -> Vec<u8> {
+        assert!(name.len() < 127 && value.len() < 127);
+        let mut out = vec![0x00, name.len() as u8];
+        out.extend_from_slice(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+        out
+    }
+
+    /// Reads frames until a GOAWAY (its error code) or the end of the stream.
+    pub async fn goaway<R: tokio::io::AsyncRead + Unpin>(reader: &mut R) -> Option<u32> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut head = [0u8; 9];
+            match tokio::time::timeout_at(deadline, reader.read_exact(&mut head)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            match tokio::time::timeout_at(deadline, reader.read_exact(&mut payload)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+            if head[3] == GOAWAY && payload.len() >= 8 {
+                return Some(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+    }
+}
+
+/// HTTP/2 over TLS to the scene's a.test, the preface and SETTINGS sent.
+async fn raw_h2(scene: &Scene) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_connect(scene.addr(), "a.test", alpn_client(&scene.pki, &[b"h2"]))
+        .await
+        .unwrap();
+    tls.write_all(h2_frames::PREFACE).await.unwrap();
+    tls.write_all(&h2_frames::frame(h2_frames::SETTINGS, 0, 0, &[]))
+        .await
+        .unwrap();
+    tls
+}
+
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_is_cut_with_enhance_your_calm() {
+    use h2_frames::*;
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    // A backend that never answers: every stream stays pending until reset.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(silent.local_addr().unwrap(), &files))]);
+    let mut tls = raw_h2(&scene).await;
+    let mut burst = Vec::new();
+    for i in 0..2000u32 {
+        let stream = 2 * i + 1;
+        burst.extend(frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            stream,
+            &get_block(),
+        ));
+        burst.extend(frame(RST_STREAM, 0, stream, &8u32.to_be_bytes()));
+    }
+    let _ = tls.write_all(&burst).await;
+    // ENHANCE_YOUR_CALM (0xb), and the connection ends.
+    assert_eq!(goaway(&mut tls).await, Some(0xb));
+    // The server is fine for everyone else.
+    let web = http_backend("web").await;
+    scene.set_routes(&[("a.test", l7(web, &files))]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/echo").await.status, 200);
+}
+
+#[tokio::test]
+async fn an_http2_continuation_flood_is_cut_before_it_is_buffered() {
+    use h2_frames::*;
+    use tokio::io::AsyncWriteExt;
+    let scene = Scene::start("").await;
+    let web = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(web, &files))]);
+    let mut tls = raw_h2(&scene).await;
+    tls.write_all(&frame(HEADERS, 0, 1, &get_block()))
+        .await
+        .unwrap();
+    // 1 MiB of CONTINUATION frames that never end the header block.
+    let field = literal("x-flood", &"f".repeat(100));
+    let mut sent = 0usize;
+    let mut write_failed = false;
+    while sent < 1 << 20 {
+        let chunk: Vec<u8> = field
+            .iter()
+            .copied()
+            .cycle()
+            .take(field.len() * 100)
+            .collect();
+        if tls
+            .write_all(&frame(CONTINUATION, 0, 1, &chunk))
+            .await
+            .is_err()
+        {
+            write_failed = true;
+            break;
+        }
+        sent += chunk.len();
+    }
+    // Either the server already closed on us, or it answers with a GOAWAY.
+    if !write_failed {
+        let code = goaway(&mut tls).await;
+        assert!(code.is_some(), "no GOAWAY after 1 MiB of CONTINUATION");
+    }
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/echo").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_blocked_user_agent_gets_403_and_the_backend_never_sees_it() {
+    use std::sync::atomic::Ordering;
+    let scene = Scene::start("[firewall]\nblocked_user_agents = [\"(?i)sqlmap\"]\n").await;
+    let (backend, seen) = counting_http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        let mut req = request("GET", "a.test", "/echo", client.is_h1(), Bytes::new());
+        req.headers_mut().insert(
+            "user-agent",
+            "SQLMap/1.7 (https://sqlmap.org)".parse().unwrap(),
+        );
+        let answer = client.send(req).await.unwrap();
+        assert_eq!(answer.status, 403);
+        assert_eq!(answer.body, "forbidden\n");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            0,
+            "the backend saw a blocked request"
+        );
+        let mut req = request("GET", "a.test", "/echo", client.is_h1(), Bytes::new());
+        req.headers_mut()
+            .insert("user-agent", "curl/8.5.0".parse().unwrap());
+        assert_eq!(client.send(req).await.unwrap().status, 200);
+        assert_eq!(seen.swap(0, Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_backend_that_does_not_answer_in_response_timeout_is_504() {
+    let scene = Scene::start(&proxy_section("response_timeout = \"1s\"")).await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(client.get("a.test", "/slow?ms=100").await.status, 200);
+    let answer = client.get("a.test", "/slow?ms=5000").await;
+    assert_eq!(answer.status, 504);
+    assert_eq!(
+        answer.body,
+        "gateway timeout: the backend did not answer in time\n"
+    );
+    let mut req = request("POST", "a.test", "/slow?ms=5000", false, Bytes::new());
+    req.headers_mut()
+        .insert("content-type", "application/grpc+proto".parse().unwrap());
+    let answer = client.send(req).await.unwrap();
+    assert_eq!(answer.headers["grpc-status"], "4");
+}
+
+#[tokio::test]
+async fn an_http1_only_backend_works_in_auto_and_its_connections_are_pooled() {
+    use std::sync::atomic::Ordering;
+    let scene = Scene::start("").await;
+    let (backend, connections) = http1_only_backend("forge").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    // Sequential requests from two client connections, HTTP/1.1 and HTTP/2.
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        for _ in 0..10 {
+            let answer = client.get("a.test", "/echo").await;
+            assert_eq!(answer.field("backend"), "forge");
+            assert_eq!(answer.field("version"), "HTTP/1.1");
+        }
+    }
+    // 20 requests, one at a time: one kept-alive upstream connection.
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "upstream connections"
+    );
+    let metrics = scene.server.metrics().await;
+    assert_eq!(
+        metrics.get("mc_proxy_upstream_connections_open"),
+        Some(&1.0)
+    );
+}
+
+#[tokio::test]
+async fn tls_1_2_works_and_sessions_resume_with_tickets() {
+    let scene = Scene::start("").await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_protocol_versions(&[version])
+                .with_root_certificates(scene.pki.roots())
+                .with_no_client_auth(),
+        );
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let mut tls = tls_connect(scene.addr(), "a.test", config.clone())
+                .await
+                .unwrap();
+            assert_eq!(tls.get_ref().1.protocol_version(), Some(version.version));
+            // A request, so that TLS 1.3's tickets (sent after the
+            // handshake) reach the client before it goes.
+            use tokio::io::AsyncWriteExt;
+            tls.write_all(b"GET /echo HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let answer = read_until(&mut tls, "body=").await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+            kinds.push(tls.get_ref().1.handshake_kind());
+        }
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ],
+            "{version:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_l7_route_added_through_the_admin_api_terminates_tls_from_the_next_connection() {
+    use mc_proxy::admin::proto;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("route CA");
+    let leaf = pki.leaf(&["git.test"]);
+    let (cert, key) = (dir.path().join("git.pem"), dir.path().join("git.key"));
+    std::fs::write(&cert, leaf.cert_pem.clone() + &pki.ca_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    let passthrough = tls_backend(&pki, "passthrough", &["git.test"]).await;
+    let web = http_backend("forge").await;
+    let server =
+        InProcess::with_admin(dir.path(), ONE_LISTENER, &[("git.test", passthrough.addr)]).await;
+    assert_eq!(
+        who(server.addr(), "git.test", &pki).await.unwrap(),
+        "passthrough"
+    );
+
+    // The control plane switches the route to L7 with the same call it
+    // always makes, plus the mode and the certificate.
+    let mut admin = admin_client(&dir.path().join("admin.sock")).await;
+    let route = proto::Route {
+        listener_addr: ONE_LISTENER.into(),
+        hostname: "git.test".into(),
+        backend: web.to_string(),
+        mode: proto::RouteMode::L7 as i32,
+        tls_cert: cert.display().to_string(),
+        tls_key: key.display().to_string(),
+        ..Default::default()
+    };
+    admin
+        .add_route(proto::AddRouteRequest {
+            route: Some(route.clone()),
+        })
+        .await
+        .unwrap();
+    let mut client = L7Client::connect(server.addr(), "git.test", &pki, true).await;
+    let answer = client.get("git.test", "/echo").await;
+    assert_eq!(answer.field("backend"), "forge");
+    assert_eq!(answer.field("x-forwarded-for"), "127.0.0.1");
+    // ListRoutes gives the mode back: it was not dropped on the way.
+    let listed = admin
+        .list_routes(proto::ListRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].mode, proto::RouteMode::L7 as i32);
+    assert_eq!(listed[0].tls_cert, route.tls_cert);
+}
+
+#[tokio::test]
+async fn keep_alive_connections_live_until_idle_timeout_not_handshake_timeout() {
+    let scene = Scene::start(&proxy_section(
+        "handshake_timeout = \"1s\"\nidle_timeout = \"4s\"",
+    ))
+    .await;
+    let backend = http_backend("web").await;
+    let files = scene.cert("a", &["a.test"]);
+    scene.set_routes(&[("a.test", l7(backend, &files))]);
+    for h2 in [false, true] {
+        let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, h2).await;
+        assert_eq!(client.get("a.test", "/echo").await.status, 200);
+        // Idle past handshake_timeout: still open.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        assert_eq!(client.get("a.test", "/echo").await.status, 200, "h2={h2}");
+    }
+    // Idle past idle_timeout: closed by the server (outcome idle_timeout).
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, false).await;
+    assert_eq!(client.get("a.test", "/echo").await.status, 200);
+    scene.server.wait_closed("idle_timeout", 1.0).await;
 }

@@ -186,6 +186,7 @@ async fn snapshot_of_a_running_server_under_write_load_is_whole_and_private() {
                         hostname: hostname.clone(),
                         backend: "127.0.0.1:9".into(),
                         send_proxy_protocol: false,
+                        ..Default::default()
                     }),
                 };
                 client.add_route(request).await.unwrap();

@@ -232,6 +232,7 @@ fn second_signal_exits_with(signal: &str, code: i32) {
                     hostname: hostname.clone(),
                     backend: "127.0.0.1:1".to_string(),
                     send_proxy_protocol: false,
+                    ..Default::default()
                 }),
             };
             match client.add_route(request).await {

@@ -272,6 +272,7 @@ async fn churn(
                             hostname: hostname.clone(),
                             backend: backend.clone(),
                             send_proxy_protocol: false,
+                            ..Default::default()
                         }),
                     })
                     .await;

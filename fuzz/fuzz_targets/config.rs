@@ -2,8 +2,9 @@
 //! a validated `Config`, never a panic. Beyond that it checks what the loader
 //! promises: an error is one non-empty line naming the file; a `Config` has
 //! a database path resolved against the config's directory, unique listener
-//! addresses, unique hostnames per listener, and hostnames and backends that
-//! parse back to themselves from their display form.
+//! addresses, unique hostnames per listener, hostnames and backends that
+//! parse back to themselves from their display form, and L7 routes with
+//! absolute certificate paths and no PROXY header.
 #![no_main]
 
 use std::collections::HashSet;
@@ -50,6 +51,17 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(Hostname::parse(&shown).ok().as_ref(), Some(&route.hostname));
                     let shown = route.backend.to_string();
                     assert_eq!(Backend::parse(&shown).ok().as_ref(), Some(&route.backend));
+                    // An L7 route: its files resolved, no PROXY header
+                    // (its backend connections are pooled).
+                    if let Some(l7) = route.mode.l7() {
+                        assert!(l7.tls_cert.is_absolute() && l7.tls_key.is_absolute());
+                        assert!(l7.backend_ca.as_ref().is_none_or(|ca| ca.is_absolute()));
+                        assert!(
+                            l7.backend_tls
+                                || (l7.backend_ca.is_none() && l7.backend_server_name.is_none())
+                        );
+                        assert!(!route.send_proxy_protocol, "PROXY header on an L7 route");
+                    }
                 }
             }
             // Same text, same answer.

@@ -134,27 +134,103 @@ pub async fn routes_list(target: ClientTarget, listener: Option<String>, json: b
     }
 }
 
-/// `mc-proxy routes add --listener ADDR --hostname HOST --backend HOST:PORT`;
-/// prints `created` or `updated`.
-pub async fn routes_add(
-    target: ClientTarget,
-    listener: String,
-    hostname: String,
-    backend: String,
-    send_proxy_protocol: bool,
-) -> ExitCode {
+/// What `routes add` asks for: the flags as given (the server validates
+/// them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub listener: String,
+    pub hostname: String,
+    pub backend: String,
+    pub send_proxy_protocol: bool,
+    /// `--mode l7` (`--mode l4`, or no `--mode`, is false).
+    pub l7: bool,
+    /// `--tls-cert`; a relative path is made absolute against the current
+    /// directory before sending (the server's is another).
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`, made absolute likewise.
+    pub tls_key: Option<PathBuf>,
+    pub backend_tls: bool,
+    /// `--backend-ca`, made absolute likewise.
+    pub backend_ca: Option<PathBuf>,
+    pub backend_server_name: Option<String>,
+    /// `auto`, `http1` or `h2`.
+    pub backend_protocol: Option<String>,
+}
+
+/// A path flag that cannot be sent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathFlagError {
+    /// The current directory is unknown (deleted, or not readable).
+    #[error("{flag}: cannot make {} absolute: {source}", path.display())]
+    Absolute {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The admin API carries paths as UTF-8 text.
+    #[error("{flag}: {} is not valid UTF-8", path.display())]
+    NotUtf8 { flag: &'static str, path: PathBuf },
+}
+
+/// A path flag as sent: absolute (against the CLI's current directory),
+/// as UTF-8 text; empty when not given.
+fn path_flag(flag: &'static str, path: Option<&Path>) -> Result<String, PathFlagError> {
+    let Some(path) = path else {
+        return Ok(String::new());
+    };
+    let absolute = std::path::absolute(path).map_err(|source| PathFlagError::Absolute {
+        flag,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    absolute
+        .into_os_string()
+        .into_string()
+        .map_err(|_| PathFlagError::NotUtf8 {
+            flag,
+            path: path.to_path_buf(),
+        })
+}
+
+impl RouteSpec {
+    /// The wire route `routes add` sends.
+    pub fn to_wire(&self) -> Result<proto::Route, PathFlagError> {
+        Ok(proto::Route {
+            listener_addr: self.listener.clone(),
+            hostname: self.hostname.clone(),
+            backend: self.backend.clone(),
+            send_proxy_protocol: self.send_proxy_protocol,
+            mode: if self.l7 {
+                proto::RouteMode::L7
+            } else {
+                proto::RouteMode::L4
+            }
+            .into(),
+            tls_cert: path_flag("--tls-cert", self.tls_cert.as_deref())?,
+            tls_key: path_flag("--tls-key", self.tls_key.as_deref())?,
+            backend_tls: self.backend_tls,
+            backend_ca: path_flag("--backend-ca", self.backend_ca.as_deref())?,
+            backend_server_name: self.backend_server_name.clone().unwrap_or_default(),
+            backend_protocol: self.backend_protocol.clone().unwrap_or_default(),
+        })
+    }
+}
+
+/// `mc-proxy routes add --listener ADDR --hostname HOST --backend HOST:PORT
+/// [--mode l4|l7] [L7 flags]`; prints `created` or `updated`.
+pub async fn routes_add(target: ClientTarget, spec: RouteSpec) -> ExitCode {
+    // Before connecting: a flag that can't be sent is a usage error.
+    let route = match spec.to_wire() {
+        Ok(route) => route,
+        Err(err) => return fail(2, &err.to_string()),
+    };
     let mut client = match connect(&target).await {
         Ok(client) => client,
         Err(code) => return code,
     };
-    let request = proto::AddRouteRequest {
-        route: Some(proto::Route {
-            listener_addr: listener,
-            hostname,
-            backend,
-            send_proxy_protocol,
-        }),
-    };
+    let request = proto::AddRouteRequest { route: Some(route) };
     match client.add_route(request).await {
         Ok(response) => emit(if response.into_inner().created {
             "created\n"
@@ -204,7 +280,7 @@ pub async fn firewall_list(target: ClientTarget, json: bool) -> ExitCode {
     }
 }
 
-/// `mc-proxy firewall add (--ip IP | --cidr CIDR | --country CC)`
+/// `mc-proxy firewall add (--ip IP | --cidr CIDR | --country CC | --user-agent REGEX)`
 pub async fn firewall_add(target: ClientTarget, kind: RuleKind, value: String) -> ExitCode {
     let mut client = match connect(&target).await {
         Ok(client) => client,
@@ -219,7 +295,7 @@ pub async fn firewall_add(target: ClientTarget, kind: RuleKind, value: String) -
     }
 }
 
-/// `mc-proxy firewall remove (--ip IP | --cidr CIDR | --country CC)`
+/// `mc-proxy firewall remove (--ip IP | --cidr CIDR | --country CC | --user-agent REGEX)`
 pub async fn firewall_remove(target: ClientTarget, kind: RuleKind, value: String) -> ExitCode {
     let mut client = match connect(&target).await {
         Ok(client) => client,
@@ -300,6 +376,7 @@ fn wire_rule(kind: RuleKind, value: String) -> proto::FirewallRule {
         RuleKind::Ip => proto::FirewallRuleType::Ip,
         RuleKind::Cidr => proto::FirewallRuleType::Cidr,
         RuleKind::Country => proto::FirewallRuleType::Country,
+        RuleKind::UserAgent => proto::FirewallRuleType::UserAgent,
     };
     proto::FirewallRule {
         r#type: r#type.into(),
@@ -312,6 +389,7 @@ fn rule_type_name(r#type: i32) -> &'static str {
         Ok(proto::FirewallRuleType::Ip) => "ip",
         Ok(proto::FirewallRuleType::Cidr) => "cidr",
         Ok(proto::FirewallRuleType::Country) => "country",
+        Ok(proto::FirewallRuleType::UserAgent) => "user_agent",
         _ => "unspecified",
     }
 }
@@ -370,12 +448,42 @@ impl From<&proto::GetStatusResponse> for StatusJson {
     }
 }
 
+/// A route in `routes list --json`: the L7 keys only on L7 routes.
 #[derive(Debug, Serialize)]
 struct RouteJson {
     listener_addr: String,
     hostname: String,
     backend: String,
     send_proxy_protocol: bool,
+    mode: &'static str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    l7: Option<L7Json>,
+}
+
+#[derive(Debug, Serialize)]
+struct L7Json {
+    tls_cert: String,
+    tls_key: String,
+    backend_tls: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_ca: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_server_name: Option<String>,
+    backend_protocol: String,
+}
+
+fn is_l7(route: &proto::Route) -> bool {
+    route.mode == i32::from(proto::RouteMode::L7)
+}
+
+/// `""` is "the default": not shown.
+fn non_empty(text: &str) -> Option<String> {
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// The backend protocol as shown: `""` is `auto`.
+fn backend_protocol_name(route: &proto::Route) -> String {
+    non_empty(&route.backend_protocol).unwrap_or_else(|| "auto".to_string())
 }
 
 impl From<&proto::Route> for RouteJson {
@@ -385,6 +493,15 @@ impl From<&proto::Route> for RouteJson {
             hostname: route.hostname.clone(),
             backend: route.backend.clone(),
             send_proxy_protocol: route.send_proxy_protocol,
+            mode: if is_l7(route) { "l7" } else { "l4" },
+            l7: is_l7(route).then(|| L7Json {
+                tls_cert: route.tls_cert.clone(),
+                tls_key: route.tls_key.clone(),
+                backend_tls: route.backend_tls,
+                backend_ca: non_empty(&route.backend_ca),
+                backend_server_name: non_empty(&route.backend_server_name),
+                backend_protocol: backend_protocol_name(route),
+            }),
         }
     }
 }
@@ -419,13 +536,16 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     for row in std::iter::once(&header).chain(rows) {
         let last = row.len().saturating_sub(1);
+        let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
             if i == last {
-                out.push_str(cell);
+                line.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
+        // An empty last cell leaves no padding behind.
+        out.push_str(line.trim_end_matches(' '));
         out.push('\n');
     }
     out
@@ -461,9 +581,33 @@ fn render_status(status: &proto::GetStatusResponse, now: SystemTime) -> String {
     out
 }
 
+/// An L7 route's settings on one line (`cert=... key=... protocol=auto
+/// backend_tls ca=... server_name=...`, the defaults left out where they
+/// say nothing).
+fn l7_details(route: &proto::Route) -> String {
+    let mut out = format!(
+        "cert={} key={} protocol={}",
+        route.tls_cert,
+        route.tls_key,
+        backend_protocol_name(route)
+    );
+    if route.backend_tls {
+        out.push_str(" backend_tls");
+    }
+    if let Some(ca) = non_empty(&route.backend_ca) {
+        out.push_str(&format!(" ca={ca}"));
+    }
+    if let Some(name) = non_empty(&route.backend_server_name) {
+        out.push_str(&format!(" server_name={name}"));
+    }
+    out
+}
+
 fn render_routes(routes: &[proto::Route]) -> String {
-    // The PROXY-protocol column appears only when some route uses it.
+    // The PROXY-protocol column appears only when some route uses it; the
+    // MODE and L7 columns only when some route is L7.
     let proxy_column = routes.iter().any(|r| r.send_proxy_protocol);
+    let l7_columns = routes.iter().any(is_l7);
     let rows: Vec<Vec<String>> = routes
         .iter()
         .map(|r| {
@@ -472,20 +616,33 @@ fn render_routes(routes: &[proto::Route]) -> String {
                 r.hostname.clone(),
                 r.backend.clone(),
             ];
+            if l7_columns {
+                row.push(if is_l7(r) { "l7" } else { "l4" }.into());
+            }
             if proxy_column {
                 row.push(if r.send_proxy_protocol { "yes" } else { "no" }.into());
+            }
+            if l7_columns {
+                row.push(if is_l7(r) {
+                    l7_details(r)
+                } else {
+                    String::new()
+                });
             }
             row
         })
         .collect();
-    if proxy_column {
-        table(
-            &["LISTENER", "HOSTNAME", "BACKEND", "SEND_PROXY_PROTOCOL"],
-            &rows,
-        )
-    } else {
-        table(&["LISTENER", "HOSTNAME", "BACKEND"], &rows)
+    let mut header = vec!["LISTENER", "HOSTNAME", "BACKEND"];
+    if l7_columns {
+        header.push("MODE");
     }
+    if proxy_column {
+        header.push("SEND_PROXY_PROTOCOL");
+    }
+    if l7_columns {
+        header.push("L7");
+    }
+    table(&header, &rows)
 }
 
 fn render_rules(rules: &[proto::FirewallRule]) -> String {
@@ -506,6 +663,7 @@ mod tests {
             hostname: host.into(),
             backend: backend.into(),
             send_proxy_protocol: pp,
+            ..proto::Route::default()
         }
     }
 
@@ -523,6 +681,100 @@ mod tests {
         );
         assert!(render_routes(&[route(":443", "a.test", "1.2.3.4:5", true)])
             .contains("SEND_PROXY_PROTOCOL"));
+    }
+
+    fn l7_route(listener: &str, host: &str, backend: &str) -> proto::Route {
+        proto::Route {
+            mode: proto::RouteMode::L7.into(),
+            tls_cert: "/srv/certs/git.pem".into(),
+            tls_key: "/srv/certs/git.key".into(),
+            ..route(listener, host, backend, false)
+        }
+    }
+
+    #[test]
+    fn l7_routes_show_their_mode_and_settings() {
+        let mut tls = l7_route(":443", "git.test", "git.internal:3443");
+        tls.backend_tls = true;
+        tls.backend_ca = "/srv/certs/ca.pem".into();
+        tls.backend_server_name = "git.svc".into();
+        tls.backend_protocol = "h2".into();
+        let text = render_routes(&[
+            route(":443", "a.test", "127.0.0.1:1", false),
+            l7_route(":443", "b.test", "127.0.0.1:2"),
+            tls.clone(),
+        ]);
+        assert_eq!(
+            text,
+            "LISTENER  HOSTNAME  BACKEND            MODE  L7\n\
+             :443      a.test    127.0.0.1:1        l4\n\
+             :443      b.test    127.0.0.1:2        l7    cert=/srv/certs/git.pem key=/srv/certs/git.key protocol=auto\n\
+             :443      git.test  git.internal:3443  l7    cert=/srv/certs/git.pem key=/srv/certs/git.key protocol=h2 backend_tls ca=/srv/certs/ca.pem server_name=git.svc\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&to_json(&vec![
+            RouteJson::from(&route(":443", "a.test", "127.0.0.1:1", false)),
+            RouteJson::from(&l7_route(":443", "b.test", "127.0.0.1:2")),
+            RouteJson::from(&tls),
+        ]))
+        .unwrap();
+        assert_eq!(json[0]["mode"], "l4");
+        assert!(json[0].get("tls_cert").is_none(), "{json}");
+        assert_eq!(json[1]["mode"], "l7");
+        assert_eq!(json[1]["tls_cert"], "/srv/certs/git.pem");
+        assert_eq!(json[1]["backend_protocol"], "auto");
+        assert_eq!(json[1]["backend_tls"], false);
+        assert!(json[1].get("backend_ca").is_none(), "{json}");
+        assert_eq!(json[2]["backend_ca"], "/srv/certs/ca.pem");
+        assert_eq!(json[2]["backend_server_name"], "git.svc");
+        assert_eq!(json[2]["backend_protocol"], "h2");
+    }
+
+    #[test]
+    fn route_spec_paths_are_made_absolute_against_the_cwd() {
+        let cwd = std::env::current_dir().unwrap();
+        let spec = RouteSpec {
+            listener: ":443".into(),
+            hostname: "git.test".into(),
+            backend: "127.0.0.1:3000".into(),
+            l7: true,
+            tls_cert: Some("certs/git.pem".into()),
+            tls_key: Some("/abs/git.key".into()),
+            backend_tls: true,
+            backend_ca: Some("ca.pem".into()),
+            backend_server_name: Some("git.svc".into()),
+            backend_protocol: Some("http1".into()),
+            ..RouteSpec::default()
+        };
+        let wire = spec.to_wire().unwrap();
+        assert_eq!(wire.mode, i32::from(proto::RouteMode::L7));
+        assert_eq!(
+            wire.tls_cert,
+            cwd.join("certs/git.pem").to_str().unwrap().to_string()
+        );
+        assert_eq!(wire.tls_key, "/abs/git.key");
+        assert_eq!(wire.backend_ca, cwd.join("ca.pem").to_str().unwrap());
+        assert_eq!(wire.backend_server_name, "git.svc");
+        assert_eq!(wire.backend_protocol, "http1");
+        assert!(wire.backend_tls);
+        let l4 = RouteSpec {
+            listener: ":443".into(),
+            hostname: "a.test".into(),
+            backend: "127.0.0.1:1".into(),
+            ..RouteSpec::default()
+        }
+        .to_wire()
+        .unwrap();
+        assert_eq!(l4.mode, i32::from(proto::RouteMode::L4));
+        assert_eq!(
+            (l4.tls_cert, l4.tls_key, l4.backend_ca),
+            (String::new(), String::new(), String::new())
+        );
+        let user_agent = wire_rule(RuleKind::UserAgent, "(?i)sqlmap".into());
+        assert_eq!(rule_type_name(user_agent.r#type), "user_agent");
+        assert_eq!(
+            render_rules(&[user_agent]),
+            "TYPE        VALUE\nuser_agent  (?i)sqlmap\n"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The `ProxyAdminService` handlers.
 //!
 //! Owns: turning wire messages into validated values (`Hostname`, `Backend`,
-//! `Rule`) and store results into status codes. Bad input is
+//! `Mode` with its `L7Route`, `Rule`) and store results into status codes.
+//! An L7 route's certificate and key are read and checked
+//! (`l7::certs::load`, on the blocking pool) before anything is written. Bad input is
 //! `INVALID_ARGUMENT` naming the field; an unknown listener or removing
 //! something absent is `NOT_FOUND`; a storage failure is `INTERNAL` (the
 //! detail goes to the log, not the client). Never `ALREADY_EXISTS`.
@@ -10,16 +12,19 @@
 //! commits to SQLite before it touches memory.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
+use wire::route::{parse_server_name, BackendProtocol, L7Route, Mode};
 use wire::rule::{Rule, RuleKind};
 
 use super::proto;
 use super::proto::proxy_admin_service_server::ProxyAdminService;
 use super::status::code_name;
 use crate::firewall::Firewall;
+use crate::l7::certs;
 use crate::metrics::Stats;
 use crate::routes::{Backend, Hostname, Routes, Target};
 use crate::store::{Store, StoreError};
@@ -94,10 +99,11 @@ fn parse_rule(field: &str, rule: Option<proto::FirewallRule>) -> Result<Rule, St
         Ok(proto::FirewallRuleType::Ip) => RuleKind::Ip,
         Ok(proto::FirewallRuleType::Cidr) => RuleKind::Cidr,
         Ok(proto::FirewallRuleType::Country) => RuleKind::Country,
+        Ok(proto::FirewallRuleType::UserAgent) => RuleKind::UserAgent,
         Ok(proto::FirewallRuleType::Unspecified) => {
             return Err(invalid(
                 &format!("{field}.type"),
-                "required: FIREWALL_RULE_TYPE_IP, _CIDR or _COUNTRY",
+                "required: FIREWALL_RULE_TYPE_IP, _CIDR, _COUNTRY or _USER_AGENT",
             ))
         }
         Err(_) => {
@@ -107,7 +113,12 @@ fn parse_rule(field: &str, rule: Option<proto::FirewallRule>) -> Result<Rule, St
             ))
         }
     };
-    let value = truncate_for_parse(&rule.value);
+    // A user-agent pattern is parsed whole (its parser caps the length and
+    // its errors don't echo it); the other values are short when valid.
+    let value = match kind {
+        RuleKind::UserAgent => rule.value.as_str(),
+        _ => truncate_for_parse(&rule.value),
+    };
     Rule::parse(kind, value).map_err(|e| invalid(&format!("{field}.value"), e))
 }
 
@@ -124,7 +135,152 @@ fn rule_type(kind: RuleKind) -> proto::FirewallRuleType {
         RuleKind::Ip => proto::FirewallRuleType::Ip,
         RuleKind::Cidr => proto::FirewallRuleType::Cidr,
         RuleKind::Country => proto::FirewallRuleType::Country,
+        RuleKind::UserAgent => proto::FirewallRuleType::UserAgent,
     }
+}
+
+/// An L7 route's file path: absolute (the server's working directory is
+/// nobody's business; the CLI makes relative paths absolute before sending).
+fn parse_path(field: &str, text: &str) -> Result<PathBuf, Status> {
+    let path = PathBuf::from(text);
+    if !path.is_absolute() {
+        return Err(invalid(
+            field,
+            format_args!(
+                "{}: must be an absolute path on the server's filesystem",
+                quoted(text)
+            ),
+        ));
+    }
+    Ok(path)
+}
+
+/// A wire route's [`Mode`], every field checked (none of the files is read
+/// here). L7-only fields on an L4 route are refused by name, as is
+/// `send_proxy_protocol` on an L7 route.
+fn parse_mode(route: &proto::Route) -> Result<Mode, Status> {
+    let mode = proto::RouteMode::try_from(route.mode)
+        .map_err(|_| invalid("route.mode", format_args!("unknown value {}", route.mode)))?;
+    if mode != proto::RouteMode::L7 {
+        let set = [
+            ("route.tls_cert", !route.tls_cert.is_empty()),
+            ("route.tls_key", !route.tls_key.is_empty()),
+            ("route.backend_tls", route.backend_tls),
+            ("route.backend_ca", !route.backend_ca.is_empty()),
+            (
+                "route.backend_server_name",
+                !route.backend_server_name.is_empty(),
+            ),
+            ("route.backend_protocol", !route.backend_protocol.is_empty()),
+        ];
+        return match set.into_iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(invalid(
+                field,
+                "only for ROUTE_MODE_L7 routes (this route is L4)",
+            )),
+            None => Ok(Mode::L4),
+        };
+    }
+    if route.send_proxy_protocol {
+        return Err(invalid(
+            "route.send_proxy_protocol",
+            "not allowed on a ROUTE_MODE_L7 route: its backend connections are pooled, so a per-client PROXY header cannot be right (X-Forwarded-For carries the client)",
+        ));
+    }
+    let required = |field: &str, text: &str| {
+        if text.is_empty() {
+            Err(invalid(field, "required for a ROUTE_MODE_L7 route"))
+        } else {
+            parse_path(field, text)
+        }
+    };
+    let tls_cert = required("route.tls_cert", &route.tls_cert)?;
+    let tls_key = required("route.tls_key", &route.tls_key)?;
+    let backend_protocol = BackendProtocol::parse(&route.backend_protocol).ok_or_else(|| {
+        invalid(
+            "route.backend_protocol",
+            format_args!(
+                "{}: not one of \"auto\", \"http1\", \"h2\" (\"\" = auto)",
+                quoted(&route.backend_protocol)
+            ),
+        )
+    })?;
+    let backend_ca = match route.backend_ca.as_str() {
+        "" => None,
+        _ if !route.backend_tls => return Err(invalid("route.backend_ca", "needs backend_tls")),
+        text => Some(parse_path("route.backend_ca", text)?),
+    };
+    let backend_server_name = match route.backend_server_name.as_str() {
+        "" => None,
+        _ if !route.backend_tls => {
+            return Err(invalid("route.backend_server_name", "needs backend_tls"))
+        }
+        text => Some(parse_server_name(text).map_err(|e| {
+            invalid(
+                "route.backend_server_name",
+                format_args!("{}: not an IP address or DNS name: {e}", quoted(text)),
+            )
+        })?),
+    };
+    Ok(Mode::L7(Arc::new(L7Route {
+        tls_cert,
+        tls_key,
+        backend_tls: route.backend_tls,
+        backend_ca,
+        backend_server_name,
+        backend_protocol,
+    })))
+}
+
+/// Reads and checks an L7 route's certificate and key on the blocking
+/// pool; a refused file is `INVALID_ARGUMENT` naming `route.tls_cert` or
+/// `route.tls_key`.
+async fn check_certificate(l7: &L7Route) -> Result<(), Status> {
+    let (cert, key) = (l7.tls_cert.clone(), l7.tls_key.clone());
+    let loaded = tokio::task::spawn_blocking(move || certs::load(&cert, &key))
+        .await
+        .map_err(|err| {
+            error!(error = %err, "certificate check task failed");
+            Status::internal("the certificate check failed (details in the server log)")
+        })?;
+    match loaded {
+        Ok(loaded) => {
+            if loaded.leaf_only {
+                tracing::warn!(
+                    tls_cert = %l7.tls_cert.display(),
+                    "route certificate chain is only a leaf not signed by itself: clients that need the intermediate will fail"
+                );
+            }
+            Ok(())
+        }
+        Err(err) => Err(invalid(&format!("route.{}", err.file().field()), err)),
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// A route as the wire shows it: every field.
+fn wire_route(listener: &str, hostname: &str, target: &Target) -> proto::Route {
+    let mut route = proto::Route {
+        listener_addr: listener.to_string(),
+        hostname: hostname.to_string(),
+        backend: target.backend.to_string(),
+        send_proxy_protocol: target.send_proxy_protocol,
+        mode: proto::RouteMode::L4.into(),
+        ..proto::Route::default()
+    };
+    if let Some(l7) = target.mode.l7() {
+        route.mode = proto::RouteMode::L7.into();
+        route.tls_cert = path_text(&l7.tls_cert);
+        route.tls_key = path_text(&l7.tls_key);
+        route.backend_tls = l7.backend_tls;
+        route.backend_ca = l7.backend_ca.as_deref().map(path_text).unwrap_or_default();
+        route.backend_server_name = l7.backend_server_name.clone().unwrap_or_default();
+        route.backend_protocol = l7.backend_protocol.label().to_string();
+    }
+    route
 }
 
 /// Maps a store failure that is not a plain "not found" to `INTERNAL`,
@@ -181,12 +337,7 @@ impl AdminService {
         let mut out = Vec::new();
         for listener in listeners {
             for (hostname, target) in listener.snapshot().sorted() {
-                out.push(proto::Route {
-                    listener_addr: listener.addr().to_string(),
-                    hostname: hostname.to_string(),
-                    backend: target.backend.to_string(),
-                    send_proxy_protocol: target.send_proxy_protocol,
-                });
+                out.push(wire_route(listener.addr(), hostname.as_str(), &target));
             }
         }
         Ok(out)
@@ -197,13 +348,17 @@ impl AdminService {
         parse_listener("route.listener_addr", &route.listener_addr)?;
         let hostname = parse_hostname("route.hostname", &route.hostname)?;
         let backend = parse_backend("route.backend", &route.backend)?;
+        let mode = parse_mode(&route)?;
         if self.state.routes.listener(&route.listener_addr).is_none() {
             return Err(listener_not_found(&route.listener_addr));
+        }
+        if let Some(l7) = mode.l7() {
+            check_certificate(l7).await?;
         }
         let target = Target {
             backend,
             send_proxy_protocol: route.send_proxy_protocol,
-            mode: crate::routes::Mode::L4,
+            mode,
         };
         match self
             .state
@@ -246,7 +401,7 @@ impl AdminService {
 
     async fn remove_rule_inner(&self, rule: Option<proto::FirewallRule>) -> Result<(), Status> {
         let rule = parse_rule("rule", rule)?;
-        match self.state.store.remove_rule(rule).await {
+        match self.state.store.remove_rule(rule.clone()).await {
             Ok(()) => Ok(()),
             Err(StoreError::NotFound(_)) => {
                 Err(Status::not_found(format!("firewall rule {rule} not found")))
@@ -254,6 +409,26 @@ impl AdminService {
             Err(err) => Err(storage_failure("RemoveFirewallRule", err)),
         }
     }
+}
+
+/// An AddRoute call's L7 fields for its log line (those set), valid or not.
+fn l7_fields_for_log(route: &proto::Route) -> String {
+    let mut out = String::new();
+    for (name, value) in [
+        ("tls_cert", &route.tls_cert),
+        ("tls_key", &route.tls_key),
+        ("backend_ca", &route.backend_ca),
+        ("backend_server_name", &route.backend_server_name),
+        ("backend_protocol", &route.backend_protocol),
+    ] {
+        if !value.is_empty() {
+            out.push_str(&format!(" {name}={}", quoted(value)));
+        }
+    }
+    if route.backend_tls {
+        out.push_str(" backend_tls=true");
+    }
+    out
 }
 
 /// How a wire rule is shown in a log line, valid or not.
@@ -329,11 +504,15 @@ impl ProxyAdminService for AdminService {
         log_result(
             "AddRoute",
             format_args!(
-                "listener={} hostname={} backend={} send_proxy_protocol={}",
+                "listener={} hostname={} backend={} send_proxy_protocol={} mode={}{}",
                 quoted(&shown.listener_addr),
                 quoted(&shown.hostname),
                 quoted(&shown.backend),
-                shown.send_proxy_protocol
+                shown.send_proxy_protocol,
+                proto::RouteMode::try_from(shown.mode)
+                    .map(|m| m.as_str_name())
+                    .unwrap_or("?"),
+                l7_fields_for_log(&shown),
             ),
             &result,
             outcome,

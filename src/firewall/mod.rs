@@ -14,7 +14,9 @@
 //! then the rate limit, so only connections the rules allow use up a
 //! client's budget; then the open-connection limit, so only connections
 //! about to be served take a slot ([`Firewall::check`] is the same decision
-//! without that last step).
+//! without that last step). User-agent rules never take part in that
+//! decision: an L4 connection has no User-Agent. They are for requests on
+//! L7 routes ([`Firewall::blocks_user_agent`]).
 //!
 //! - [`rule`]: rule values and their text forms (the `wire` crate's,
 //!   re-exported).
@@ -76,6 +78,73 @@ pub enum Verdict {
     Block(BlockReason),
 }
 
+/// Most memory the user-agent rules compiled together may take (the
+/// `regex` crate's `size_limit` for the one `RegexSet`). Beyond it each
+/// pattern is matched on its own (each is within
+/// [`rule::USER_AGENT_REGEX_SIZE_LIMIT`]).
+const USER_AGENT_SET_SIZE_LIMIT: usize = 16 << 20;
+
+/// The user-agent rules, compiled.
+#[derive(Debug, Default)]
+enum UserAgentMatcher {
+    #[default]
+    Empty,
+    /// Every pattern in one set: one pass over the User-Agent.
+    Set(regex::bytes::RegexSet),
+    /// The set was too large: one regex per pattern.
+    Each(Vec<regex::bytes::Regex>),
+}
+
+impl UserAgentMatcher {
+    fn new(patterns: &[&str]) -> UserAgentMatcher {
+        UserAgentMatcher::with_set_limit(patterns, USER_AGENT_SET_SIZE_LIMIT)
+    }
+
+    fn with_set_limit(patterns: &[&str], set_limit: usize) -> UserAgentMatcher {
+        if patterns.is_empty() {
+            return UserAgentMatcher::Empty;
+        }
+        let set = regex::bytes::RegexSetBuilder::new(patterns)
+            .size_limit(set_limit)
+            .dfa_size_limit(set_limit)
+            .build();
+        match set {
+            Ok(set) => UserAgentMatcher::Set(set),
+            Err(err) => {
+                tracing::warn!(
+                    patterns = patterns.len(),
+                    error = %err,
+                    "user-agent rules too large to match as one set; matching them one by one"
+                );
+                let each = patterns
+                    .iter()
+                    .filter_map(|pattern| {
+                        // Each pattern compiled within this limit when it
+                        // became a rule (`UserAgentPattern::parse`).
+                        regex::bytes::RegexBuilder::new(pattern)
+                            .size_limit(rule::USER_AGENT_REGEX_SIZE_LIMIT)
+                            .dfa_size_limit(rule::USER_AGENT_REGEX_SIZE_LIMIT)
+                            .build()
+                            .inspect_err(|err| {
+                                tracing::error!(pattern, error = %err, "user-agent rule does not compile; ignored");
+                            })
+                            .ok()
+                    })
+                    .collect();
+                UserAgentMatcher::Each(each)
+            }
+        }
+    }
+
+    fn is_match(&self, ua: &[u8]) -> bool {
+        match self {
+            UserAgentMatcher::Empty => false,
+            UserAgentMatcher::Set(set) => set.is_match(ua),
+            UserAgentMatcher::Each(each) => each.iter().any(|re| re.is_match(ua)),
+        }
+    }
+}
+
 /// An immutable, compiled set of rules.
 #[derive(Debug, Default)]
 pub struct RuleSet {
@@ -84,6 +153,7 @@ pub struct RuleSet {
     addrs: AddrSet,
     /// Sorted.
     countries: Vec<CountryCode>,
+    user_agents: UserAgentMatcher,
 }
 
 impl RuleSet {
@@ -94,16 +164,20 @@ impl RuleSet {
         let mut ips = Vec::new();
         let mut nets = Vec::new();
         let mut countries = Vec::new();
+        let mut patterns = Vec::new();
         for rule in &rules {
-            match *rule {
-                Rule::Ip(ip) => ips.push(ip),
-                Rule::Cidr(net) => nets.push(net),
-                Rule::Country(cc) => countries.push(cc),
+            match rule {
+                Rule::Ip(ip) => ips.push(*ip),
+                Rule::Cidr(net) => nets.push(*net),
+                Rule::Country(cc) => countries.push(*cc),
+                Rule::UserAgent(pattern) => patterns.push(pattern.as_str()),
             }
         }
+        let user_agents = UserAgentMatcher::new(&patterns);
         RuleSet {
             addrs: AddrSet::new(ips, nets),
             countries,
+            user_agents,
             rules,
         }
     }
@@ -136,6 +210,12 @@ impl RuleSet {
 
     pub fn has_country_rules(&self) -> bool {
         !self.countries.is_empty()
+    }
+
+    /// True when a user-agent rule matches `ua` (a request's User-Agent
+    /// header value, as sent).
+    pub fn blocks_user_agent(&self, ua: &[u8]) -> bool {
+        self.user_agents.is_match(ua)
     }
 }
 
@@ -243,12 +323,15 @@ impl Firewall {
         Verdict::Allow
     }
 
-    /// The rule set in force now.
-    /// TEMPORARY until the plumbing branch merges (never on main).
-    pub fn blocks_user_agent(&self, _ua: &[u8]) -> bool {
-        false
+    /// True when a user-agent rule in force now matches `ua`, the
+    /// User-Agent of a request on an L7 route (that request gets 403).
+    /// Lock-free, like [`check`](Self::check); never part of a connection's
+    /// decision.
+    pub fn blocks_user_agent(&self, ua: &[u8]) -> bool {
+        self.rules.load().blocks_user_agent(ua)
     }
 
+    /// The rule set in force now.
     pub fn rules(&self) -> Arc<RuleSet> {
         self.rules.load_full()
     }
@@ -499,6 +582,52 @@ mod tests {
         assert!(set.blocks_country(cc("KP")));
         assert!(!set.blocks_country(cc("GB")));
         assert!(RuleSet::new(&[]).is_empty());
+    }
+
+    #[test]
+    fn user_agent_rules_block_user_agents_and_never_connections() {
+        let fw = firewall(&[
+            rule(RuleKind::UserAgent, "(?i)sqlmap"),
+            rule(RuleKind::UserAgent, "^curl/7\\."),
+            rule(RuleKind::Ip, "192.0.2.1"),
+        ]);
+        assert!(fw.blocks_user_agent(b"sqlmap/1.7 (https://sqlmap.org)"));
+        assert!(fw.blocks_user_agent(b"Mozilla/5.0 SQLMap"));
+        assert!(fw.blocks_user_agent(b"curl/7.88.1"));
+        assert!(!fw.blocks_user_agent(b"curl/8.5.0"));
+        assert!(!fw.blocks_user_agent(b"xcurl/7.1"));
+        assert!(!fw.blocks_user_agent(b""));
+        // Not UTF-8: still matched as bytes, never a panic.
+        assert!(fw.blocks_user_agent(b"\xff\xfesqlmap"));
+        assert!(!fw.blocks_user_agent(b"\xff\xfe"));
+        // A connection is never judged by a user-agent rule.
+        assert_eq!(fw.check(ip("192.0.2.2")), Verdict::Allow);
+        assert_eq!(fw.check(ip("192.0.2.1")), BLOCK_IP);
+        assert_eq!(fw.rules().len(), 3);
+        // Replaced with the rest: the next request sees it.
+        fw.replace_rules(&[rule(RuleKind::Ip, "192.0.2.1")]);
+        assert!(!fw.blocks_user_agent(b"sqlmap/1.7"));
+        assert!(!RuleSet::new(&[]).blocks_user_agent(b"sqlmap"));
+    }
+
+    #[test]
+    fn user_agent_rules_too_large_together_are_matched_one_by_one() {
+        // Each pattern compiles within its own limit; together they exceed
+        // the set's (small here), so they are matched one at a time.
+        let patterns: Vec<String> = (0..40).map(|i| format!("(?i)agent{i}x{{30}}")).collect();
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let one_by_one = UserAgentMatcher::with_set_limit(&patterns, 4096);
+        assert!(
+            matches!(one_by_one, UserAgentMatcher::Each(ref each) if each.len() == 40),
+            "{one_by_one:?}"
+        );
+        let together = UserAgentMatcher::new(&patterns);
+        assert!(matches!(together, UserAgentMatcher::Set(_)), "{together:?}");
+        for matcher in [&one_by_one, &together] {
+            let ua = format!("AGENT39{}", "x".repeat(30));
+            assert!(matcher.is_match(ua.as_bytes()));
+            assert!(!matcher.is_match(b"agent39 short"));
+        }
     }
 
     #[test]

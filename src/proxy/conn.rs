@@ -202,7 +202,7 @@ async fn run(
             buffer,
             record.client,
             l7,
-            listener,
+            &listener.http,
             deadline,
             forced,
             draining,

@@ -2,7 +2,6 @@
 //! every connection's task.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::config::ProxyConfig;
 use crate::firewall::Firewall;
@@ -22,8 +21,7 @@ pub struct Listener {
     pub proxy_protocol: bool,
     /// The connection cap shared by every listener.
     pub capacity: Arc<Capacity>,
-    /// What L7 connections share: route certificates, upstream pools.
-    pub http: Arc<http::Shared>,
-    /// L7: how long a backend has to begin its response (`None`: forever).
-    pub response_timeout: Option<Duration>,
+    /// What this listener's L7 connections share (route certificates,
+    /// upstream pools, request metrics, timeouts).
+    pub http: http::ListenerHttp,
 }

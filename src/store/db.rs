@@ -8,7 +8,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use rusqlite::Connection;
+use wire::route::{parse_server_name, BackendProtocol, L7Route, Mode};
 use wire::rule::{Rule, RuleKind};
 
 use crate::routes::{Backend, Hostname, RouteMap, Target};
@@ -70,6 +73,10 @@ pub enum StoreError {
     /// write would go to a file nobody will read again, so it is refused.
     #[error("database {} was moved, replaced or deleted while the server was running; refusing to write (restart mc-proxy)", path.display())]
     Moved { path: PathBuf },
+    /// An L7 route's file path that is not UTF-8 (the DB and the admin API
+    /// hold paths as text).
+    #[error("{}: an L7 route's path must be valid UTF-8 to be stored", .0.display())]
+    PathNotUtf8(PathBuf),
     /// `snapshot` refuses to overwrite a file.
     #[error("{}: snapshot target already exists; not overwriting it", .0.display())]
     SnapshotExists(PathBuf),
@@ -104,6 +111,196 @@ pub(crate) fn conn_path(conn: &Connection) -> PathBuf {
     PathBuf::from(conn.path().unwrap_or_default())
 }
 
+// ---- route columns ----------------------------------------------------------
+
+/// A route's columns after `listener_id` and `hostname`, in this order (the
+/// SELECT, INSERT and upsert all use it).
+pub(crate) const ROUTE_COLUMNS: &str = "backend, send_proxy_protocol, mode, tls_cert, tls_key, \
+     backend_tls, backend_ca, backend_server_name, backend_protocol";
+
+/// `ROUTE_COLUMNS = excluded.ROUTE_COLUMNS`, for the upsert.
+pub(crate) const ROUTE_COLUMNS_UPDATE: &str = "backend = excluded.backend, \
+     send_proxy_protocol = excluded.send_proxy_protocol, mode = excluded.mode, \
+     tls_cert = excluded.tls_cert, tls_key = excluded.tls_key, \
+     backend_tls = excluded.backend_tls, backend_ca = excluded.backend_ca, \
+     backend_server_name = excluded.backend_server_name, \
+     backend_protocol = excluded.backend_protocol";
+
+/// A target as the [`ROUTE_COLUMNS`] values.
+pub(crate) struct RouteRow {
+    backend: String,
+    send_proxy_protocol: bool,
+    mode: &'static str,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    backend_tls: bool,
+    backend_ca: Option<String>,
+    backend_server_name: Option<String>,
+    backend_protocol: &'static str,
+}
+
+fn path_text(path: &Path) -> Result<String, StoreError> {
+    path.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| StoreError::PathNotUtf8(path.to_path_buf()))
+}
+
+impl RouteRow {
+    pub(crate) fn new(target: &Target) -> Result<RouteRow, StoreError> {
+        let mut row = RouteRow {
+            backend: target.backend.to_string(),
+            send_proxy_protocol: target.send_proxy_protocol,
+            mode: target.mode.label(),
+            tls_cert: None,
+            tls_key: None,
+            backend_tls: false,
+            backend_ca: None,
+            backend_server_name: None,
+            backend_protocol: BackendProtocol::default().label(),
+        };
+        if let Some(l7) = target.mode.l7() {
+            row.tls_cert = Some(path_text(&l7.tls_cert)?);
+            row.tls_key = Some(path_text(&l7.tls_key)?);
+            row.backend_tls = l7.backend_tls;
+            row.backend_ca = l7.backend_ca.as_deref().map(path_text).transpose()?;
+            row.backend_server_name = l7.backend_server_name.clone();
+            row.backend_protocol = l7.backend_protocol.label();
+        }
+        Ok(row)
+    }
+
+    /// The values after `listener_id` and `hostname`, as `?3` to `?11`.
+    pub(crate) fn params<'a>(
+        &'a self,
+        listener_id: &'a i64,
+        hostname: &'a &'a str,
+    ) -> [&'a dyn rusqlite::ToSql; 11] {
+        [
+            listener_id,
+            hostname,
+            &self.backend,
+            &self.send_proxy_protocol,
+            &self.mode,
+            &self.tls_cert,
+            &self.tls_key,
+            &self.backend_tls,
+            &self.backend_ca,
+            &self.backend_server_name,
+            &self.backend_protocol,
+        ]
+    }
+}
+
+/// The `?1, ?2, ..., ?11` placeholders for `listener_id, hostname,
+/// ROUTE_COLUMNS`.
+pub(crate) const ROUTE_PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11";
+
+/// A route row's [`ROUTE_COLUMNS`] as read, before validation.
+struct StoredRoute {
+    backend: String,
+    send_proxy_protocol: i64,
+    mode: String,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    backend_tls: i64,
+    backend_ca: Option<String>,
+    backend_server_name: Option<String>,
+    backend_protocol: String,
+}
+
+fn flag(name: &str, value: i64) -> Result<bool, String> {
+    match value {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(format!("{name} is {other}, not 0 or 1")),
+    }
+}
+
+impl StoredRoute {
+    /// The row's target, every column re-validated; the problem otherwise.
+    fn target(self) -> Result<Target, String> {
+        let backend = Backend::parse(&self.backend)
+            .map_err(|e| format!("backend {:?}: {e}", self.backend))?;
+        let send_proxy_protocol = flag("send_proxy_protocol", self.send_proxy_protocol)?;
+        let backend_tls = flag("backend_tls", self.backend_tls)?;
+        let backend_protocol = BackendProtocol::parse(&self.backend_protocol)
+            .filter(|_| !self.backend_protocol.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "backend_protocol {:?} is not auto, http1 or h2",
+                    self.backend_protocol
+                )
+            })?;
+        let mode = match self.mode.as_str() {
+            "l4" => {
+                let l7_only = [
+                    ("tls_cert", self.tls_cert.is_some()),
+                    ("tls_key", self.tls_key.is_some()),
+                    ("backend_tls", backend_tls),
+                    ("backend_ca", self.backend_ca.is_some()),
+                    ("backend_server_name", self.backend_server_name.is_some()),
+                    (
+                        "backend_protocol",
+                        backend_protocol != BackendProtocol::default(),
+                    ),
+                ];
+                if let Some((column, _)) = l7_only.into_iter().find(|(_, set)| *set) {
+                    return Err(format!("{column} is set on an l4 route"));
+                }
+                Mode::L4
+            }
+            "l7" => {
+                if send_proxy_protocol {
+                    return Err("send_proxy_protocol is set on an l7 route".to_string());
+                }
+                let path = |column: &str, value: Option<String>| match value {
+                    Some(text) if Path::new(&text).is_absolute() => Ok(PathBuf::from(text)),
+                    Some(text) => Err(format!("{column} {text:?} is not an absolute path")),
+                    None => Err(format!("{column} is missing on an l7 route")),
+                };
+                let tls_cert = path("tls_cert", self.tls_cert)?;
+                let tls_key = path("tls_key", self.tls_key)?;
+                if !backend_tls && (self.backend_ca.is_some() || self.backend_server_name.is_some())
+                {
+                    return Err(
+                        "backend_ca or backend_server_name set without backend_tls".to_string()
+                    );
+                }
+                let backend_ca = self
+                    .backend_ca
+                    .map(|ca| path("backend_ca", Some(ca)))
+                    .transpose()?;
+                let backend_server_name = match self.backend_server_name {
+                    None => None,
+                    Some(name) => match parse_server_name(&name) {
+                        Ok(normal) if normal == name => Some(normal),
+                        Ok(normal) => {
+                            return Err(format!(
+                                "backend_server_name {name:?} is not in normal form (expected {normal:?})"
+                            ))
+                        }
+                        Err(e) => return Err(format!("backend_server_name {name:?}: {e}")),
+                    },
+                };
+                Mode::L7(Arc::new(L7Route {
+                    tls_cert,
+                    tls_key,
+                    backend_tls,
+                    backend_ca,
+                    backend_server_name,
+                    backend_protocol,
+                }))
+            }
+            other => return Err(format!("mode {other:?} is not l4 or l7")),
+        };
+        Ok(Target {
+            backend,
+            send_proxy_protocol,
+            mode,
+        })
+    }
+}
+
 // ---- reading rows back (every value re-validated) -------------------------
 
 /// A listener's routes as stored. A row that does not parse, or whose
@@ -115,24 +312,33 @@ pub(crate) fn load_routes(
     listener_id: i64,
 ) -> Result<RouteMap, StoreError> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT id, hostname, backend, send_proxy_protocol FROM routes \
-             WHERE listener_id = ?1 ORDER BY id",
-        )
+        .prepare_cached(&format!(
+            "SELECT id, hostname, {ROUTE_COLUMNS} FROM routes \
+             WHERE listener_id = ?1 ORDER BY id"
+        ))
         .at(path)?;
     let rows = stmt
         .query_map([listener_id], |row| {
             Ok((
                 row.get::<_, i64>(0)?,
                 row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-                row.get::<_, i64>(3)?,
+                StoredRoute {
+                    backend: row.get(2)?,
+                    send_proxy_protocol: row.get(3)?,
+                    mode: row.get(4)?,
+                    tls_cert: row.get(5)?,
+                    tls_key: row.get(6)?,
+                    backend_tls: row.get(7)?,
+                    backend_ca: row.get(8)?,
+                    backend_server_name: row.get(9)?,
+                    backend_protocol: row.get(10)?,
+                },
             ))
         })
         .at(path)?;
     let mut map = RouteMap::new();
     for row in rows {
-        let (id, hostname_text, backend_text, proxy_flag) = row.at(path)?;
+        let (id, hostname_text, stored) = row.at(path)?;
         let bad = |problem: String| StoreError::BadRow {
             path: path.to_path_buf(),
             table: "routes",
@@ -147,21 +353,8 @@ pub(crate) fn load_routes(
                 hostname.as_str()
             )));
         }
-        let backend = Backend::parse(&backend_text)
-            .map_err(|e| bad(format!("backend {backend_text:?}: {e}")))?;
-        let send_proxy_protocol = match proxy_flag {
-            0 => false,
-            1 => true,
-            other => return Err(bad(format!("send_proxy_protocol is {other}, not 0 or 1"))),
-        };
-        map.insert(
-            hostname,
-            Target {
-                backend,
-                send_proxy_protocol,
-                mode: crate::routes::Mode::L4,
-            },
-        );
+        let target = stored.target().map_err(bad)?;
+        map.insert(hostname, target);
     }
     Ok(map)
 }
@@ -214,18 +407,14 @@ pub(crate) fn insert_listener(
     let id = conn.last_insert_rowid();
     let mut stmt = conn
         .prepare_cached(&format!(
-            "INSERT INTO routes (listener_id, hostname, backend, send_proxy_protocol, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, {NOW_SQL}, {NOW_SQL})"
+            "INSERT INTO routes (listener_id, hostname, {ROUTE_COLUMNS}, created_at, updated_at) \
+             VALUES ({ROUTE_PLACEHOLDERS}, {NOW_SQL}, {NOW_SQL})"
         ))
         .at(path)?;
     for (hostname, target) in routes {
-        stmt.execute(rusqlite::params![
-            id,
-            hostname.as_str(),
-            target.backend.to_string(),
-            target.send_proxy_protocol,
-        ])
-        .at(path)?;
+        let row = RouteRow::new(target)?;
+        stmt.execute(row.params(&id, &hostname.as_str()).as_slice())
+            .at(path)?;
     }
     Ok(id)
 }

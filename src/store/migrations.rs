@@ -10,10 +10,10 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use super::db::{conn_path, SqliteContext, StoreError, NOW_SQL};
 
 /// The schema version this binary writes.
-pub const LATEST: i64 = 2;
+pub const LATEST: i64 = 3;
 
 /// `(version, SQL)`, in order. Version N is at index N - 1.
-const MIGRATIONS: [(i64, &str); 2] = [
+const MIGRATIONS: [(i64, &str); 3] = [
     (
         1,
         "CREATE TABLE listeners (
@@ -48,6 +48,35 @@ const MIGRATIONS: [(i64, &str); 2] = [
                            updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now');
          UPDATE firewall_rules SET created_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now'),
                                    updated_at = strftime('%Y-%m-%dT%H:%M:%SZ', 'now');",
+    ),
+    (
+        // L7 routes (SPEC §6.2): the defaults make every existing route L4.
+        // The L7-only path and name columns are NULL on L4 routes. The rule
+        // type CHECK can't be altered in place, so firewall_rules is rebuilt
+        // (ids kept: rules load oldest first).
+        3,
+        "ALTER TABLE routes ADD COLUMN mode TEXT NOT NULL DEFAULT 'l4'
+             CHECK (mode IN ('l4', 'l7'));
+         ALTER TABLE routes ADD COLUMN tls_cert TEXT;
+         ALTER TABLE routes ADD COLUMN tls_key TEXT;
+         ALTER TABLE routes ADD COLUMN backend_tls INTEGER NOT NULL DEFAULT 0
+             CHECK (backend_tls IN (0, 1));
+         ALTER TABLE routes ADD COLUMN backend_ca TEXT;
+         ALTER TABLE routes ADD COLUMN backend_server_name TEXT;
+         ALTER TABLE routes ADD COLUMN backend_protocol TEXT NOT NULL DEFAULT 'auto'
+             CHECK (backend_protocol IN ('auto', 'http1', 'h2'));
+         CREATE TABLE firewall_rules_v3 (
+             id         INTEGER PRIMARY KEY,
+             type       TEXT NOT NULL CHECK (type IN ('ip', 'cidr', 'country', 'user_agent')),
+             value      TEXT NOT NULL,
+             created_at TEXT NOT NULL DEFAULT '1970-01-01T00:00:00Z',
+             updated_at TEXT NOT NULL DEFAULT '1970-01-01T00:00:00Z',
+             UNIQUE (type, value)
+         );
+         INSERT INTO firewall_rules_v3 (id, type, value, created_at, updated_at)
+             SELECT id, type, value, created_at, updated_at FROM firewall_rules;
+         DROP TABLE firewall_rules;
+         ALTER TABLE firewall_rules_v3 RENAME TO firewall_rules;",
     ),
 ];
 

@@ -121,16 +121,7 @@ fn config_routes(listener: &ListenerConfig) -> Vec<(Hostname, Target)> {
     listener
         .routes
         .iter()
-        .map(|r| {
-            (
-                r.hostname.clone(),
-                Target {
-                    backend: r.backend.clone(),
-                    send_proxy_protocol: r.send_proxy_protocol,
-                    mode: crate::routes::Mode::L4,
-                },
-            )
-        })
+        .map(|r| (r.hostname.clone(), r.target()))
         .collect()
 }
 
@@ -146,7 +137,9 @@ fn log_route_differences(addr: &str, config: &[(Hostname, Target)], stored: &Rou
             Some(current) if **current != *target => tracing::info!(
                 listener = %addr, hostname = %hostname,
                 config_backend = %target.backend, config_send_proxy_protocol = target.send_proxy_protocol,
+                config_mode = target.mode.label(),
                 db_backend = %current.backend, db_send_proxy_protocol = current.send_proxy_protocol,
+                db_mode = current.mode.label(),
                 "route differs between the config and the database; {DB_WINS}"
             ),
             Some(_) => {}

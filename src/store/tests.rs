@@ -489,8 +489,8 @@ async fn rules_add_is_idempotent_and_callback_sees_every_rule() {
     let store = &running.store;
     let rule = Rule::parse(RuleKind::Ip, "::ffff:203.0.113.9").unwrap();
 
-    assert!(store.add_rule(rule).await.unwrap());
-    assert!(!store.add_rule(rule).await.unwrap());
+    assert!(store.add_rule(rule.clone()).await.unwrap());
+    assert!(!store.add_rule(rule.clone()).await.unwrap());
     let matching: Vec<_> = rule_rows(dir.path())
         .into_iter()
         .filter(|r| r.1 == "203.0.113.9")
@@ -504,7 +504,7 @@ async fn rules_add_is_idempotent_and_callback_sees_every_rule() {
     }
 
     let kp = Rule::parse(RuleKind::Country, "kp").unwrap();
-    store.remove_rule(kp).await.unwrap();
+    store.remove_rule(kp.clone()).await.unwrap();
     assert!(!rule_rows(dir.path()).iter().any(|r| r.1 == "KP"));
     {
         let seen = running.rules_seen.lock().unwrap();
@@ -837,6 +837,241 @@ fn old_schema_is_migrated_and_keeps_its_rows() {
         .query_row("SELECT count(*) FROM schema_migrations", [], |r| r.get(0))
         .unwrap();
     assert_eq!(recorded, migrations::LATEST);
+}
+
+#[test]
+fn schema_2_is_migrated_to_l4_routes_and_takes_user_agent_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(dir.path());
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        migrations::migrate_to(&mut conn, 2).unwrap();
+        assert_eq!(migrations::current_version(&conn).unwrap(), 2);
+        conn.execute_batch(
+            "INSERT INTO listeners (id, addr) VALUES (7, ':8443');
+             INSERT INTO routes (listener_id, hostname, backend, send_proxy_protocol)
+                 VALUES (7, 'old.test', '127.0.0.1:4444', 1);
+             INSERT INTO firewall_rules (id, type, value) VALUES (3, 'cidr', '198.51.100.0/24');
+             INSERT INTO firewall_rules (id, type, value) VALUES (9, 'ip', '192.0.2.200');",
+        )
+        .unwrap();
+        // Schema 2 knows neither user-agent rules nor route modes.
+        assert!(conn
+            .execute(
+                "INSERT INTO firewall_rules (type, value) VALUES ('user_agent', 'x')",
+                []
+            )
+            .is_err());
+        assert!(conn.execute("UPDATE routes SET mode = 'l7'", []).is_err());
+    }
+    let opened = open(&default_config(dir.path())).unwrap();
+    assert!(!opened.state.seeded);
+    let conn = raw(dir.path());
+    assert_eq!(migrations::current_version(&conn).unwrap(), 3);
+    type L7Columns = (
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Option<String>,
+        Option<String>,
+        String,
+    );
+    let stored: L7Columns = conn
+        .query_row(
+            "SELECT mode, tls_cert, tls_key, backend_tls, backend_ca, backend_server_name, backend_protocol \
+             FROM routes WHERE hostname = 'old.test'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        ("l4".into(), None, None, 0, None, None, "auto".into())
+    );
+    let (listener, map) = &opened.state.listeners[0];
+    assert_eq!(listener, ":8443");
+    let old = map.get(&host("old.test")).unwrap();
+    assert_eq!(
+        **old,
+        Target {
+            backend: Backend::parse("127.0.0.1:4444").unwrap(),
+            send_proxy_protocol: true,
+            mode: crate::routes::Mode::L4,
+        }
+    );
+    // The rules kept their order (the table was rebuilt with its ids).
+    assert_eq!(
+        opened.state.rules,
+        [
+            Rule::parse(RuleKind::Cidr, "198.51.100.0/24").unwrap(),
+            Rule::parse(RuleKind::Ip, "192.0.2.200").unwrap(),
+        ]
+    );
+    let ids: Vec<i64> = conn
+        .prepare("SELECT id FROM firewall_rules ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(ids, [3, 9]);
+    conn.execute(
+        "INSERT INTO firewall_rules (type, value) VALUES ('user_agent', '(?i)sqlmap')",
+        [],
+    )
+    .unwrap();
+    assert!(conn
+        .execute(
+            "INSERT INTO firewall_rules (type, value) VALUES ('referer', 'x')",
+            []
+        )
+        .is_err());
+    drop(opened);
+    let again = open(&default_config(dir.path())).unwrap();
+    assert_eq!(
+        again.state.rules.last(),
+        Some(&Rule::parse(RuleKind::UserAgent, "(?i)sqlmap").unwrap())
+    );
+}
+
+fn l7_target(backend: &str, backend_tls: bool) -> Target {
+    use crate::routes::{BackendProtocol, L7Route, Mode};
+    Target {
+        backend: Backend::parse(backend).unwrap(),
+        send_proxy_protocol: false,
+        mode: Mode::L7(Arc::new(L7Route {
+            tls_cert: "/srv/certs/git.pem".into(),
+            tls_key: "/srv/certs/git.key".into(),
+            backend_tls,
+            backend_ca: backend_tls.then(|| "/srv/certs/ca.pem".into()),
+            backend_server_name: backend_tls.then(|| "git.svc.internal".into()),
+            backend_protocol: if backend_tls {
+                BackendProtocol::H2
+            } else {
+                BackendProtocol::Http1
+            },
+        })),
+    }
+}
+
+#[tokio::test]
+async fn l7_routes_and_user_agent_rules_round_trip_through_the_db() {
+    let dir = tempfile::tempdir().unwrap();
+    // Seeded from the TOML: an L7 route and a user-agent rule.
+    let seeded = config(
+        dir.path(),
+        "[[listeners]]\naddr = \":8443\"\n  [[listeners.routes]]\n  hostname = \"seed.test\"\n  backend = \"127.0.0.1:1\"\n  mode = \"l7\"\n  tls_cert = \"/srv/certs/seed.pem\"\n  tls_key = \"/srv/certs/seed.key\"\n  backend_protocol = \"h2\"\n[firewall]\nblocked_user_agents = [\"(?i)sqlmap\"]\n",
+    );
+    let running = start(open(&seeded).unwrap());
+    let seed_target = seeded.listeners[0].routes[0].target();
+    assert!(seed_target.mode.l7().is_some());
+    assert_eq!(
+        running
+            .table(":8443")
+            .get(&host("seed.test"))
+            .map(|t| (**t).clone()),
+        Some(seed_target.clone())
+    );
+    let store = &running.store;
+    let tls = l7_target("git.internal:3443", true);
+    let plain = l7_target("127.0.0.1:3000", false);
+    assert!(store
+        .upsert_route(":8443", host("git.test"), tls.clone())
+        .await
+        .unwrap());
+    assert!(store
+        .upsert_route(":8443", host("plain.test"), plain.clone())
+        .await
+        .unwrap());
+    // L7 → L4 → L7 on one row.
+    assert!(!store
+        .upsert_route(":8443", host("plain.test"), target("127.0.0.1:5"))
+        .await
+        .unwrap());
+    let l4_row: (String, Option<String>, i64, String) = raw(dir.path())
+        .query_row(
+            "SELECT mode, tls_cert, backend_tls, backend_protocol FROM routes WHERE hostname = 'plain.test'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(l4_row, ("l4".into(), None, 0, "auto".into()));
+    assert!(!store
+        .upsert_route(":8443", host("plain.test"), plain.clone())
+        .await
+        .unwrap());
+    let ua = Rule::parse(RuleKind::UserAgent, "^curl/").unwrap();
+    assert!(store.add_rule(ua.clone()).await.unwrap());
+    let memory = running.table(":8443");
+    running.store.close();
+
+    let row: (String, String, String, i64, String, String, String) = raw(dir.path())
+        .query_row(
+            "SELECT mode, tls_cert, tls_key, backend_tls, backend_ca, backend_server_name, backend_protocol \
+             FROM routes WHERE hostname = 'git.test'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        row,
+        (
+            "l7".into(),
+            "/srv/certs/git.pem".into(),
+            "/srv/certs/git.key".into(),
+            1,
+            "/srv/certs/ca.pem".into(),
+            "git.svc.internal".into(),
+            "h2".into()
+        )
+    );
+    assert!(rule_rows(dir.path()).contains(&("user_agent".into(), "^curl/".into())));
+
+    // Reloaded: exactly what was written, and what memory held.
+    let again = open(&seeded).unwrap();
+    let (_, map) = &again.state.listeners[0];
+    for (name, expected) in [
+        ("git.test", &tls),
+        ("plain.test", &plain),
+        ("seed.test", &seed_target),
+    ] {
+        assert_eq!(**map.get(&host(name)).unwrap(), *expected, "{name}");
+        assert_eq!(**memory.get(&host(name)).unwrap(), *expected, "{name}");
+    }
+    assert_eq!(
+        again.state.rules,
+        [Rule::parse(RuleKind::UserAgent, "(?i)sqlmap").unwrap(), ua]
+    );
+}
+
+#[test]
+fn bad_l7_rows_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&default_config(dir.path())).unwrap());
+    for (sql, text) in [
+        ("UPDATE routes SET tls_cert = '/c.pem' WHERE hostname = 'a.test'", "tls_cert is set on an l4 route"),
+        ("UPDATE routes SET mode = 'l7', tls_cert = '/c.pem' WHERE hostname = 'a.test'", "tls_key is missing on an l7 route"),
+        ("UPDATE routes SET mode = 'l7', tls_cert = 'c.pem', tls_key = '/k' WHERE hostname = 'a.test'", "not an absolute path"),
+        ("UPDATE routes SET mode = 'l7', tls_cert = '/c.pem', tls_key = '/k', send_proxy_protocol = 1 WHERE hostname = 'a.test'", "send_proxy_protocol is set on an l7 route"),
+        ("UPDATE routes SET mode = 'l7', tls_cert = '/c.pem', tls_key = '/k', backend_server_name = 'x.test' WHERE hostname = 'a.test'", "without backend_tls"),
+        ("UPDATE routes SET mode = 'l7', tls_cert = '/c.pem', tls_key = '/k', backend_tls = 1, backend_server_name = 'X.test' WHERE hostname = 'a.test'", "normal form"),
+    ] {
+        let conn = raw(dir.path());
+        conn.execute_batch(
+            "UPDATE routes SET mode = 'l4', tls_cert = NULL, tls_key = NULL, backend_tls = 0, \
+             backend_ca = NULL, backend_server_name = NULL, send_proxy_protocol = 0",
+        )
+        .unwrap();
+        conn.execute(sql, []).unwrap();
+        drop(conn);
+        let err = open(&default_config(dir.path())).unwrap_err();
+        assert!(
+            matches!(err, StoreError::BadRow { table: "routes", .. }) && err.to_string().contains(text),
+            "{sql}: {err}"
+        );
+    }
 }
 
 #[test]

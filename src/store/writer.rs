@@ -12,7 +12,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
 use wire::rule::Rule;
 
-use super::db::{conn_path, file_identity, insert_rule, SqliteContext, StoreError, NOW_SQL};
+use super::db::{
+    conn_path, file_identity, insert_rule, RouteRow, SqliteContext, StoreError, NOW_SQL,
+    ROUTE_COLUMNS, ROUTE_COLUMNS_UPDATE, ROUTE_PLACEHOLDERS,
+};
 use crate::routes::{Hostname, ListenerRoutes, Routes, Target};
 
 /// Called with every rule after each committed rule change.
@@ -231,6 +234,7 @@ impl Writer {
     ) -> Result<bool, StoreError> {
         let table = self.listener(addr)?;
         let path = self.path.clone();
+        let row = RouteRow::new(&target)?;
         let tx = self.begin()?;
         let listener_id = listener_id(&tx, &path, addr)?;
         let existed = tx
@@ -244,25 +248,19 @@ impl Writer {
             .is_some();
         tx.execute(
             &format!(
-                "INSERT INTO routes (listener_id, hostname, backend, send_proxy_protocol, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, {NOW_SQL}, {NOW_SQL}) \
+                "INSERT INTO routes (listener_id, hostname, {ROUTE_COLUMNS}, created_at, updated_at) \
+                 VALUES ({ROUTE_PLACEHOLDERS}, {NOW_SQL}, {NOW_SQL}) \
                  ON CONFLICT (listener_id, hostname) DO UPDATE SET \
-                 backend = excluded.backend, send_proxy_protocol = excluded.send_proxy_protocol, \
-                 updated_at = excluded.updated_at"
+                 {ROUTE_COLUMNS_UPDATE}, updated_at = excluded.updated_at"
             ),
-            rusqlite::params![
-                listener_id,
-                hostname.as_str(),
-                target.backend.to_string(),
-                target.send_proxy_protocol,
-            ],
+            row.params(&listener_id, &hostname.as_str()).as_slice(),
         )
         .at(&path)?;
         tx.commit().at(&path)?;
 
         tracing::info!(
             listener = %addr, hostname = %hostname, backend = %target.backend,
-            send_proxy_protocol = target.send_proxy_protocol,
+            send_proxy_protocol = target.send_proxy_protocol, mode = target.mode.label(),
             "{}", if existed { "route updated" } else { "route added" }
         );
         let mut map = (*table.snapshot()).clone();
@@ -303,7 +301,7 @@ impl Writer {
         tx.commit().at(&path)?;
         if inserted {
             tracing::info!(rule = %rule, "firewall rule added");
-            self.rules.push(rule);
+            self.rules.push(rule.clone());
             (self.on_rules)(&self.rules);
         }
         Ok(inserted)

@@ -124,6 +124,7 @@ pub fn add_route(
             hostname: hostname.into(),
             backend: backend.into(),
             send_proxy_protocol: false,
+            ..Default::default()
         }),
     }
 }

@@ -9,7 +9,8 @@
 //!   out.
 //! - [`route`]: normalised hostnames, backends, and the immutable
 //!   hostname → target map a lookup runs on.
-//! - [`rule`]: firewall rule values (IP, CIDR, country code).
+//! - [`rule`]: firewall rule values (IP, CIDR, country code, user-agent
+//!   pattern).
 //! - [`authority`]: the admin Unix socket's HTTP/2 `:authority` rewriter
 //!   (client → server frames in, the same frames with header blocks
 //!   re-encoded out).

@@ -265,6 +265,21 @@ impl BackendProtocol {
     }
 }
 
+/// Validates and normalises an L7 route's `backend_server_name`: a DNS
+/// name by [`Hostname`]'s rules without a wildcard (lower case, no trailing
+/// dot), or an IP address (its canonical text). The result is what
+/// [`L7Route::backend_server_name`] holds.
+pub fn parse_server_name(text: &str) -> Result<String, HostnameError> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(ip.to_string());
+    }
+    let name = Hostname::parse(text)?;
+    if name.is_wildcard() {
+        return Err(HostnameError::BadWildcard);
+    }
+    Ok(name.0.into_string())
+}
+
 /// An L7 route's settings, as configured (paths are not read here).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct L7Route {
@@ -276,7 +291,8 @@ pub struct L7Route {
     pub backend_tls: bool,
     /// Roots that verify the backend (`None`: the system roots).
     pub backend_ca: Option<PathBuf>,
-    /// The name verified and sent as SNI (`None`: the backend's host).
+    /// The name verified and sent as SNI (`None`: the backend's host);
+    /// normalised by [`parse_server_name`].
     pub backend_server_name: Option<String>,
     pub backend_protocol: BackendProtocol,
 }
@@ -546,6 +562,21 @@ mod tests {
         }
         for bad in ["AUTO", "h2c", "http/1.1", " h2", "http2"] {
             assert_eq!(BackendProtocol::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn server_names_are_names_or_ips() {
+        for (input, shown) in [
+            ("Git.SVC.internal.", "git.svc.internal"),
+            ("localhost", "localhost"),
+            ("192.0.2.7", "192.0.2.7"),
+            ("2001:DB8::1", "2001:db8::1"),
+        ] {
+            assert_eq!(parse_server_name(input).as_deref(), Ok(shown), "{input:?}");
+        }
+        for bad in ["", "*.example.net", "a b", "[::1]", "host:443", "-a.test"] {
+            assert!(parse_server_name(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -1,10 +1,17 @@
 //! The client socket as the TLS server reads it: the ClientHello bytes the
 //! hello reader already took come first, then the socket; every byte is
 //! counted both ways, and the time of the last one kept (for idle_timeout).
+//!
+//! The meter also keeps the request-header deadline (slowloris): it is
+//! armed when the TLS handshake ends and, on HTTP/1.1, whenever a byte
+//! arrives while no request is in flight (the first byte of the next
+//! request), and disarmed when hyper hands a request's complete headers to
+//! the service. An idle keep-alive connection has no deadline armed: it
+//! lives until idle_timeout.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -21,6 +28,14 @@ pub struct Meter {
     pub down: AtomicU64,
     /// Milliseconds from `start` to the last byte either way.
     last_ms: AtomicU64,
+    /// Milliseconds from `start` (plus one; 0 = none) at which the
+    /// request headers under way began.
+    headers_since: AtomicU64,
+    /// Requests whose response has not ended.
+    in_flight: AtomicU32,
+    /// Whether a byte with no request in flight arms the deadline (HTTP/1.1
+    /// until the connection is upgraded).
+    arm_on_read: AtomicBool,
 }
 
 impl Default for Meter {
@@ -36,6 +51,47 @@ impl Meter {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             last_ms: AtomicU64::new(0),
+            headers_since: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            arm_on_read: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Arms the request-header deadline now (if not already armed).
+    pub fn arm_headers(&self) {
+        let _ = self.headers_since.compare_exchange(
+            0,
+            self.now_ms() + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether bytes arriving between requests arm the deadline (HTTP/1.1).
+    pub fn arm_on_read(&self, on: bool) {
+        self.arm_on_read.store(on, Ordering::Relaxed);
+    }
+
+    /// A request's headers are complete: disarm; the request is in flight.
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.headers_since.store(0, Ordering::Relaxed);
+    }
+
+    /// A request's response ended (or was dropped).
+    pub fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// When the request headers under way began, if any are.
+    pub fn headers_since(&self) -> Option<Instant> {
+        match self.headers_since.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.start + std::time::Duration::from_millis(ms - 1)),
         }
     }
 
@@ -95,8 +151,14 @@ impl AsyncRead for ClientIo {
         let result = Pin::new(&mut this.stream).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.meter.up.fetch_add(n as u64, Ordering::Relaxed);
-            this.meter.touch();
+            let meter = &this.meter;
+            meter.up.fetch_add(n as u64, Ordering::Relaxed);
+            meter.touch();
+            if meter.arm_on_read.load(Ordering::Relaxed)
+                && meter.in_flight.load(Ordering::Relaxed) == 0
+            {
+                meter.arm_headers();
+            }
         }
         result
     }

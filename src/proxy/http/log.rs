@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::metrics::RequestMetrics;
+use crate::routes::Target;
 
 wire::labelled_enum! {
     /// How a request ended: the `outcome=` of its log line.
@@ -33,16 +34,21 @@ wire::labelled_enum! {
 pub struct RequestLog {
     pub started: Instant,
     pub client: SocketAddr,
+    /// The connection's meter (this request is in flight until dropped).
+    pub meter: Arc<super::io::Meter>,
     pub metrics: Arc<RequestMetrics>,
     /// The route's configured hostname (the metrics' `route` label), if any.
     pub route: Option<Arc<str>>,
     pub host: String,
     pub method: hyper::Method,
+    /// The client's HTTP version.
+    pub version: hyper::Version,
     pub path: String,
     pub status: u16,
     pub up: Arc<AtomicU64>,
     pub down: u64,
-    pub backend: Option<String>,
+    /// The route's target (its backend is the line's `backend=`).
+    pub target: Option<Arc<Target>>,
     pub outcome: RequestOutcome,
     pub error: Option<String>,
 }
@@ -50,6 +56,7 @@ pub struct RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let took = self.started.elapsed();
+        self.meter.request_ended();
         let up = self.up.load(Ordering::Relaxed);
         self.metrics
             .observe(self.route.as_deref(), self.status, took);
@@ -59,13 +66,14 @@ impl Drop for RequestLog {
             listener = %self.metrics.listener(),
             host = %self.host,
             method = %self.method,
+            version = ?self.version,
             path = %self.path,
             status = self.status,
             up,
             down = self.down,
             duration_ms = took.as_millis() as u64,
-            backend = self.backend.as_deref().map(tracing::field::display),
-            outcome = self.outcome.label(),
+            backend = self.target.as_ref().map(|t| tracing::field::display(&t.backend)),
+            outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"
         );

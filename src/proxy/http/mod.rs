@@ -18,6 +18,7 @@
 //! - [`log`]: one request's log line and metrics.
 
 pub mod body;
+pub mod harness;
 pub mod io;
 pub mod log;
 pub mod request;
@@ -44,7 +45,6 @@ use crate::routes::L7Route;
 use self::io::{ClientIo, Meter};
 use self::request::ConnContext;
 use self::upstream::Upstreams;
-use super::listener::Listener;
 
 /// The most a request's header block may hold (SPEC §6.2): beyond it, 431.
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
@@ -72,8 +72,14 @@ impl Shared {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(proxy.handshake_timeout)
+            // The request-header deadline is ours (`io::Meter`): hyper's
+            // also runs while a keep-alive connection waits for its next
+            // request, which would cut it at handshake_timeout.
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEADER_BLOCK)
+            // A client that half-closes after its request still gets the
+            // response.
+            .half_close(true)
             .keep_alive(true);
         builder
             .http2()
@@ -88,6 +94,50 @@ impl Shared {
             http2: builder.http2_only(),
         }
     }
+}
+
+impl Shared {
+    /// Every `every`, drops the upstream pools whose backend no route of
+    /// `routes` names (their idle connections close), until `stop`.
+    pub fn spawn_pool_pruner(
+        self: &Arc<Self>,
+        routes: Arc<crate::routes::Routes>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let shared = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let named: std::collections::HashSet<crate::routes::Backend> = routes
+                    .listeners()
+                    .iter()
+                    .flat_map(|l| l.snapshot().sorted())
+                    .filter(|(_, target)| target.mode.l7().is_some())
+                    .map(|(_, target)| target.backend.clone())
+                    .collect();
+                shared.upstreams.retain(|backend| named.contains(backend));
+            }
+        });
+    }
+}
+
+/// What one listener's L7 connections share: built once per listener
+/// (the listener holds it), so this branch needs nothing else from the
+/// listener.
+pub struct ListenerHttp {
+    pub shared: Arc<Shared>,
+    pub routes: Arc<crate::routes::ListenerRoutes>,
+    pub firewall: Arc<crate::firewall::Firewall>,
+    pub metrics: Arc<crate::metrics::RequestMetrics>,
+    pub idle_timeout: Duration,
+    /// How long a request's headers may take (slowloris).
+    pub header_timeout: Duration,
+    /// How long a backend has to begin its response (`None`: forever).
+    pub response_timeout: Option<Duration>,
 }
 
 /// How an L7 connection went, for its close line.
@@ -107,7 +157,7 @@ pub async fn serve(
     hello: Vec<u8>,
     client: SocketAddr,
     route: &L7Route,
-    listener: &Listener,
+    listener: &ListenerHttp,
     deadline: tokio::time::Instant,
     forced: &CancellationToken,
     draining: &CancellationToken,
@@ -120,7 +170,7 @@ pub async fn serve(
         requests,
         detail,
     };
-    let shared = &listener.http;
+    let shared = &listener.shared;
     let entry = match shared.certs.get(route) {
         Ok(entry) => entry,
         Err(e) => {
@@ -144,6 +194,8 @@ pub async fn serve(
         Ok(Ok(tls)) => tls,
     };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    meter.arm_headers();
+    meter.arm_on_read(!h2);
 
     let ctx = Arc::new(ConnContext {
         client,
@@ -152,11 +204,59 @@ pub async fn serve(
         firewall: listener.firewall.clone(),
         shared: shared.clone(),
         response_timeout: listener.response_timeout,
-        metrics: listener.listener_stats.metrics.requests.clone(),
+        metrics: listener.metrics.clone(),
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
+        last_upstream: std::sync::Mutex::new(None),
         forced: forced.clone(),
+        meter: meter.clone(),
     });
+    let limits = Limits {
+        idle: listener.idle_timeout,
+        headers: listener.header_timeout,
+    };
+    let (outcome, detail) = drive(
+        TokioIo::new(tls),
+        h2,
+        ctx.clone(),
+        &meter,
+        limits,
+        forced,
+        draining,
+    )
+    .await;
+    let requests = ctx.requests.load(Ordering::Relaxed);
+    served(outcome, requests, detail)
+}
+
+/// The connection's time limits.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    /// No byte either way for this long closes the connection.
+    pub idle: Duration,
+    /// A request's headers must be complete this long after they began.
+    pub headers: Duration,
+}
+
+/// Serves HTTP on `io` (HTTP/2 if `h2`, else HTTP/1.1) until the client
+/// is done, the connection has been idle for `limits.idle` (no byte either
+/// way, by `meter`), a request's headers took longer than
+/// `limits.headers`, the drain asks it to finish (graceful: the request under
+/// way completes, HTTP/2 gets a GOAWAY) or the shutdown forces it closed;
+/// then waits for the relays of upgraded requests.
+async fn drive<I>(
+    io: I,
+    h2: bool,
+    ctx: Arc<ConnContext>,
+    meter: &Meter,
+    limits: Limits,
+    forced: &CancellationToken,
+    draining: &CancellationToken,
+) -> (Outcome, Option<String>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let shared = ctx.shared.clone();
     let service = {
         let ctx = ctx.clone();
         service_fn(move |req| {
@@ -165,15 +265,18 @@ pub async fn serve(
         })
     };
     let builder = if h2 { &shared.http2 } else { &shared.http1 };
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
 
-    let idle = listener.timeouts.idle_timeout;
     let mut drained = false;
     let mut outcome = Outcome::Relayed;
     let mut detail = None;
+    let idle = limits.idle;
     loop {
         let idle_at = tokio::time::Instant::from_std(meter.last_activity() + idle);
+        let headers_at = meter
+            .headers_since()
+            .map(|since| tokio::time::Instant::from_std(since + limits.headers));
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -190,8 +293,14 @@ pub async fn serve(
                 connection.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep_until(idle_at) => {
-                if is_idle(&meter, idle) {
+                if is_idle(meter, idle) {
                     outcome = Outcome::IdleTimeout;
+                    break;
+                }
+            }
+            () = sleep_until_some(headers_at) => {
+                if meter.headers_since().is_some_and(|since| since.elapsed() >= limits.headers) {
+                    outcome = Outcome::HeaderTimeout;
                     break;
                 }
             }
@@ -209,7 +318,7 @@ pub async fn serve(
                     break;
                 }
                 () = tokio::time::sleep_until(idle_at) => {
-                    if is_idle(&meter, idle) {
+                    if is_idle(meter, idle) {
                         outcome = Outcome::IdleTimeout;
                         break;
                     }
@@ -217,8 +326,15 @@ pub async fn serve(
             }
         }
     }
-    let requests = ctx.requests.load(Ordering::Relaxed);
-    served(outcome, requests, detail)
+    (outcome, detail)
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn is_idle(meter: &Meter, idle: Duration) -> bool {

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::body::{DownBody, UpBody};
 use super::log::{RequestLog, RequestOutcome};
+use super::upstream::UpstreamClient;
 use super::Shared;
 use crate::firewall::Firewall;
 use crate::l7::registry::CertFiles;
@@ -41,7 +42,13 @@ pub struct ConnContext {
     pub requests: AtomicU64,
     /// Relays of upgraded (WebSocket) requests: the connection waits for them.
     pub relays: TaskTracker,
+    /// The upstream client of this connection's last request (most
+    /// connections send every request to one route): the target it was
+    /// for, whether it was the gRPC one, and the client.
+    pub last_upstream: std::sync::Mutex<Option<(Arc<Target>, bool, UpstreamClient)>>,
     pub forced: CancellationToken,
+    /// The connection's meter: requests in flight, the header deadline.
+    pub meter: Arc<super::io::Meter>,
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -56,20 +63,23 @@ static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// Serves one request; never fails (errors are responses).
 pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<DownBody> {
     ctx.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.meter.request_started();
     let up = Arc::new(AtomicU64::new(0));
     let host = request_host(&req).map(str::to_owned);
     let mut log = RequestLog {
         started: Instant::now(),
         client: ctx.client,
+        meter: ctx.meter.clone(),
         metrics: ctx.metrics.clone(),
         route: None,
         host: host.clone().unwrap_or_default(),
         method: req.method().clone(),
+        version: req.version(),
         path: req.uri().path().to_owned(),
         status: 0,
         up: up.clone(),
         down: 0,
-        backend: None,
+        target: None,
         outcome: RequestOutcome::Proxied,
         error: None,
     };
@@ -93,7 +103,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         );
     };
     log.route = Some(route_name);
-    log.backend = Some(target.backend.to_string());
+    log.target = Some(target.clone());
     let Some(l7) = target.mode.l7() else {
         return reply(
             log,
@@ -155,11 +165,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
     let upstream_req = Request::from_parts(parts, UpBody::new(body, up));
 
     // 4. Upstream.
-    let client = match ctx
-        .shared
-        .upstreams
-        .client(&target.backend, l7, grpc && !upgrade)
-    {
+    let client = match upstream_client(ctx, &target, l7, grpc && !upgrade) {
         Ok(client) => client,
         Err(e) => {
             log.error = Some(e.to_string());
@@ -222,12 +228,33 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
             });
             let (parts, _) = response.into_parts();
             log.outcome = RequestOutcome::Upgraded;
+            // The connection is a relay now: its bytes are no request's.
+            ctx.meter.arm_on_read(false);
             return Response::from_parts(parts, DownBody::fixed(Bytes::new(), log));
         }
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, DownBody::upstream(body, log))
+}
+
+/// The upstream client for `target`, from the connection's one-entry cache
+/// or the shared pools.
+fn upstream_client(
+    ctx: &ConnContext,
+    target: &Arc<Target>,
+    l7: &crate::routes::L7Route,
+    grpc: bool,
+) -> Result<UpstreamClient, super::upstream::UpstreamError> {
+    let mut last = ctx.last_upstream.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((cached, was_grpc, client)) = last.as_ref() {
+        if Arc::ptr_eq(cached, target) && *was_grpc == grpc {
+            return Ok(client.clone());
+        }
+    }
+    let client = ctx.shared.upstreams.client(&target.backend, l7, grpc)?;
+    *last = Some((target.clone(), grpc, client.clone()));
+    Ok(client)
 }
 
 /// The request's host: `:authority` (HTTP/2, or an absolute-form URI),
