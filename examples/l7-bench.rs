@@ -13,7 +13,8 @@
 //!   `http-reuse always`, no logging;
 //!
 //! plus `direct` (the client straight to the backend in plaintext: the
-//! baseline for added latency). The backend is this program started again
+//! baseline for added latency). `mc-proxy-2w` (not in the default set) is
+//! mc-proxy with 2 worker threads, as nginx and HAProxy use both CPUs. The backend is this program started again
 //! with `--serve-backend` (a hyper HTTP/1.1 server answering `GET /tiny` with
 //! a 14-byte body), so its CPU is not in the client's process.
 //!
@@ -49,8 +50,8 @@
 //!
 //! ```text
 //! cargo build --release --locked
-//! cargo run --release --example l7-bench -- --bin target/release/mc-proxy --out bench/l7.json
-//! cargo run --release --example l7-bench -- --bin target/release/mc-proxy --quick
+//! cargo run --release --example l7-bench -- --bin target/release/mc-proxy --out bench/l7.json  # ~5 min
+//! cargo run --release --example l7-bench -- --bin target/release/mc-proxy --quick             # ~40 s
 //! cargo run --release --example l7-bench -- --targets direct,mc-proxy --phases h1,latency
 //! ```
 //!
