@@ -144,6 +144,10 @@ struct Args {
     /// Idle TLS connections held in the idle phase.
     #[arg(long, default_value_t = 2000)]
     idle: usize,
+    /// Idle phase: hold the connections after the TLS handshake only, with
+    /// no request (splits the idle cost into TLS and HTTP state).
+    #[arg(long)]
+    idle_no_request: bool,
     /// Worker threads for the `mc-proxy` target (TOKIO_WORKER_THREADS);
     /// default: its own choice (one on a host with 1-2 CPUs).
     #[arg(long)]
@@ -1528,7 +1532,7 @@ impl Bench {
         let (rss0, pss0) = ProcFs::mem_kib(&pids);
         let cpu0 = self.procfs.cpu_s(&pids);
         let started = Instant::now();
-        let conns = open_idle(t.addr, tls.clone(), count, 32).await;
+        let conns = open_idle(t.addr, tls.clone(), count, 32, !self.args.idle_no_request).await;
         let setup = started.elapsed().as_secs_f64();
         let opened = conns.len();
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1605,6 +1609,7 @@ async fn open_idle(
     tls: Option<TlsConnector>,
     count: usize,
     concurrency: usize,
+    request: bool,
 ) -> Vec<H1> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
@@ -1615,7 +1620,9 @@ async fn open_idle(
             while next.fetch_add(1, Ordering::Relaxed) < count as u64 {
                 let opened = tokio::time::timeout(Duration::from_secs(10), async {
                     let mut conn = H1::connect(addr, tls.as_ref()).await?;
-                    conn.exchange(REQUEST).await?;
+                    if request {
+                        conn.exchange(REQUEST).await?;
+                    }
                     Ok::<_, io::Error>(conn)
                 })
                 .await;
