@@ -663,7 +663,8 @@ async fn an_http2_continuation_flood_is_cut_before_it_is_buffered() {
 async fn a_blocked_user_agent_gets_403_and_the_backend_never_sees_it() {
     use std::sync::atomic::Ordering;
     let scene = Scene::start("[firewall]\nblocked_user_agents = [\"(?i)sqlmap\"]\n").await;
-    let (backend, seen) = counting_http_backend("web").await;
+    let web = plain_backend("web", false).await;
+    let (backend, seen) = (web.addr, web.requests);
     let files = scene.cert("a", &["a.test"]);
     scene.set_routes(&[("a.test", l7(backend, &files))]);
     for h2 in [false, true] {
@@ -714,7 +715,8 @@ async fn a_backend_that_does_not_answer_in_response_timeout_is_504() {
 async fn an_http1_only_backend_works_in_auto_and_its_connections_are_pooled() {
     use std::sync::atomic::Ordering;
     let scene = Scene::start("").await;
-    let (backend, connections) = http1_only_backend("forge").await;
+    let forge = plain_backend("forge", true).await;
+    let (backend, connections) = (forge.addr, forge.connections);
     let files = scene.cert("a", &["a.test"]);
     scene.set_routes(&[("a.test", l7(backend, &files))]);
     // Sequential requests from two client connections, HTTP/1.1 and HTTP/2.

@@ -150,85 +150,60 @@ pub fn pattern_byte(i: u64) -> u8 {
     (i % 251) as u8
 }
 
-/// A plaintext backend: HTTP/1.1, and HTTP/2 with prior knowledge (h2c).
-pub async fn http_backend(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| async move {
-                    Ok::<_, Infallible>(answer(name, req).await)
-                });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+/// A plaintext backend and what it has seen.
+pub struct PlainBackend {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests answered.
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// A backend that speaks HTTP/1.1 only (like many git forges): HTTP/2
-/// with prior knowledge fails on it. Counts the connections it accepts.
-pub async fn http1_only_backend(
-    name: &'static str,
-) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// A plaintext backend: HTTP/1.1 and HTTP/2 with prior knowledge (h2c),
+/// or HTTP/1.1 only (like many git forges: h2c fails on it).
+pub async fn plain_backend(name: &'static str, http1_only: bool) -> PlainBackend {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counter = connections.clone();
+    let backend = PlainBackend {
+        addr: listener.local_addr().unwrap(),
+        connections: Arc::new(AtomicUsize::new(0)),
+        requests: Arc::new(AtomicUsize::new(0)),
+    };
+    let (connections, requests) = (backend.connections.clone(), backend.requests.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| async move {
-                    Ok::<_, Infallible>(answer(name, req).await)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    (addr, connections)
-}
-
-/// [`http_backend`], counting the requests it gets.
-pub async fn counting_http_backend(
-    name: &'static str,
-) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let counter = count.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let counter = counter.clone();
+            connections.fetch_add(1, Ordering::SeqCst);
+            let requests = requests.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    counter.fetch_add(1, Ordering::SeqCst);
+                    requests.fetch_add(1, Ordering::SeqCst);
                     async move { Ok::<_, Infallible>(answer(name, req).await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await;
+                let io = TokioIo::new(stream);
+                let _ = if http1_only {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .with_upgrades()
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(io, service)
+                        .await
+                        .map_err(|e| e.to_string())
+                };
             });
         }
     });
-    (addr, count)
+    backend
+}
+
+/// A plaintext backend (HTTP/1.1 and h2c): [`plain_backend`]'s address.
+pub async fn http_backend(name: &'static str) -> SocketAddr {
+    plain_backend(name, false).await.addr
 }
 
 /// A TLS backend (ALPN h2 and http/1.1) with a leaf of `pki` for `names`.
