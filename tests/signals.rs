@@ -423,3 +423,85 @@ fn a_stalled_stderr_reader_costs_log_lines_never_traffic() {
         stop.elapsed()
     );
 }
+
+/// The leaf certificate an L7 route at `addr` serves for `sni`.
+async fn served_leaf(addr: SocketAddr, sni: &str, pki: &Pki) -> Vec<u8> {
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tls_connect(addr, sni, pki.client_config()),
+    )
+    .await
+    .expect("TLS connect timed out")
+    .expect("TLS connect");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// SIGHUP re-reads route certificates even when nothing the file watcher
+/// looks at changed: a replacement of the same length written in place,
+/// its mtime set back, is invisible to the poll and served after SIGHUP.
+#[tokio::test]
+async fn sighup_rereads_route_certificates_the_watcher_cannot_see_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("route CA");
+    let (cert, key) = (dir.path().join("r.pem"), dir.path().join("r.key"));
+    let first = pki.leaf(&["r.test"]);
+    std::fs::write(&cert, &first.cert_pem).unwrap();
+    std::fs::write(&key, &first.key_pem).unwrap();
+    // A second leaf whose PEM files have exactly the first one's lengths.
+    let second = (0..200)
+        .map(|_| pki.leaf(&["r.test"]))
+        .find(|l| {
+            l.cert_pem.len() == first.cert_pem.len() && l.key_pem.len() == first.key_pem.len()
+        })
+        .expect("a same-length certificate in 200 tries");
+    let toml = config(
+        dir.path(),
+        &format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n  [[listeners.routes]]\n  hostname = \"r.test\"\n  \
+             backend = \"127.0.0.1:9\"\n  mode = \"l7\"\n  tls_cert = \"{}\"\n  tls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let proxy = Proxy::start(dir.path(), &toml);
+    let addr = proxy.addr();
+    let der = |pem: &str| {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    };
+    assert_eq!(
+        served_leaf(addr, "r.test", &pki).await,
+        der(&first.cert_pem)
+    );
+
+    // Rewrite both files in place (same inode, same length), mtime restored.
+    for (path, text) in [(&key, &second.key_pem), (&cert, &second.cert_pem)] {
+        let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+        std::fs::write(path, text).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(modified)
+            .unwrap();
+    }
+    // Two polls later the watcher has seen nothing.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        served_leaf(addr, "r.test", &pki).await,
+        der(&first.cert_pem)
+    );
+
+    proxy.signal("HUP");
+    proxy.wait_log(
+        &["SIGHUP: route certificates re-read"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        served_leaf(addr, "r.test", &pki).await,
+        der(&second.cert_pem)
+    );
+    proxy.stop();
+}
