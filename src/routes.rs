@@ -39,6 +39,11 @@ impl ListenerRoutes {
         self.table.load().lookup(sni)
     }
 
+    /// The default route (`*`), for a ClientHello without SNI.
+    pub fn default_route(&self) -> Option<Arc<Target>> {
+        self.table.load().default_entry().map(|(_, t)| t.clone())
+    }
+
     pub fn snapshot(&self) -> Arc<RouteMap> {
         self.table.load_full()
     }

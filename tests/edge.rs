@@ -506,7 +506,8 @@ async fn wildcards_match_one_label_below_exact_routes_via_config_admin_and_cli()
     for bad in [
         "a*.w.test",
         "*.*.w.test",
-        "*",
+        // (`*` alone is the default route, tests/default_route.rs.)
+        "*.",
         "*.test",
         "a.*.w.test",
         "**.w.test",
@@ -557,7 +558,8 @@ fn check_rejects_bad_wildcards_and_bad_edge_keys_with_exit_2() {
         std::fs::write(&path, format!("[database]\npath = \"x.db\"\n{body}")).unwrap();
         run_cli(&["check", "-c", path.to_str().unwrap()])
     };
-    for bad in ["a*.x.test", "*.*.x.test", "*", "*.test", "x.*.test"] {
+    // (`*` alone is the default route, tests/default_route.rs.)
+    for bad in ["a*.x.test", "*.*.x.test", "*.", "*.test", "x.*.test"] {
         let (code, _, stderr) = check(&format!(
             "[[listeners]]\naddr = \":1\"\n  [[listeners.routes]]\n  hostname = \"{bad}\"\n  backend = \"127.0.0.1:1\"\n"
         ));

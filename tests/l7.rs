@@ -853,3 +853,44 @@ async fn keep_alive_connections_live_until_idle_timeout_not_handshake_timeout() 
     assert_eq!(client.get("a.test", "/echo").await.status, 200);
     scene.server.wait_closed("idle_timeout", 1.0).await;
 }
+
+#[tokio::test]
+async fn an_l7_default_route_takes_unknown_hosts_and_clients_without_sni() {
+    let scene = Scene::start("").await;
+    let (named, fallback) = (http_backend("named").await, http_backend("default").await);
+    let named_files = scene.cert("a", &["a.test"]);
+    let default_files = scene.cert("default", &["other.test", "127.0.0.1"]);
+    scene.set_routes(&[
+        ("a.test", l7(named, &named_files)),
+        ("*", l7(fallback, &default_files)),
+    ]);
+    // An unknown SNI gets the default route's certificate and backend; so
+    // does an unknown Host on that connection, and an IP literal.
+    let mut client = L7Client::connect(scene.addr(), "other.test", &scene.pki, true).await;
+    assert_eq!(
+        client.get("other.test", "/echo").await.field("backend"),
+        "default"
+    );
+    assert_eq!(
+        client.get("unknown.test", "/echo").await.field("backend"),
+        "default"
+    );
+    assert_eq!(
+        client.get("127.0.0.1:443", "/echo").await.field("backend"),
+        "default"
+    );
+    // a.test has its own certificate: not on this connection.
+    assert_eq!(client.get("a.test", "/echo").await.status, 421);
+    // No SNI at all (rustls sends none to an IP address).
+    let mut client = L7Client::connect(scene.addr(), "127.0.0.1", &scene.pki, false).await;
+    assert_eq!(
+        client.get("127.0.0.1", "/echo").await.field("backend"),
+        "default"
+    );
+    // The named route still wins for its own name.
+    let mut client = L7Client::connect(scene.addr(), "a.test", &scene.pki, true).await;
+    assert_eq!(
+        client.get("a.test", "/echo").await.field("backend"),
+        "named"
+    );
+}

@@ -182,13 +182,22 @@ async fn run(
     };
     metrics.hello_took(hello_started.elapsed());
 
-    // 3. Route.
-    let Some(sni) = hello.sni else {
-        record.detail = Some("no SNI".into());
-        return Outcome::NoRoute;
+    // 3. Route: by SNI (exact, wildcard, then the default route `*`); a
+    // hello without SNI goes to the default route if there is one.
+    let target = match hello.sni {
+        Some(sni) => {
+            let target = listener.routes.lookup(&sni);
+            record.sni = Some(sni);
+            target
+        }
+        None => {
+            let target = listener.routes.default_route();
+            if target.is_none() {
+                record.detail = Some("no SNI".into());
+            }
+            target
+        }
     };
-    let target = listener.routes.lookup(&sni);
-    record.sni = Some(sni);
     let Some(target) = target else {
         return Outcome::NoRoute;
     };

@@ -12,13 +12,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The default route's hostname.
+pub const DEFAULT_ROUTE: &str = "*";
+
 /// Longest DNS name we accept, in bytes, without the trailing dot.
 const MAX_HOSTNAME_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
 
 /// A route hostname: ASCII lower case, no trailing dot, each label 1–63 bytes
 /// of letters, digits, `-` or `_`. The first label may be `*`, which matches
-/// exactly one label (`*.example.net` matches `a.example.net` only).
+/// exactly one label (`*.example.net` matches `a.example.net` only). `*`
+/// alone is the listener's default route: it takes every ClientHello whose
+/// SNI matches no other route, and those without SNI (SPEC §6.3).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Hostname(Box<str>);
 
@@ -43,6 +48,9 @@ pub enum HostnameError {
 impl Hostname {
     /// Normalises (lower case, one trailing dot removed) and validates.
     pub fn parse(input: &str) -> Result<Self, HostnameError> {
+        if input == DEFAULT_ROUTE {
+            return Ok(Hostname(DEFAULT_ROUTE.into()));
+        }
         let trimmed = input.strip_suffix('.').unwrap_or(input);
         if trimmed.is_empty() {
             return Err(HostnameError::Empty);
@@ -59,8 +67,15 @@ impl Hostname {
         &self.0
     }
 
+    /// `*.example.net`, or the default route `*`: not a name a client or a
+    /// backend can have.
     pub fn is_wildcard(&self) -> bool {
-        self.0.starts_with("*.")
+        self.is_default() || self.0.starts_with("*.")
+    }
+
+    /// The listener's default route, `*`.
+    pub fn is_default(&self) -> bool {
+        &*self.0 == DEFAULT_ROUTE
     }
 }
 
@@ -340,7 +355,9 @@ impl RouteMap {
     }
 
     /// Looks up an SNI name exactly as the client sent it: normalised here,
-    /// exact match first, then `*.` + the name without its first label.
+    /// exact match first, then `*.` + the name without its first label,
+    /// then the default route `*` (which also takes names that are not
+    /// valid hostnames).
     /// Cost is one normalisation into a stack buffer plus at most two hash
     /// lookups: O(length of the name), whatever the table size, and no
     /// allocation.
@@ -348,9 +365,20 @@ impl RouteMap {
         self.lookup_entry(sni).map(|(_, target)| target.clone())
     }
 
-    /// [`RouteMap::lookup`], with the route's own hostname (the exact name
-    /// or the wildcard that matched).
+    /// [`RouteMap::lookup`], with the route's own hostname (the exact name,
+    /// the wildcard that matched, or `*`).
     pub fn lookup_entry(&self, sni: &str) -> Option<(&Hostname, &Arc<Target>)> {
+        self.lookup_named(sni).or_else(|| self.default_entry())
+    }
+
+    /// The default route (`*`), which takes what no other route matches
+    /// and ClientHellos without SNI.
+    pub fn default_entry(&self) -> Option<(&Hostname, &Arc<Target>)> {
+        self.entries.get_key_value(DEFAULT_ROUTE)
+    }
+
+    /// Exact match, then the one-label wildcard; never the default route.
+    fn lookup_named(&self, sni: &str) -> Option<(&Hostname, &Arc<Target>)> {
         let trimmed = sni.strip_suffix('.').unwrap_or(sni);
         let len = trimmed.len();
         if len == 0 || len > MAX_HOSTNAME_LEN || trimmed.contains('*') {
@@ -399,7 +427,7 @@ mod tests {
     #[test]
     fn bad_hostnames_are_rejected() {
         for bad in [
-            "", ".", "a..b", "a b", "-a.test", "a-.test", "a.test..", "*", "*.test", "a*.x",
+            "", ".", "a..b", "a b", "-a.test", "a-.test", "a.test..", "*.", "**", "*.test", "a*.x",
             "*.*.x", "a.*.x", "é.test", "a/b", "a:443",
         ] {
             assert!(Hostname::parse(bad).is_err(), "{bad:?} accepted");
@@ -532,6 +560,49 @@ mod tests {
         assert_eq!(port("example.net"), None);
         assert_eq!(port("*.example.net"), None);
         assert_eq!(port(""), None);
+    }
+
+    #[test]
+    fn the_default_route_takes_what_nothing_else_matches() {
+        let star = Hostname::parse("*").unwrap();
+        assert!(star.is_default() && star.is_wildcard());
+        assert_eq!(star.as_str(), "*");
+        assert!(!Hostname::parse("*.example.net").unwrap().is_default());
+        for bad in ["*:80", "*.:80"] {
+            assert!(Backend::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_server_name("*").is_err());
+
+        let mut map = RouteMap::new();
+        map.insert(
+            Hostname::parse("exact.example.net").unwrap(),
+            target("127.0.0.1:1"),
+        );
+        map.insert(
+            Hostname::parse("*.example.net").unwrap(),
+            target("127.0.0.1:2"),
+        );
+        assert!(map.default_entry().is_none());
+        assert_eq!(map.lookup("other.test"), None);
+        map.insert(star.clone(), target("127.0.0.1:3"));
+        let port = |sni: &str| map.lookup(sni).map(|t| t.backend.to_string());
+        assert_eq!(port("exact.example.net"), Some("127.0.0.1:1".into()));
+        assert_eq!(port("a.example.net"), Some("127.0.0.1:2".into()));
+        for other in [
+            "other.test",
+            "example.net",
+            "a.b.example.net",
+            "x",
+            "",
+            "*",
+            "bad name",
+            "é",
+        ] {
+            assert_eq!(port(other), Some("127.0.0.1:3".into()), "{other:?}");
+        }
+        let (name, _) = map.lookup_entry("other.test").unwrap();
+        assert!(name.is_default());
+        assert_eq!(map.default_entry().map(|(n, _)| n.as_str()), Some("*"));
     }
 
     #[test]

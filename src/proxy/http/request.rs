@@ -288,9 +288,13 @@ fn route_name(host: &str) -> Option<&str> {
 /// The listener's L7 route for `host`, if it names this connection's
 /// certificate files.
 fn route_for(host: &str, ctx: &ConnContext) -> Option<(Arc<str>, Arc<Target>)> {
-    let name = route_name(host)?;
     let table = ctx.routes.snapshot();
-    let (hostname, target) = table.lookup_entry(name)?;
+    // A host that is no name (an IP literal) can still reach the default
+    // route `*`.
+    let (hostname, target) = match route_name(host) {
+        Some(name) => table.lookup_entry(name)?,
+        None => table.default_entry()?,
+    };
     let l7 = target.mode.l7()?;
     ctx.files
         .named_by(l7)
