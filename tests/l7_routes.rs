@@ -747,3 +747,67 @@ fn cli_adds_and_lists_l7_routes_and_user_agent_rules() {
     );
     proxy.stop();
 }
+
+/// Through the binary: an L7 connection's close line counts its requests
+/// (`requests=3`, outcome `relayed`), each request has its own line, and a
+/// client that refuses the route's certificate ends as `tls_failed`.
+// Two workers: the log waits below block their thread, and the client's
+// connection task must still run to close the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_connection_lines_count_requests_and_name_tls_failures() {
+    use common::http::{http_backend, L7Client};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("route CA");
+    let leaf = pki.leaf(&["web.test"]);
+    let (cert, key) = (dir.path().join("web.pem"), dir.path().join("web.key"));
+    std::fs::write(&cert, leaf.cert_pem.clone() + &pki.ca_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    let backend = http_backend("web").await;
+    let toml = config(
+        dir.path(),
+        &format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n  [[listeners.routes]]\n  hostname = \"web.test\"\n  \
+             backend = \"{backend}\"\n  mode = \"l7\"\n  tls_cert = \"{}\"\n  tls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let proxy = Proxy::start(dir.path(), &toml);
+    {
+        let mut client = L7Client::connect(proxy.addr(), "web.test", &pki, false).await;
+        for _ in 0..3 {
+            assert_eq!(client.get("web.test", "/echo").await.status, 200);
+        }
+    }
+    let line = proxy.wait_conns(
+        &["sni=web.test", "outcome=relayed"],
+        1,
+        std::time::Duration::from_secs(10),
+    );
+    assert_eq!(log_field(&line[0], "requests"), Some("3"), "{}", line[0]);
+    let request = proxy.wait_log(
+        &["mc_proxy::request", "path=/echo", "status=200"],
+        std::time::Duration::from_secs(10),
+    );
+    assert_eq!(
+        log_field(&request, "version"),
+        Some("HTTP/1.1"),
+        "{request}"
+    );
+    assert_eq!(log_field(&request, "outcome"), Some("proxied"), "{request}");
+
+    // A client that trusts another CA aborts the handshake.
+    let stranger = Pki::new("another CA");
+    assert!(
+        tls_connect(proxy.addr(), "web.test", stranger.client_config())
+            .await
+            .is_err()
+    );
+    let failed = proxy.wait_conns(
+        &["sni=web.test", "outcome=tls_failed"],
+        1,
+        std::time::Duration::from_secs(10),
+    );
+    assert!(log_field(&failed[0], "error").is_some(), "{}", failed[0]);
+    proxy.stop();
+}
