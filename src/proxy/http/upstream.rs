@@ -134,6 +134,15 @@ impl Upstreams {
         Ok(client)
     }
 
+    /// Upstream clients (pools) held now.
+    pub fn len(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Drops the clients no route uses any more (their idle connections
     /// close); `in_use` says whether a backend is still named.
     pub fn retain(&self, in_use: impl Fn(&Backend) -> bool) {
@@ -352,5 +361,44 @@ impl Write for UpstreamIo {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(tls: bool, protocol: BackendProtocol) -> L7Route {
+        L7Route {
+            tls_cert: "/c.pem".into(),
+            tls_key: "/c.key".into(),
+            backend_tls: tls,
+            backend_ca: None,
+            backend_server_name: None,
+            backend_protocol: protocol,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_pool_per_upstream_and_pools_of_unnamed_backends_are_dropped() {
+        let upstreams = Upstreams::new(Duration::from_secs(1), Gauge::default());
+        let (a, b) = (
+            Backend::parse("127.0.0.1:1").unwrap(),
+            Backend::parse("127.0.0.1:2").unwrap(),
+        );
+        let plain = route(false, BackendProtocol::Auto);
+        upstreams.client(&a, &plain, false).unwrap();
+        upstreams.client(&a, &plain, false).unwrap();
+        assert_eq!(upstreams.len(), 1, "the same upstream shares its pool");
+        // gRPC in auto over plaintext is the h2c client: a pool of its own.
+        upstreams.client(&a, &plain, true).unwrap();
+        upstreams
+            .client(&b, &route(false, BackendProtocol::Http1), false)
+            .unwrap();
+        assert_eq!(upstreams.len(), 3);
+        upstreams.retain(|backend| backend == &a);
+        assert_eq!(upstreams.len(), 2);
+        upstreams.retain(|_| false);
+        assert!(upstreams.is_empty());
     }
 }
