@@ -798,15 +798,13 @@ impl Config {
             }
         })?;
 
-        let base = source.parent().unwrap_or(Path::new("."));
+        // Relative paths resolve against the config's directory, made
+        // absolute even when the config was named by a relative path
+        // (`-c ./srv/x.toml`): an L7 route's files are stored with the
+        // route and read by the server whatever its working directory.
+        let dir = source.parent().unwrap_or(Path::new("."));
+        let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
-        // An L7 route's files are stored with the route and read by the
-        // server whatever its working directory: always absolute, even
-        // when the config was named by a relative path (`-c ./srv/x.toml`).
-        let resolve_absolute = |p: PathBuf| {
-            let joined = resolve(p);
-            std::path::absolute(&joined).unwrap_or(joined)
-        };
 
         let database = raw
             .database
@@ -841,7 +839,7 @@ impl Config {
                         ConfigCause::DuplicateHostname(hostname),
                     ));
                 }
-                let mode = route_mode(route.mode.map(|m| m.0), l7, &resolve_absolute)
+                let mode = route_mode(route.mode.map(|m| m.0), l7, &resolve)
                     .map_err(|(name, cause)| fail(&key(name), cause))?;
                 if route.send_proxy_protocol && matches!(mode, Mode::L7(_)) {
                     return Err(fail(

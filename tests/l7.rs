@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -106,10 +106,6 @@ fn l4(backend: SocketAddr) -> Target {
     }
 }
 
-fn path_of(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
-}
-
 #[tokio::test]
 async fn http1_and_http2_reach_the_backend_with_the_client_address_not_the_forged_one() {
     let scene = Scene::start("").await;
@@ -183,7 +179,6 @@ async fn the_client_sees_the_routes_certificate() {
         .unwrap();
     assert_eq!(session.peer_certificates().unwrap(), &chain[..]);
     assert_eq!(session.alpn_protocol(), Some(&b"h2"[..]));
-    let _ = path_of(scene.dir.path(), "a.pem");
 }
 
 #[tokio::test]

@@ -81,14 +81,6 @@ impl DownBody {
         }
     }
 
-    /// A body with no log record (the log is written elsewhere).
-    pub fn empty() -> DownBody {
-        DownBody {
-            inner: Down::Fixed(None),
-            log: None,
-        }
-    }
-
     fn count(&mut self, n: usize) {
         if let Some(log) = &mut self.log {
             log.down += n as u64;

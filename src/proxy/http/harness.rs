@@ -115,6 +115,7 @@ async fn run(data: &[u8]) -> Vec<u8> {
     meter.arm_on_read(!h2);
     let ctx = Arc::new(ConnContext {
         client: SocketAddr::from(([192, 0, 2, 1], 40000)),
+        client_ip: super::request::ip_header([192, 0, 2, 1].into()),
         files,
         routes: Arc::new(ListenerRoutes::new("fuzz", map)),
         firewall: Arc::new(firewall),

@@ -199,6 +199,7 @@ pub async fn serve(
 
     let ctx = Arc::new(ConnContext {
         client,
+        client_ip: request::ip_header(client.ip()),
         files: CertFiles::of(route),
         routes: listener.routes.clone(),
         firewall: listener.firewall.clone(),

@@ -31,6 +31,9 @@ use crate::routes::{ListenerRoutes, Target};
 /// What every request of one connection shares.
 pub struct ConnContext {
     pub client: SocketAddr,
+    /// The client's address as a header value (X-Forwarded-For, X-Real-IP),
+    /// made once per connection.
+    pub client_ip: HeaderValue,
     /// The certificate this connection was served with: only routes that
     /// name the same files may take its requests (coalescing included).
     pub files: CertFiles,
@@ -138,7 +141,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         parts.headers.insert(UPGRADE, protocol);
     }
     parts.headers.remove(EXPECT);
-    forwarded_headers(&mut parts.headers, ctx.client, &host);
+    forwarded_headers(&mut parts.headers, &ctx.client_ip, &host);
     let scheme = if l7.backend_tls { "https" } else { "http" };
     let path = parts
         .uri
@@ -241,6 +244,11 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, DownBody::upstream(body, log))
+}
+
+/// `ip` as a header value (an IP address's text is always a valid one).
+pub fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// The upstream client for `target`, from the connection's one-entry cache
@@ -353,14 +361,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// X-Forwarded-For and X-Real-IP are the client (whatever it sent),
 /// X-Forwarded-Proto `https`, X-Forwarded-Host the request's host.
-fn forwarded_headers(headers: &mut HeaderMap, client: SocketAddr, host: &str) {
-    let ip = HeaderValue::from_str(&client.ip().to_string()).ok();
-    headers.remove(&X_FORWARDED_FOR);
-    headers.remove(&X_REAL_IP);
-    if let Some(ip) = ip {
-        headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
-        headers.insert(X_REAL_IP.clone(), ip);
-    }
+fn forwarded_headers(headers: &mut HeaderMap, client_ip: &HeaderValue, host: &str) {
+    // `insert` replaces every value the client sent.
+    headers.insert(X_FORWARDED_FOR.clone(), client_ip.clone());
+    headers.insert(X_REAL_IP.clone(), client_ip.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
     headers.remove(&X_FORWARDED_HOST);
     if let Ok(host) = HeaderValue::from_str(host) {
@@ -467,7 +471,7 @@ mod tests {
         headers.insert(&X_REAL_IP, HeaderValue::from_static("6.6.6.6"));
         forwarded_headers(
             &mut headers,
-            "192.0.2.9:5000".parse().unwrap(),
+            &ip_header("192.0.2.9".parse().unwrap()),
             "a.test:8443",
         );
         let all: Vec<_> = headers.get_all(&X_FORWARDED_FOR).iter().collect();
