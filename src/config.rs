@@ -16,14 +16,13 @@ use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use wire::route::{
-    parse_server_name, Backend, BackendError, BackendProtocol, Hostname, HostnameError, L7Route,
-    Mode, Target,
+    parse_server_name, Backend, BackendError, BackendProtocol, Hostname, HostnameError, L7Settings,
+    Mode, ModeError, Target,
 };
 use wire::rule::{Rule, RuleError, RuleKind};
 
@@ -831,7 +830,11 @@ impl Config {
             let mut routes = Vec::with_capacity(listener.routes.len());
             for (j, route) in listener.routes.into_iter().enumerate() {
                 let key = |name: &str| format!("listeners[{i}].routes[{j}].{name}");
-                let l7 = route.l7();
+                let l7 = route.l7(&resolve);
+                let empty_ca = route
+                    .backend_ca
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty());
                 let hostname = route.hostname.0;
                 if !hostnames.insert(hostname.clone()) {
                     return Err(fail(
@@ -839,7 +842,7 @@ impl Config {
                         ConfigCause::DuplicateHostname(hostname),
                     ));
                 }
-                let mode = route_mode(route.mode.map(|m| m.0), l7, &resolve)
+                let mode = route_mode(route.mode.map(|m| m.0), l7, empty_ca)
                     .map_err(|(name, cause)| fail(&key(name), cause))?;
                 if route.send_proxy_protocol && matches!(mode, Mode::L7(_)) {
                     return Err(fail(
@@ -1054,78 +1057,43 @@ impl Config {
     }
 }
 
-/// An L7 route's keys as written (paths not yet resolved).
-struct RawL7 {
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    backend_tls: Option<bool>,
-    backend_ca: Option<PathBuf>,
-    backend_server_name: Option<String>,
-    backend_protocol: Option<BackendProtocol>,
-}
-
 impl RawRoute {
-    fn l7(&self) -> RawL7 {
-        RawL7 {
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
+    /// The route's L7 keys as written, paths resolved (an empty
+    /// `tls_cert`/`tls_key` counts as missing).
+    fn l7(&self, resolve: &dyn Fn(PathBuf) -> PathBuf) -> L7Settings {
+        let path =
+            |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty()).map(resolve);
+        L7Settings {
+            tls_cert: path(&self.tls_cert),
+            tls_key: path(&self.tls_key),
             backend_tls: self.backend_tls,
-            backend_ca: self.backend_ca.clone(),
+            backend_ca: self.backend_ca.clone().map(resolve),
             backend_server_name: self.backend_server_name.as_ref().map(|n| n.0 .0.clone()),
             backend_protocol: self.backend_protocol.as_ref().map(|p| p.0),
         }
     }
 }
 
-/// A route's [`Mode`] from its `mode` and L7 keys; an error names the key
-/// at fault (its last path component) and why.
+/// A route's [`Mode`] from its `mode` and L7 keys (the rules are
+/// `wire::route::L7Settings`'s); an error names the key at fault (its last
+/// path component) and why. `empty_ca`: `backend_ca = ""` was written.
 fn route_mode(
     mode: Option<RouteModeKind>,
-    raw: RawL7,
-    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    l7: L7Settings,
+    empty_ca: bool,
 ) -> Result<Mode, (&'static str, ConfigCause)> {
-    if mode != Some(RouteModeKind::L7) {
-        let set = [
-            ("tls_cert", raw.tls_cert.is_some()),
-            ("tls_key", raw.tls_key.is_some()),
-            ("backend_tls", raw.backend_tls.is_some()),
-            ("backend_ca", raw.backend_ca.is_some()),
-            ("backend_server_name", raw.backend_server_name.is_some()),
-            ("backend_protocol", raw.backend_protocol.is_some()),
-        ];
-        return match set.into_iter().find(|(_, set)| *set) {
-            Some((name, _)) => Err((name, ConfigCause::L7Only)),
-            None => Ok(Mode::L4),
-        };
+    let built = l7
+        .into_mode(mode == Some(RouteModeKind::L7))
+        .map_err(|e| match e {
+            ModeError::L7Only(key) => (key.label(), ConfigCause::L7Only),
+            ModeError::RequiredForL7(key) => (key.label(), ConfigCause::RequiredForL7),
+            ModeError::NeedsBackendTls(key) => (key.label(), ConfigCause::NeedsBackendTls),
+        })?;
+    // An empty `backend_ca` would resolve to the config's directory.
+    if empty_ca && built.l7().is_some() {
+        return Err(("backend_ca", ConfigCause::Required));
     }
-    let required = |name: &'static str, path: Option<PathBuf>| {
-        path.filter(|p| !p.as_os_str().is_empty())
-            .map(resolve)
-            .ok_or((name, ConfigCause::RequiredForL7))
-    };
-    let tls_cert = required("tls_cert", raw.tls_cert)?;
-    let tls_key = required("tls_key", raw.tls_key)?;
-    let backend_tls = raw.backend_tls.unwrap_or(false);
-    if !backend_tls {
-        if raw.backend_ca.is_some() {
-            return Err(("backend_ca", ConfigCause::NeedsBackendTls));
-        }
-        if raw.backend_server_name.is_some() {
-            return Err(("backend_server_name", ConfigCause::NeedsBackendTls));
-        }
-    }
-    let backend_ca = match raw.backend_ca {
-        Some(p) if p.as_os_str().is_empty() => return Err(("backend_ca", ConfigCause::Required)),
-        other => other.map(resolve),
-    };
-    Ok(Mode::L7(Arc::new(L7Route {
-        tls_cert,
-        tls_key,
-        backend_tls,
-        backend_ca,
-        backend_server_name: raw.backend_server_name,
-        backend_protocol: raw.backend_protocol.unwrap_or_default(),
-    })))
+    Ok(built)
 }
 
 /// The line of the parser's error, when it knows the span.
@@ -1138,6 +1106,7 @@ fn error_line(text: &str, error: &toml::de::Error) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::route::L7Route;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/mc/mc-proxy.toml"))

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
-use wire::route::{parse_server_name, BackendProtocol, L7Route, Mode};
+use wire::route::{parse_server_name, BackendProtocol, L7Route, L7Settings, Mode, ModeError};
 use wire::rule::{Rule, RuleKind};
 
 use super::proto;
@@ -156,80 +156,68 @@ fn parse_path(field: &str, text: &str) -> Result<PathBuf, Status> {
 }
 
 /// A wire route's [`Mode`], every field checked (none of the files is read
-/// here). L7-only fields on an L4 route are refused by name, as is
+/// here; the rules between the fields are `wire::route::L7Settings`'s).
+/// L7-only fields on an L4 route are refused by name, as is
 /// `send_proxy_protocol` on an L7 route.
 fn parse_mode(route: &proto::Route) -> Result<Mode, Status> {
     let mode = proto::RouteMode::try_from(route.mode)
         .map_err(|_| invalid("route.mode", format_args!("unknown value {}", route.mode)))?;
-    if mode != proto::RouteMode::L7 {
-        let set = [
-            ("route.tls_cert", !route.tls_cert.is_empty()),
-            ("route.tls_key", !route.tls_key.is_empty()),
-            ("route.backend_tls", route.backend_tls),
-            ("route.backend_ca", !route.backend_ca.is_empty()),
-            (
-                "route.backend_server_name",
-                !route.backend_server_name.is_empty(),
-            ),
-            ("route.backend_protocol", !route.backend_protocol.is_empty()),
-        ];
-        return match set.into_iter().find(|(_, set)| *set) {
-            Some((field, _)) => Err(invalid(
-                field,
-                "only for ROUTE_MODE_L7 routes (this route is L4)",
-            )),
-            None => Ok(Mode::L4),
-        };
-    }
-    if route.send_proxy_protocol {
+    let l7 = mode == proto::RouteMode::L7;
+    if l7 && route.send_proxy_protocol {
         return Err(invalid(
             "route.send_proxy_protocol",
             "not allowed on a ROUTE_MODE_L7 route: its backend connections are pooled, so a per-client PROXY header cannot be right (X-Forwarded-For carries the client)",
         ));
     }
-    let required = |field: &str, text: &str| {
-        if text.is_empty() {
-            Err(invalid(field, "required for a ROUTE_MODE_L7 route"))
-        } else {
-            parse_path(field, text)
+    let given = |text: &str| (!text.is_empty()).then(|| text.to_string());
+    // Each field parsed only where it can be used: on an L4 route, or
+    // without backend_tls, being set is the error.
+    let path = |field: &str, text: &str, used: bool| -> Result<Option<PathBuf>, Status> {
+        match given(text) {
+            Some(text) if used => parse_path(field, &text).map(Some),
+            other => Ok(other.map(PathBuf::from)),
         }
     };
-    let tls_cert = required("route.tls_cert", &route.tls_cert)?;
-    let tls_key = required("route.tls_key", &route.tls_key)?;
-    let backend_protocol = BackendProtocol::parse(&route.backend_protocol).ok_or_else(|| {
-        invalid(
-            "route.backend_protocol",
-            format_args!(
-                "{}: not one of \"auto\", \"http1\", \"h2\" (\"\" = auto)",
-                quoted(&route.backend_protocol)
-            ),
-        )
-    })?;
-    let backend_ca = match route.backend_ca.as_str() {
-        "" => None,
-        _ if !route.backend_tls => return Err(invalid("route.backend_ca", "needs backend_tls")),
-        text => Some(parse_path("route.backend_ca", text)?),
-    };
-    let backend_server_name = match route.backend_server_name.as_str() {
-        "" => None,
-        _ if !route.backend_tls => {
-            return Err(invalid("route.backend_server_name", "needs backend_tls"))
-        }
-        text => Some(parse_server_name(text).map_err(|e| {
-            invalid(
-                "route.backend_server_name",
-                format_args!("{}: not an IP address or DNS name: {e}", quoted(text)),
+    let with_tls = l7 && route.backend_tls;
+    let settings = L7Settings {
+        tls_cert: path("route.tls_cert", &route.tls_cert, l7)?,
+        tls_key: path("route.tls_key", &route.tls_key, l7)?,
+        backend_tls: route.backend_tls.then_some(true),
+        backend_ca: path("route.backend_ca", &route.backend_ca, with_tls)?,
+        backend_server_name: match given(&route.backend_server_name) {
+            Some(text) if with_tls => Some(parse_server_name(&text).map_err(|e| {
+                invalid(
+                    "route.backend_server_name",
+                    format_args!("{}: not an IP address or DNS name: {e}", quoted(&text)),
+                )
+            })?),
+            other => other,
+        },
+        // On an L4 route only whether it is set matters.
+        backend_protocol: if l7 {
+            Some(
+                BackendProtocol::parse(&route.backend_protocol).ok_or_else(|| {
+                    invalid(
+                        "route.backend_protocol",
+                        format_args!(
+                            "{}: not one of \"auto\", \"http1\", \"h2\" (\"\" = auto)",
+                            quoted(&route.backend_protocol)
+                        ),
+                    )
+                })?,
             )
-        })?),
+        } else {
+            given(&route.backend_protocol).map(|_| BackendProtocol::Auto)
+        },
     };
-    Ok(Mode::L7(Arc::new(L7Route {
-        tls_cert,
-        tls_key,
-        backend_tls: route.backend_tls,
-        backend_ca,
-        backend_server_name,
-        backend_protocol,
-    })))
+    settings.into_mode(l7).map_err(|e| {
+        let (key, why) = match e {
+            ModeError::L7Only(key) => (key, "only for ROUTE_MODE_L7 routes (this route is L4)"),
+            ModeError::RequiredForL7(key) => (key, "required for a ROUTE_MODE_L7 route"),
+            ModeError::NeedsBackendTls(key) => (key, "needs backend_tls"),
+        };
+        invalid(&format!("route.{}", key.label()), why)
+    })
 }
 
 /// Reads and checks an L7 route's certificate and key on the blocking

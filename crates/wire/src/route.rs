@@ -295,6 +295,90 @@ pub fn parse_server_name(text: &str) -> Result<String, HostnameError> {
     Ok(name.0.into_string())
 }
 
+crate::labelled_enum! {
+    /// An L7-only route setting. Its label is the TOML key and, after
+    /// `route.`, the admin API field.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum L7Key {
+        TlsCert => "tls_cert",
+        TlsKey => "tls_key",
+        BackendTls => "backend_tls",
+        BackendCa => "backend_ca",
+        BackendServerName => "backend_server_name",
+        BackendProtocol => "backend_protocol",
+    }
+}
+
+/// Why a route's mode and L7 settings do not make a [`Mode`]; the key at
+/// fault is named. The config and the admin API word each their own way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeError {
+    /// Set on an L4 route.
+    L7Only(L7Key),
+    /// `tls_cert` or `tls_key` missing on an L7 route.
+    RequiredForL7(L7Key),
+    /// `backend_ca` or `backend_server_name` without `backend_tls`.
+    NeedsBackendTls(L7Key),
+}
+
+/// A route's L7 settings as given (each `None` when not set), already
+/// parsed one by one: the one place the rules between them are checked,
+/// for the config and the admin API alike.
+#[derive(Clone, Debug, Default)]
+pub struct L7Settings {
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub backend_tls: Option<bool>,
+    pub backend_ca: Option<PathBuf>,
+    pub backend_server_name: Option<String>,
+    pub backend_protocol: Option<BackendProtocol>,
+}
+
+impl L7Settings {
+    /// The route's [`Mode`]: L4 takes none of the settings; L7 needs a
+    /// certificate and key, and `backend_ca`/`backend_server_name` only
+    /// go with `backend_tls`.
+    pub fn into_mode(self, l7: bool) -> Result<Mode, ModeError> {
+        if !l7 {
+            let set = [
+                (L7Key::TlsCert, self.tls_cert.is_some()),
+                (L7Key::TlsKey, self.tls_key.is_some()),
+                (L7Key::BackendTls, self.backend_tls.is_some()),
+                (L7Key::BackendCa, self.backend_ca.is_some()),
+                (L7Key::BackendServerName, self.backend_server_name.is_some()),
+                (L7Key::BackendProtocol, self.backend_protocol.is_some()),
+            ];
+            return match set.into_iter().find(|(_, set)| *set) {
+                Some((key, _)) => Err(ModeError::L7Only(key)),
+                None => Ok(Mode::L4),
+            };
+        }
+        let tls_cert = self
+            .tls_cert
+            .ok_or(ModeError::RequiredForL7(L7Key::TlsCert))?;
+        let tls_key = self
+            .tls_key
+            .ok_or(ModeError::RequiredForL7(L7Key::TlsKey))?;
+        let backend_tls = self.backend_tls.unwrap_or(false);
+        if !backend_tls {
+            if self.backend_ca.is_some() {
+                return Err(ModeError::NeedsBackendTls(L7Key::BackendCa));
+            }
+            if self.backend_server_name.is_some() {
+                return Err(ModeError::NeedsBackendTls(L7Key::BackendServerName));
+            }
+        }
+        Ok(Mode::L7(Arc::new(L7Route {
+            tls_cert,
+            tls_key,
+            backend_tls,
+            backend_ca: self.backend_ca,
+            backend_server_name: self.backend_server_name,
+            backend_protocol: self.backend_protocol.unwrap_or_default(),
+        })))
+    }
+}
+
 /// An L7 route's settings, as configured (paths are not read here).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct L7Route {
@@ -603,6 +687,74 @@ mod tests {
         let (name, _) = map.lookup_entry("other.test").unwrap();
         assert!(name.is_default());
         assert_eq!(map.default_entry().map(|(n, _)| n.as_str()), Some("*"));
+    }
+
+    #[test]
+    fn l7_settings_follow_the_rules_between_them() {
+        let l7 = || L7Settings {
+            tls_cert: Some("/c.pem".into()),
+            tls_key: Some("/c.key".into()),
+            ..L7Settings::default()
+        };
+        assert_eq!(L7Settings::default().into_mode(false), Ok(Mode::L4));
+        assert_eq!(
+            l7().into_mode(false),
+            Err(ModeError::L7Only(L7Key::TlsCert))
+        );
+        let only_protocol = L7Settings {
+            backend_protocol: Some(BackendProtocol::H2),
+            ..L7Settings::default()
+        };
+        assert_eq!(
+            only_protocol.into_mode(false),
+            Err(ModeError::L7Only(L7Key::BackendProtocol))
+        );
+        assert_eq!(
+            L7Settings::default().into_mode(true),
+            Err(ModeError::RequiredForL7(L7Key::TlsCert))
+        );
+        let no_key = L7Settings {
+            tls_key: None,
+            ..l7()
+        };
+        assert_eq!(
+            no_key.into_mode(true),
+            Err(ModeError::RequiredForL7(L7Key::TlsKey))
+        );
+        for (settings, key) in [
+            (
+                L7Settings {
+                    backend_ca: Some("/ca.pem".into()),
+                    ..l7()
+                },
+                L7Key::BackendCa,
+            ),
+            (
+                L7Settings {
+                    backend_server_name: Some("a.test".into()),
+                    backend_tls: Some(false),
+                    ..l7()
+                },
+                L7Key::BackendServerName,
+            ),
+        ] {
+            assert_eq!(
+                settings.into_mode(true),
+                Err(ModeError::NeedsBackendTls(key))
+            );
+        }
+        let full = L7Settings {
+            backend_tls: Some(true),
+            backend_ca: Some("/ca.pem".into()),
+            backend_server_name: Some("a.test".into()),
+            ..l7()
+        }
+        .into_mode(true)
+        .unwrap();
+        let route = full.l7().unwrap();
+        assert!(route.backend_tls);
+        assert_eq!(route.backend_protocol, BackendProtocol::Auto);
+        assert_eq!(L7Key::LABELS[3], "backend_ca");
     }
 
     #[test]
