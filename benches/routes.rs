@@ -25,7 +25,9 @@ fn table(size: usize) -> ListenerRoutes {
         map.insert(
             hostname,
             Target {
-                backend: backend.clone(),
+                backends: wire::route::Backends::one(backend.clone()),
+                balance: Default::default(),
+                health: None,
                 send_proxy_protocol: false,
                 mode: mc_proxy::routes::Mode::L4,
             },

@@ -73,7 +73,9 @@ impl RouteConfig {
     /// The route's target, as the route table holds it.
     pub fn target(&self) -> Target {
         Target {
-            backend: self.backend.clone(),
+            backends: wire::route::Backends::one(self.backend.clone()),
+            balance: Default::default(),
+            health: None,
             send_proxy_protocol: self.send_proxy_protocol,
             mode: self.mode.clone(),
         }

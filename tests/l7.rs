@@ -92,7 +92,9 @@ fn l7_with(
     };
     change(&mut route);
     Target {
-        backend: Backend::parse(&backend.to_string()).unwrap(),
+        backends: wire::route::Backends::one(Backend::parse(&backend.to_string()).unwrap()),
+        balance: Default::default(),
+        health: None,
         send_proxy_protocol: false,
         mode: Mode::L7(Arc::new(route)),
     }
@@ -100,7 +102,9 @@ fn l7_with(
 
 fn l4(backend: SocketAddr) -> Target {
     Target {
-        backend: Backend::parse(&backend.to_string()).unwrap(),
+        backends: wire::route::Backends::one(Backend::parse(&backend.to_string()).unwrap()),
+        balance: Default::default(),
+        health: None,
         send_proxy_protocol: false,
         mode: Mode::L4,
     }

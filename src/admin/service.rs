@@ -254,7 +254,7 @@ fn wire_route(listener: &str, hostname: &str, target: &Target) -> proto::Route {
     let mut route = proto::Route {
         listener_addr: listener.to_string(),
         hostname: hostname.to_string(),
-        backend: target.backend.to_string(),
+        backend: target.backend().to_string(),
         send_proxy_protocol: target.send_proxy_protocol,
         mode: proto::RouteMode::L4.into(),
         ..proto::Route::default()
@@ -344,7 +344,9 @@ impl AdminService {
             check_certificate(l7).await?;
         }
         let target = Target {
-            backend,
+            backends: wire::route::Backends::one(backend),
+            balance: Default::default(),
+            health: None,
             send_proxy_protocol: route.send_proxy_protocol,
             mode,
         };

@@ -201,7 +201,7 @@ async fn run(
     let Some(target) = target else {
         return Outcome::NoRoute;
     };
-    record.backend = Some(target.backend.to_string());
+    record.backend = Some(target.backend().to_string());
 
     // 4. An L7 route: TLS ends here and HTTP is proxied per request
     // (`http`), the hello bytes read so far going to the TLS server.
@@ -229,7 +229,7 @@ async fn run(
 
     // 4. Backend (an L4 route).
     let connect_started = Instant::now();
-    let mut backend = match connect::connect(&target.backend, timeouts.connect_timeout).await {
+    let mut backend = match connect::connect(target.backend(), timeouts.connect_timeout).await {
         Ok(stream) => {
             metrics.connect_took(connect_started.elapsed());
             stream

@@ -148,7 +148,7 @@ fn path_text(path: &Path) -> Result<String, StoreError> {
 impl RouteRow {
     pub(crate) fn new(target: &Target) -> Result<RouteRow, StoreError> {
         let mut row = RouteRow {
-            backend: target.backend.to_string(),
+            backend: target.backend().to_string(),
             send_proxy_protocol: target.send_proxy_protocol,
             mode: target.mode.label(),
             tls_cert: None,
@@ -294,7 +294,9 @@ impl StoredRoute {
             other => return Err(format!("mode {other:?} is not l4 or l7")),
         };
         Ok(Target {
-            backend,
+            backends: wire::route::Backends::one(backend),
+            balance: Default::default(),
+            health: None,
             send_proxy_protocol,
             mode,
         })

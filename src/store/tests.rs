@@ -101,7 +101,9 @@ fn host(text: &str) -> Hostname {
 
 fn target(backend: &str) -> Target {
     Target {
-        backend: Backend::parse(backend).unwrap(),
+        backends: wire::route::Backends::one(Backend::parse(backend).unwrap()),
+        balance: Default::default(),
+        health: None,
         send_proxy_protocol: false,
         mode: crate::routes::Mode::L4,
     }
@@ -111,7 +113,7 @@ fn target(backend: &str) -> Target {
 fn shown(map: &RouteMap) -> Vec<(String, String)> {
     map.sorted()
         .into_iter()
-        .map(|(h, t)| (h.to_string(), t.backend.to_string()))
+        .map(|(h, t)| (h.to_string(), t.backend().to_string()))
         .collect()
 }
 
@@ -354,7 +356,7 @@ async fn upsert_creates_then_updates_one_row() {
     assert_eq!(rows, [row(":8443", "x.test", "127.0.0.1:5002", false)]);
     let table = running.table(":8443");
     assert_eq!(
-        table.get(&host("x.test")).unwrap().backend.to_string(),
+        table.get(&host("x.test")).unwrap().backend().to_string(),
         "127.0.0.1:5002"
     );
 
@@ -593,7 +595,7 @@ async fn failed_write_leaves_memory_and_db_unchanged() {
             .table(":8443")
             .get(&host("new.test"))
             .unwrap()
-            .backend
+            .backend()
             .to_string(),
         "127.0.0.1:7001"
     );
@@ -896,7 +898,9 @@ fn schema_2_is_migrated_to_l4_routes_and_takes_user_agent_rules() {
     assert_eq!(
         **old,
         Target {
-            backend: Backend::parse("127.0.0.1:4444").unwrap(),
+            backends: wire::route::Backends::one(Backend::parse("127.0.0.1:4444").unwrap()),
+            balance: Default::default(),
+            health: None,
             send_proxy_protocol: true,
             mode: crate::routes::Mode::L4,
         }
@@ -939,7 +943,9 @@ fn schema_2_is_migrated_to_l4_routes_and_takes_user_agent_rules() {
 fn l7_target(backend: &str, backend_tls: bool) -> Target {
     use crate::routes::{BackendProtocol, L7Route, Mode};
     Target {
-        backend: Backend::parse(backend).unwrap(),
+        backends: wire::route::Backends::one(Backend::parse(backend).unwrap()),
+        balance: Default::default(),
+        health: None,
         send_proxy_protocol: false,
         mode: Mode::L7(Arc::new(L7Route {
             tls_cert: "/srv/certs/git.pem".into(),

@@ -259,7 +259,7 @@ impl Writer {
         tx.commit().at(&path)?;
 
         tracing::info!(
-            listener = %addr, hostname = %hostname, backend = %target.backend,
+            listener = %addr, hostname = %hostname, backend = %target.backend(),
             send_proxy_protocol = target.send_proxy_protocol, mode = target.mode.label(),
             "{}", if existed { "route updated" } else { "route added" }
         );

@@ -12,6 +12,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod pool;
+
+pub use pool::{
+    Backends, Balance, HealthCheck, Pool, PoolError, PoolKey, PoolSettings, DEFAULT_HEALTH_FALL,
+    DEFAULT_HEALTH_RISE, MAX_BACKENDS, MAX_HEALTH_COUNT,
+};
+
 /// The default route's hostname.
 pub const DEFAULT_ROUTE: &str = "*";
 
@@ -224,7 +231,11 @@ impl fmt::Display for Backend {
 /// One routing decision's worth of data: cheap to clone (an `Arc`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
-    pub backend: Backend,
+    /// Never empty; a connection tries them in the order `balance` picks.
+    pub backends: Backends,
+    pub balance: Balance,
+    /// The active health check, if the route has one.
+    pub health: Option<HealthCheck>,
     /// Send a PROXY v2 header to the backend before the client's bytes.
     pub send_proxy_protocol: bool,
     /// Relayed untouched (L4), or TLS terminated here and HTTP proxied (L7).
@@ -242,6 +253,24 @@ crate::labelled_enum! {
         /// mc-proxy terminates TLS with the route's certificate and
         /// reverse-proxies HTTP/1.1 and HTTP/2 to the backend.
         L7(Arc<L7Route>) => "l7",
+    }
+}
+
+impl Target {
+    /// An L4 route to one backend, no health check.
+    pub fn l4(backend: Backend) -> Self {
+        Target {
+            backends: Backends::one(backend),
+            balance: Balance::default(),
+            health: None,
+            send_proxy_protocol: false,
+            mode: Mode::L4,
+        }
+    }
+
+    /// The route's first backend (what a single `backend` field shows).
+    pub fn backend(&self) -> &Backend {
+        self.backends.first()
     }
 }
 
@@ -492,7 +521,9 @@ mod tests {
 
     fn target(b: &str) -> Target {
         Target {
-            backend: Backend::parse(b).unwrap(),
+            backends: Backends::one(Backend::parse(b).unwrap()),
+            balance: Default::default(),
+            health: None,
             send_proxy_protocol: false,
             mode: Mode::L4,
         }
@@ -637,7 +668,7 @@ mod tests {
             Hostname::parse("exact.example.net").unwrap(),
             target("127.0.0.1:2"),
         );
-        let port = |sni: &str| map.lookup(sni).map(|t| t.backend.to_string());
+        let port = |sni: &str| map.lookup(sni).map(|t| t.backend().to_string());
         assert_eq!(port("EXACT.example.net."), Some("127.0.0.1:2".into()));
         assert_eq!(port("a.example.net"), Some("127.0.0.1:1".into()));
         assert_eq!(port("a.b.example.net"), None);
@@ -669,7 +700,7 @@ mod tests {
         assert!(map.default_entry().is_none());
         assert_eq!(map.lookup("other.test"), None);
         map.insert(star.clone(), target("127.0.0.1:3"));
-        let port = |sni: &str| map.lookup(sni).map(|t| t.backend.to_string());
+        let port = |sni: &str| map.lookup(sni).map(|t| t.backend().to_string());
         assert_eq!(port("exact.example.net"), Some("127.0.0.1:1".into()));
         assert_eq!(port("a.example.net"), Some("127.0.0.1:2".into()));
         for other in [

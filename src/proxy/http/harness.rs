@@ -81,7 +81,9 @@ async fn run(data: &[u8]) -> Vec<u8> {
         map.insert(
             host,
             Target {
-                backend,
+                backends: wire::route::Backends::one(backend),
+                balance: Default::default(),
+                health: None,
                 send_proxy_protocol: false,
                 mode: Mode::L7(Arc::new(route)),
             },

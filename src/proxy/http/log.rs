@@ -72,7 +72,7 @@ impl Drop for RequestLog {
             up,
             down = self.down,
             duration_ms = took.as_millis() as u64,
-            backend = self.target.as_ref().map(|t| tracing::field::display(&t.backend)),
+            backend = self.target.as_ref().map(|t| tracing::field::display(t.backend())),
             outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"

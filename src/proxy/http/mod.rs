@@ -117,7 +117,7 @@ impl Shared {
                     .iter()
                     .flat_map(|l| l.snapshot().sorted())
                     .filter(|(_, target)| target.mode.l7().is_some())
-                    .map(|(_, target)| target.backend.clone())
+                    .map(|(_, target)| target.backend().clone())
                     .collect();
                 shared.upstreams.retain(|backend| named.contains(backend));
             }

@@ -265,7 +265,7 @@ fn upstream_client(
             return Ok(client.clone());
         }
     }
-    let client = ctx.shared.upstreams.client(&target.backend, l7, grpc)?;
+    let client = ctx.shared.upstreams.client(target.backend(), l7, grpc)?;
     *last = Some((target.clone(), grpc, client.clone()));
     Ok(client)
 }
