@@ -88,10 +88,10 @@ async fn cli_subcommands_end_to_end_with_json_and_exit_statuses() {
     let (code, out, _) = proxy.cli(&["routes", "list", "--json"]);
     assert_eq!(code, 0);
     let route_a = serde_json::json!(
-        {"listener_addr": l1, "hostname": "a.test", "backend": backend, "send_proxy_protocol": false, "mode": "l4"}
+        {"listener_addr": l1, "hostname": "a.test", "backend": backend, "backends": [backend], "balance": "round_robin", "send_proxy_protocol": false, "mode": "l4"}
     );
     let route_b = serde_json::json!(
-        {"listener_addr": l2, "hostname": "b.test", "backend": backend, "send_proxy_protocol": false, "mode": "l4"}
+        {"listener_addr": l2, "hostname": "b.test", "backend": backend, "backends": [backend], "balance": "round_robin", "send_proxy_protocol": false, "mode": "l4"}
     );
     // Sorted by listener addr (as text), then hostname.
     let expected = if l1 < l2 {
