@@ -20,6 +20,9 @@
 //! before it; ARCHITECTURE.md draws the graph). A reader following one
 //! connection can start at [`proxy`]:
 //!
+//! - [`balance`]: backend pools' live state: which backend a connection
+//!   tries and in what order, passive health, and the active-check
+//!   schedule (`balance::health`; probes are the proxy's).
 //! - [`routes`]: per-listener live tables that readers load without waiting
 //!   (the `wire::route` values re-exported).
 //! - [`l7`]: L7 route certificates: read and checked (`l7::certs`), and
@@ -49,6 +52,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod firewall;
 pub mod l7;

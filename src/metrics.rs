@@ -45,6 +45,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use wire::rule::RuleKind;
 
+use crate::balance::Balancer;
 use crate::firewall::{BlockReason, Firewall};
 use crate::outcome::Outcome;
 use crate::routes::Routes;
@@ -213,6 +214,8 @@ struct BuildLabels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The balancer whose nodes the backend metrics read.
+    backends: Arc<std::sync::OnceLock<Arc<Balancer>>>,
     listeners: Vec<ListenerMetrics>,
     routes: Family<ListenerLabel, Gauge>,
     firewall_rules: Family<RuleLabel, Gauge>,
@@ -244,6 +247,112 @@ impl CapacityMetrics {
 /// at each scrape (the log writer counts; nothing here can drift from it).
 #[derive(Debug)]
 struct LogLinesDropped;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendStateLabels {
+    backend: String,
+    state: &'static str,
+}
+
+/// A per-backend metric: name, help, and its value from a node's counts.
+type NodeMetric<T> = (
+    &'static str,
+    &'static str,
+    fn(&crate::balance::NodeCounts) -> T,
+);
+
+/// Per-backend-address metrics, read from the balancer's nodes at scrape
+/// time (nothing on the connection path; an address no route names any
+/// more disappears).
+#[derive(Debug, Default)]
+struct BackendMetrics(Arc<std::sync::OnceLock<Arc<Balancer>>>);
+
+impl Collector for BackendMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(balancer) = self.0.get() else {
+            return Ok(());
+        };
+        let nodes: Vec<_> = balancer
+            .nodes()
+            .into_iter()
+            .map(|node| (node.backend().to_string(), node.counts()))
+            .collect();
+        let gauges: [NodeMetric<i64>; 2] = [
+            (
+                "backend_up",
+                "1 if the backend takes new connections (no passive backoff, no active check failing), else 0",
+                |c| i64::from(c.up),
+            ),
+            (
+                "backend_connections_open",
+                "Connections (L4) and requests (L7) open to the backend now, over all routes",
+                |c| c.open,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (backend, counts) in &nodes {
+                let label = BackendLabel {
+                    backend: backend.clone(),
+                };
+                prometheus_client::metrics::gauge::ConstGauge::new(value(counts))
+                    .encode(family.encode_family(&label)?)?;
+            }
+        }
+        let counters: [NodeMetric<u64>; 2] = [
+            (
+                "backend_connections",
+                "Connections (L4) and requests (L7) sent to the backend, over all routes",
+                |c| c.total,
+            ),
+            (
+                "backend_connect_failures",
+                "Connects to the backend that failed",
+                |c| c.failures,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (backend, counts) in &nodes {
+                let label = BackendLabel {
+                    backend: backend.clone(),
+                };
+                ConstCounter::new(value(counts)).encode(family.encode_family(&label)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "backend_state_changes",
+            "Times the backend was marked down or up (passive or active)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (backend, counts) in &nodes {
+            for (state, count) in [("down", counts.went_down), ("up", counts.came_up)] {
+                let labels = BackendStateLabels {
+                    backend: backend.clone(),
+                    state,
+                };
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Collector for LogLinesDropped {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -382,6 +491,9 @@ impl Metrics {
             upstream_open.clone(),
         );
         registry.register_collector(Box::new(LogLinesDropped));
+        let backends = BackendMetrics::default();
+        let balancer_slot = backends.0.clone();
+        registry.register_collector(Box::new(backends));
         registry.register(
             "build",
             "The running mc-proxy version",
@@ -443,7 +555,13 @@ impl Metrics {
             admin_calls,
             capacity,
             upstream_open,
+            backends: balancer_slot,
         }
+    }
+
+    /// Reports the backend nodes of `balancer` (the first one given).
+    pub fn watch_backends(&self, balancer: Arc<Balancer>) {
+        let _ = self.backends.set(balancer);
     }
 
     /// The gauge of connections to L7 backends open now.

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminError, AdminServer};
+use crate::balance::Balancer;
 use crate::config::{AdminAddr, Config, ConfigError};
 use crate::firewall::{Firewall, GeoIpError};
 use crate::l7::registry::{CertRegistry, RegistryError};
@@ -241,6 +242,8 @@ pub struct App {
     capacity: Arc<capacity::Capacity>,
     fd_limit: Option<u64>,
     certs: Arc<CertRegistry>,
+    /// Backend nodes and the active-check schedule, shared by every table.
+    balancer: Arc<Balancer>,
 }
 
 impl App {
@@ -291,16 +294,20 @@ impl App {
         // 2. The in-memory tables.
         firewall.replace_rules(&loaded.rules);
         let firewall = Arc::new(firewall);
+        let balancer = Balancer::new();
         let routes = Arc::new(Routes::new(
             loaded
                 .listeners
                 .into_iter()
-                .map(|(addr, map)| Arc::new(ListenerRoutes::new(addr, map)))
+                .map(|(addr, map)| {
+                    Arc::new(ListenerRoutes::with_balancer(addr, map, balancer.clone()))
+                })
                 .collect(),
         ));
         let stats = Arc::new(Stats::new(
             config.listeners.iter().map(|l| l.addr.text.clone()),
         ));
+        stats.metrics.watch_backends(balancer.clone());
         // L7 routes' certificates, loaded now so that a broken one is in
         // the log at start (its route's handshakes fail until it is fixed).
         let certs = Arc::new(CertRegistry::new().map_err(ServerError::L7Tls)?);
@@ -423,6 +430,7 @@ impl App {
             capacity,
             fd_limit,
             certs,
+            balancer,
         })
     }
 
@@ -518,6 +526,7 @@ impl App {
             capacity,
             fd_limit,
             certs,
+            balancer,
         } = self;
         let source = config.source.display().to_string();
         let drain = Shutdown::new();
@@ -549,6 +558,8 @@ impl App {
         firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());
         certs.spawn_watcher(routes.clone(), CERT_POLL, stop.subscribe());
         http.spawn_pool_pruner(routes.clone(), UPSTREAM_PRUNE, stop.subscribe());
+        proxy::probe::Probes::new(http.clone(), config.proxy.connect_timeout)
+            .spawn(balancer.schedule().clone(), stop.subscribe());
 
         tracing::info!(
             version = %version(),

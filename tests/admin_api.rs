@@ -714,7 +714,7 @@ async fn add_route_upserts_and_normalises_hostnames() {
         .listener(":443")
         .unwrap()
         .lookup("a.example.net");
-    assert_eq!(live.unwrap().backend().to_string(), "127.0.0.1:1002");
+    assert_eq!(live.unwrap().target.backend().to_string(), "127.0.0.1:1002");
 
     client
         .remove_route(remove(":443", "A.EXAMPLE.net."))
@@ -1236,6 +1236,7 @@ async fn storage_failure_is_internal_and_leaves_memory_unchanged() {
             .unwrap()
             .lookup("kept.test")
             .unwrap()
+            .target
             .backend()
             .to_string(),
         "127.0.0.1:1"

@@ -198,9 +198,10 @@ async fn run(
             target
         }
     };
-    let Some(target) = target else {
+    let Some(route) = target else {
         return Outcome::NoRoute;
     };
+    let target = &route.target;
     record.backend = Some(target.backend().to_string());
 
     // 4. An L7 route: TLS ends here and HTTP is proxied per request
@@ -229,13 +230,25 @@ async fn run(
 
     // 4. Backend (an L4 route).
     let connect_started = Instant::now();
-    let mut backend = match connect::connect(target.backend(), timeouts.connect_timeout).await {
-        Ok(stream) => {
+    let connected = connect::connect_pool(
+        &route.pool,
+        connect_attempts(timeouts),
+        timeouts.connect_timeout,
+    )
+    .await;
+    let (mut backend, _lease) = match connected {
+        Ok(pooled) => {
             metrics.connect_took(connect_started.elapsed());
-            stream
+            if route.pool.members().len() > 1 {
+                record.backend = Some(pooled.member.backend().to_string());
+            }
+            (pooled.stream, pooled.lease)
         }
-        Err(e) => {
-            record.detail = Some(e.to_string());
+        Err(failure) => {
+            if let Some(last) = failure.last() {
+                record.backend = Some(last.to_string());
+            }
+            record.detail = Some(failure.to_string());
             return Outcome::BackendUnreachable;
         }
     };
@@ -343,6 +356,11 @@ async fn read_proxy_header(
             return result;
         }
     }
+}
+
+/// Backends a connection tries at most.
+fn connect_attempts(_timeouts: &crate::config::ProxyConfig) -> usize {
+    3
 }
 
 #[cfg(test)]

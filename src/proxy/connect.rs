@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use crate::balance::{Lease, Member, Pool};
 use crate::routes::Backend;
 
 /// How long an attempt has before the next address is tried alongside it
@@ -54,6 +55,72 @@ pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStre
         }
     };
     connect_any(&addrs, deadline, timeout).await
+}
+
+/// A connection to one of a pool's backends, and the count it holds open.
+pub struct Pooled<'a> {
+    pub stream: TcpStream,
+    pub member: &'a Member,
+    pub lease: Lease,
+}
+
+/// Every attempt failed: each backend tried and why, in order.
+#[derive(Debug)]
+pub struct PoolFailure {
+    pub tried: Vec<(Backend, io::Error)>,
+}
+
+impl PoolFailure {
+    /// The last backend tried.
+    pub fn last(&self) -> Option<&Backend> {
+        self.tried.last().map(|(backend, _)| backend)
+    }
+}
+
+impl std::fmt::Display for PoolFailure {
+    /// One backend: its error, as a single backend always read. Several:
+    /// `a:1: error; b:2: error`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let [(_, error)] = self.tried.as_slice() {
+            return write!(f, "{error}");
+        }
+        for (i, (backend, error)) in self.tried.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{backend}: {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Connects to one of a pool's backends: each in the order the pool picks
+/// (healthy first, then fail-open), each within `timeout`, at most
+/// `attempts` of them. Each result is reported to the backend's node (a
+/// failure starts or extends its passive backoff, a success ends it).
+pub async fn connect_pool(
+    pool: &Pool,
+    attempts: usize,
+    timeout: Duration,
+) -> Result<Pooled<'_>, PoolFailure> {
+    let mut tried = Vec::new();
+    for member in pool.attempts(attempts) {
+        match connect(member.backend(), timeout).await {
+            Ok(stream) => {
+                member.node().connected();
+                return Ok(Pooled {
+                    stream,
+                    member,
+                    lease: member.lease(),
+                });
+            }
+            Err(error) => {
+                member.node().connect_failed(&error.to_string());
+                tried.push((member.backend().clone(), error));
+            }
+        }
+    }
+    Err(PoolFailure { tried })
 }
 
 /// One address: one attempt against the deadline, without the race's

@@ -18,6 +18,7 @@ pub mod conn;
 pub mod connect;
 pub mod http;
 mod listener;
+pub mod probe;
 pub mod relay;
 mod sys;
 

@@ -456,6 +456,11 @@ impl RouteMap {
         self.entries.get(hostname)
     }
 
+    /// Entries, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Hostname, &Arc<Target>)> {
+        self.entries.iter()
+    }
+
     /// Entries sorted by hostname.
     pub fn sorted(&self) -> Vec<(Hostname, Arc<Target>)> {
         let mut all: Vec<_> = self

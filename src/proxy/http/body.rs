@@ -14,15 +14,55 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::log::RequestLog;
 
+/// Where an [`UpBody`] that was never read goes back when it is dropped:
+/// a request whose connect failed can then go to another backend.
+pub type BodySlot = Arc<std::sync::Mutex<Option<Incoming>>>;
+
 /// The request body on its way to the backend.
 pub struct UpBody {
-    inner: Incoming,
+    inner: Option<Incoming>,
     counted: Arc<AtomicU64>,
+    /// Set: an unread body is put back here on drop.
+    slot: Option<BodySlot>,
+    read: bool,
 }
 
 impl UpBody {
     pub fn new(inner: Incoming, counted: Arc<AtomicU64>) -> UpBody {
-        UpBody { inner, counted }
+        UpBody {
+            inner: Some(inner),
+            counted,
+            slot: None,
+            read: false,
+        }
+    }
+
+    /// No body (a health check's GET).
+    pub fn empty() -> UpBody {
+        UpBody {
+            inner: None,
+            counted: Arc::default(),
+            slot: None,
+            read: false,
+        }
+    }
+
+    /// A body that goes back to `slot` if it is dropped unread.
+    pub fn reclaimable(inner: Incoming, counted: Arc<AtomicU64>, slot: BodySlot) -> UpBody {
+        UpBody {
+            inner: Some(inner),
+            counted,
+            slot: Some(slot),
+            read: false,
+        }
+    }
+}
+
+impl Drop for UpBody {
+    fn drop(&mut self) {
+        if let (false, Some(slot)) = (self.read, &self.slot) {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = self.inner.take();
+        }
     }
 }
 
@@ -35,7 +75,11 @@ impl Body for UpBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        this.read = true;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 this.counted.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -45,11 +89,13 @@ impl Body for UpBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

@@ -127,6 +127,7 @@ async fn run(data: &[u8]) -> Vec<u8> {
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
         last_upstream: std::sync::Mutex::new(None),
+        connect_attempts: 3,
         forced: CancellationToken::new(),
         meter: meter.clone(),
     });

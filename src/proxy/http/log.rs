@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::balance::Lease;
 use crate::metrics::RequestMetrics;
-use crate::routes::Target;
+use crate::routes::Backend;
 
 wire::labelled_enum! {
     /// How a request ended: the `outcome=` of its log line.
@@ -47,8 +48,10 @@ pub struct RequestLog {
     pub status: u16,
     pub up: Arc<AtomicU64>,
     pub down: u64,
-    /// The route's target (its backend is the line's `backend=`).
-    pub target: Option<Arc<Target>>,
+    /// The backend the request went to (or the last one tried).
+    pub backend: Option<Backend>,
+    /// The request's count on its backend, open until the log is written.
+    pub lease: Option<Lease>,
     pub outcome: RequestOutcome,
     pub error: Option<String>,
 }
@@ -72,7 +75,7 @@ impl Drop for RequestLog {
             up,
             down = self.down,
             duration_ms = took.as_millis() as u64,
-            backend = self.target.as_ref().map(|t| tracing::field::display(t.backend())),
+            backend = self.backend.as_ref().map(tracing::field::display),
             outcome = %self.outcome.label(),
             error = self.error.as_deref().map(tracing::field::display),
             "request"

@@ -117,7 +117,7 @@ impl Shared {
                     .iter()
                     .flat_map(|l| l.snapshot().sorted())
                     .filter(|(_, target)| target.mode.l7().is_some())
-                    .map(|(_, target)| target.backend().clone())
+                    .flat_map(|(_, target)| target.backends.to_vec())
                     .collect();
                 shared.upstreams.retain(|backend| named.contains(backend));
             }
@@ -209,6 +209,7 @@ pub async fn serve(
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
         last_upstream: std::sync::Mutex::new(None),
+        connect_attempts: 3,
         forced: forced.clone(),
         meter: meter.clone(),
     });

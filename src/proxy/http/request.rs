@@ -19,14 +19,15 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::body::{DownBody, UpBody};
+use super::body::{BodySlot, DownBody, UpBody};
 use super::log::{RequestLog, RequestOutcome};
 use super::upstream::UpstreamClient;
 use super::Shared;
+use crate::balance::{self, Member};
 use crate::firewall::Firewall;
 use crate::l7::registry::CertFiles;
 use crate::metrics::RequestMetrics;
-use crate::routes::{ListenerRoutes, Target};
+use crate::routes::{Backend, L7Route, ListenerRoutes};
 
 /// What every request of one connection shares.
 pub struct ConnContext {
@@ -46,9 +47,12 @@ pub struct ConnContext {
     /// Relays of upgraded (WebSocket) requests: the connection waits for them.
     pub relays: TaskTracker,
     /// The upstream client of this connection's last request (most
-    /// connections send every request to one route): the target it was
-    /// for, whether it was the gRPC one, and the client.
-    pub last_upstream: std::sync::Mutex<Option<(Arc<Target>, bool, UpstreamClient)>>,
+    /// connections send every request to one backend): the route
+    /// settings and backend it was for, whether it was the gRPC one, and
+    /// the client.
+    pub last_upstream: std::sync::Mutex<Option<LastUpstream>>,
+    /// Backends a request tries at most (`connect_attempts`).
+    pub connect_attempts: usize,
     pub forced: CancellationToken,
     /// The connection's meter: requests in flight, the header deadline.
     pub meter: Arc<super::io::Meter>,
@@ -82,7 +86,8 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         status: 0,
         up: up.clone(),
         down: 0,
-        target: None,
+        backend: None,
+        lease: None,
         outcome: RequestOutcome::Proxied,
         error: None,
     };
@@ -97,7 +102,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
             grpc,
         );
     };
-    let Some((route_name, target)) = route_for(&host, ctx) else {
+    let Some(route) = route_for(&host, ctx) else {
         return reply(
             log,
             StatusCode::MISDIRECTED_REQUEST,
@@ -105,9 +110,8 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
             grpc,
         );
     };
-    log.route = Some(route_name);
-    log.target = Some(target.clone());
-    let Some(l7) = target.mode.l7() else {
+    log.route = Some(route.name.clone());
+    let Some(l7) = route.target.mode.l7() else {
         return reply(
             log,
             StatusCode::MISDIRECTED_REQUEST,
@@ -170,26 +174,46 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
     // here would reach an HTTP/2 backend beside :authority (nginx answers
     // 400, "duplicate host header").
     parts.headers.remove(HOST);
-    let upstream_req = Request::from_parts(parts, UpBody::new(body, up));
 
-    // 4. Upstream.
-    let client = match upstream_client(ctx, &target, l7, grpc && !upgrade) {
-        Ok(client) => client,
-        Err(e) => {
-            log.error = Some(e.to_string());
-            return reply(
-                log,
-                StatusCode::BAD_GATEWAY,
-                RequestOutcome::BackendUnreachable,
-                grpc,
-            );
-        }
+    // 4. Upstream: a backend of the route's pool; on a connect failure
+    // (nothing of the request sent) the next one, with the same request.
+    let pool = &route.pool;
+    let attempts = if pool.members().len() > 1 {
+        ctx.connect_attempts
+    } else {
+        1
     };
-    let sent = client.request(upstream_req);
-    let answered = match ctx.response_timeout {
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
-            Ok(answered) => answered,
-            Err(_) => {
+    let slot: Option<BodySlot> = (attempts > 1).then(Default::default);
+    let mut next = Some((parts, body));
+    let mut tried: Vec<(Backend, String)> = Vec::new();
+    let mut response = None;
+    for member in pool.attempts(attempts) {
+        let Some((parts, body)) = next.take() else {
+            break;
+        };
+        log.backend = Some(member.backend().clone());
+        let retry = slot.as_ref().map(|_| copy_parts(&parts));
+        let body = match &slot {
+            Some(slot) => UpBody::reclaimable(body, up.clone(), slot.clone()),
+            None => UpBody::new(body, up.clone()),
+        };
+        let lease = member.lease();
+        match send(
+            ctx,
+            member,
+            l7,
+            grpc && !upgrade,
+            Request::from_parts(parts, body),
+        )
+        .await
+        {
+            Ok(answer) => {
+                member.node().connected();
+                log.lease = Some(lease);
+                response = Some(answer);
+                break;
+            }
+            Err(Sent::Timeout(limit)) => {
                 log.error = Some(format!(
                     "no response headers within response_timeout ({limit:?})"
                 ));
@@ -200,20 +224,28 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
                     grpc,
                 );
             }
-        },
-        None => sent.await,
-    };
-    let mut response = match answered {
-        Ok(response) => response,
-        Err(e) => {
-            log.error = Some(error_chain(&e));
-            return reply(
-                log,
-                StatusCode::BAD_GATEWAY,
-                RequestOutcome::BackendUnreachable,
-                grpc,
-            );
+            Err(Sent::Failed { error, connect }) => {
+                if connect {
+                    member.node().connect_failed(&error);
+                }
+                tried.push((member.backend().clone(), error));
+                let reclaimed = slot
+                    .as_ref()
+                    .and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).take());
+                if let (true, Some(parts), Some(body)) = (connect, retry, reclaimed) {
+                    next = Some((parts, body));
+                }
+            }
         }
+    }
+    let Some(mut response) = response else {
+        log.error = Some(tried_text(&tried));
+        return reply(
+            log,
+            StatusCode::BAD_GATEWAY,
+            RequestOutcome::BackendUnreachable,
+            grpc,
+        );
     };
 
     // 5. The response.
@@ -251,23 +283,93 @@ pub fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
     HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
-/// The upstream client for `target`, from the connection's one-entry cache
-/// or the shared pools.
+/// The connection's last upstream client and what it was for.
+pub struct LastUpstream {
+    l7: Arc<L7Route>,
+    backend: Backend,
+    grpc: bool,
+    client: UpstreamClient,
+}
+
+/// The upstream client for a route's backend, from the connection's
+/// one-entry cache or the shared pools.
 fn upstream_client(
     ctx: &ConnContext,
-    target: &Arc<Target>,
-    l7: &crate::routes::L7Route,
+    l7: &Arc<L7Route>,
+    backend: &Backend,
     grpc: bool,
 ) -> Result<UpstreamClient, super::upstream::UpstreamError> {
     let mut last = ctx.last_upstream.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((cached, was_grpc, client)) = last.as_ref() {
-        if Arc::ptr_eq(cached, target) && *was_grpc == grpc {
-            return Ok(client.clone());
+    if let Some(cached) = last.as_ref() {
+        if Arc::ptr_eq(&cached.l7, l7) && cached.grpc == grpc && cached.backend == *backend {
+            return Ok(cached.client.clone());
         }
     }
-    let client = ctx.shared.upstreams.client(target.backend(), l7, grpc)?;
-    *last = Some((target.clone(), grpc, client.clone()));
+    let client = ctx.shared.upstreams.client(backend, l7, grpc)?;
+    *last = Some(LastUpstream {
+        l7: l7.clone(),
+        backend: backend.clone(),
+        grpc,
+        client: client.clone(),
+    });
     Ok(client)
+}
+
+/// Why a request got no response from one backend.
+enum Sent {
+    /// No response headers within `response_timeout` (the request was
+    /// sent: never retried).
+    Timeout(Duration),
+    /// `connect`: the connection failed, nothing was sent.
+    Failed { error: String, connect: bool },
+}
+
+/// Sends the request to one backend, within `response_timeout`.
+async fn send(
+    ctx: &ConnContext,
+    member: &Member,
+    l7: &Arc<L7Route>,
+    grpc: bool,
+    req: Request<UpBody>,
+) -> Result<Response<Incoming>, Sent> {
+    let client = upstream_client(ctx, l7, member.backend(), grpc).map_err(|e| Sent::Failed {
+        error: e.to_string(),
+        connect: false,
+    })?;
+    let sent = client.request(req);
+    let answered = match ctx.response_timeout {
+        Some(limit) => tokio::time::timeout(limit, sent)
+            .await
+            .map_err(|_| Sent::Timeout(limit))?,
+        None => sent.await,
+    };
+    answered.map_err(|e| Sent::Failed {
+        error: error_chain(&e),
+        connect: e.is_connect(),
+    })
+}
+
+/// A request's head, for another try.
+fn copy_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Parts {
+    let mut copy = Request::new(()).into_parts().0;
+    copy.method = parts.method.clone();
+    copy.uri = parts.uri.clone();
+    copy.version = parts.version;
+    copy.headers = parts.headers.clone();
+    copy
+}
+
+/// The backends tried and why each failed: one backend's error as is,
+/// several as `a:1: error; b:2: error`.
+fn tried_text(tried: &[(Backend, String)]) -> String {
+    if let [(_, error)] = tried {
+        return error.clone();
+    }
+    tried
+        .iter()
+        .map(|(backend, error)| format!("{backend}: {error}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The request's host: `:authority` (HTTP/2, or an absolute-form URI),
@@ -295,18 +397,15 @@ fn route_name(host: &str) -> Option<&str> {
 
 /// The listener's L7 route for `host`, if it names this connection's
 /// certificate files.
-fn route_for(host: &str, ctx: &ConnContext) -> Option<(Arc<str>, Arc<Target>)> {
-    let table = ctx.routes.snapshot();
+fn route_for(host: &str, ctx: &ConnContext) -> Option<Arc<balance::Route>> {
     // A host that is no name (an IP literal) can still reach the default
     // route `*`.
-    let (hostname, target) = match route_name(host) {
-        Some(name) => table.lookup_entry(name)?,
-        None => table.default_entry()?,
+    let route = match route_name(host) {
+        Some(name) => ctx.routes.lookup(name)?,
+        None => ctx.routes.default_route()?,
     };
-    let l7 = target.mode.l7()?;
-    ctx.files
-        .named_by(l7)
-        .then(|| (Arc::from(hostname.as_str()), target.clone()))
+    let l7 = route.target.mode.l7()?;
+    ctx.files.named_by(l7).then_some(route)
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -419,7 +518,7 @@ fn grpc_status(status: StatusCode) -> Option<(&'static str, &'static str)> {
 }
 
 /// An error and its causes, on one line.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

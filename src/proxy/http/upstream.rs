@@ -77,6 +77,8 @@ pub enum UpstreamError {
 /// Every upstream client, made on first use.
 pub struct Upstreams {
     clients: Mutex<HashMap<UpstreamKey, UpstreamClient>>,
+    /// Health-check clients: a new connection per probe.
+    probes: Mutex<HashMap<UpstreamKey, UpstreamClient>>,
     connect_timeout: Duration,
     system_roots: OnceLock<Option<Arc<RootCertStore>>>,
     open: Gauge,
@@ -93,6 +95,7 @@ impl Upstreams {
     pub fn new(connect_timeout: Duration, open: Gauge) -> Upstreams {
         Upstreams {
             clients: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
             connect_timeout,
             system_roots: OnceLock::new(),
             open,
@@ -106,6 +109,28 @@ impl Upstreams {
         backend: &Backend,
         route: &L7Route,
         grpc: bool,
+    ) -> Result<UpstreamClient, UpstreamError> {
+        self.client_in(&self.clients, backend, route, grpc, true)
+    }
+
+    /// The health-check client for `route`'s backend: the route's TLS
+    /// settings and protocol, no idle connections kept (each probe
+    /// connects, as a new client would).
+    pub fn probe_client(
+        &self,
+        backend: &Backend,
+        route: &L7Route,
+    ) -> Result<UpstreamClient, UpstreamError> {
+        self.client_in(&self.probes, backend, route, false, false)
+    }
+
+    fn client_in(
+        &self,
+        map: &Mutex<HashMap<UpstreamKey, UpstreamClient>>,
+        backend: &Backend,
+        route: &L7Route,
+        grpc: bool,
+        pooled: bool,
     ) -> Result<UpstreamClient, UpstreamError> {
         let h2_only = match route.backend_protocol {
             BackendProtocol::H2 => true,
@@ -125,11 +150,11 @@ impl Upstreams {
             h2_only,
             protocol: route.backend_protocol,
         };
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut clients = map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(client) = clients.get(&key) {
             return Ok(client.clone());
         }
-        let client = self.build(&key)?;
+        let client = self.build(&key, pooled)?;
         clients.insert(key, client.clone());
         Ok(client)
     }
@@ -146,8 +171,10 @@ impl Upstreams {
     /// Drops the clients no route uses any more (their idle connections
     /// close); `in_use` says whether a backend is still named.
     pub fn retain(&self, in_use: impl Fn(&Backend) -> bool) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.retain(|key, _| in_use(&key.backend));
+        for map in [&self.clients, &self.probes] {
+            let mut clients = map.lock().unwrap_or_else(|e| e.into_inner());
+            clients.retain(|key, _| in_use(&key.backend));
+        }
     }
 
     fn roots(&self, ca: Option<&PathBuf>) -> Result<Arc<RootCertStore>, UpstreamError> {
@@ -182,7 +209,7 @@ impl Upstreams {
             .ok_or(UpstreamError::NoSystemRoots)
     }
 
-    fn build(&self, key: &UpstreamKey) -> Result<UpstreamClient, UpstreamError> {
+    fn build(&self, key: &UpstreamKey, pooled: bool) -> Result<UpstreamClient, UpstreamError> {
         let tls = match &key.tls {
             None => None,
             Some(tls) => {
@@ -214,7 +241,7 @@ impl Upstreams {
         };
         Ok(Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_max_idle_per_host(if pooled { POOL_MAX_IDLE } else { 0 })
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(key.h2_only)
