@@ -232,7 +232,7 @@ async fn run(
     let connect_started = Instant::now();
     let connected = connect::connect_pool(
         &route.pool,
-        connect_attempts(timeouts),
+        timeouts.connect_attempts as usize,
         timeouts.connect_timeout,
     )
     .await;
@@ -356,11 +356,6 @@ async fn read_proxy_header(
             return result;
         }
     }
-}
-
-/// Backends a connection tries at most.
-fn connect_attempts(_timeouts: &crate::config::ProxyConfig) -> usize {
-    3
 }
 
 #[cfg(test)]

@@ -153,7 +153,7 @@ pub enum PoolError {
     PathOnL4,
     #[error("{} needs health_interval", .0.label())]
     NeedsInterval(PoolKey),
-    #[error("health_interval must be from 100ms to 1h")]
+    #[error("health_interval must be whole milliseconds from 100ms to 1h")]
     IntervalOutOfRange,
     #[error("{} must be from 1 to {MAX_HEALTH_COUNT}", .0.label())]
     CountOutOfRange(PoolKey),
@@ -236,7 +236,8 @@ impl PoolSettings {
                 health: None,
             });
         };
-        if !(MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&interval) {
+        let whole_ms = interval.subsec_nanos() % 1_000_000 == 0;
+        if !whole_ms || !(MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&interval) {
             return Err(PoolError::IntervalOutOfRange);
         }
         let count = |value: Option<u32>, default: u32, key: PoolKey| match value {
@@ -373,6 +374,14 @@ mod tests {
             .into_pool(false, false)
             .unwrap_err();
         assert_eq!(err, PoolError::IntervalOutOfRange);
+        let err = with(&|s| s.health_interval = Some(Duration::from_micros(100_500)))
+            .into_pool(false, false)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PoolError::IntervalOutOfRange,
+            "the store keeps whole ms"
+        );
         let path = |p: &'static str| {
             with(&|s| {
                 s.health_interval = Some(Duration::from_secs(1));
