@@ -545,6 +545,7 @@ impl App {
                     idle_timeout: config.proxy.idle_timeout,
                     header_timeout: config.proxy.handshake_timeout,
                     response_timeout: config.proxy.response_timeout,
+                    connect_attempts: config.proxy.connect_attempts as usize,
                 },
                 routes: bound.routes,
                 firewall: firewall.clone(),

@@ -358,9 +358,9 @@ async fn read_proxy_header(
     }
 }
 
-/// Backends a connection tries at most.
-fn connect_attempts(_timeouts: &crate::config::ProxyConfig) -> usize {
-    3
+/// Backends a connection tries at most (`[proxy] connect_attempts`).
+fn connect_attempts(timeouts: &crate::config::ProxyConfig) -> usize {
+    timeouts.connect_attempts as usize
 }
 
 #[cfg(test)]

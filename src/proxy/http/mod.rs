@@ -138,6 +138,8 @@ pub struct ListenerHttp {
     pub header_timeout: Duration,
     /// How long a backend has to begin its response (`None`: forever).
     pub response_timeout: Option<Duration>,
+    /// Backends a request tries at most (`[proxy] connect_attempts`).
+    pub connect_attempts: usize,
 }
 
 /// How an L7 connection went, for its close line.
@@ -209,7 +211,7 @@ pub async fn serve(
         requests: AtomicU64::new(0),
         relays: TaskTracker::new(),
         last_upstream: std::sync::Mutex::new(None),
-        connect_attempts: 3,
+        connect_attempts: listener.connect_attempts,
         forced: forced.clone(),
         meter: meter.clone(),
     });
