@@ -113,6 +113,14 @@ fn check_http_request(data: &[u8]) {
     let _ = mc_proxy::proxy::http::harness::exercise(data);
 }
 
+/// The balancer: the `balance` fuzz target's own checks
+/// (`mc_proxy::balance::checks`: attempts without repeats, healthy first,
+/// least connections first at the fewest, counts kept across updates and
+/// back to zero).
+fn check_balance(data: &[u8]) {
+    mc_proxy::balance::checks::exercise(data);
+}
+
 macro_rules! replay {
     ($($target:ident => $check:expr;)*) => {
         $(
@@ -130,4 +138,5 @@ replay! {
     proxy_protocol => check_proxy_protocol;
     authority => check_authority;
     http_request => check_http_request;
+    balance => check_balance;
 }

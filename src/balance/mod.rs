@@ -20,6 +20,7 @@
 //! Active checks live in [`health`]: one schedule for the process, probes
 //! on a bounded number of tasks.
 
+pub mod checks;
 pub mod health;
 
 use std::collections::HashMap;
