@@ -281,7 +281,7 @@ impl Pool {
     /// The members a connection tries, in order, at most `max`.
     pub fn attempts(&self, max: usize) -> Attempts<'_> {
         let start = if self.members.len() > 1 {
-            self.next.fetch_add(1, Ordering::Relaxed) % self.members.len()
+            self.start(self.next.fetch_add(1, Ordering::Relaxed))
         } else {
             0
         };
@@ -291,6 +291,26 @@ impl Pool {
             tried: 0,
             left: max.max(1),
         }
+    }
+
+    /// Where a connection's search starts, for its round-robin `ticket`:
+    /// the ticket-th healthy member, counted among the healthy ones only
+    /// when some are down. (Counting over all members would hand a down
+    /// member's turns to the healthy member after it: with one of three
+    /// down, one live backend got two thirds of the connections.)
+    fn start(&self, ticket: usize) -> usize {
+        let n = self.members.len();
+        let healthy = self.members.iter().filter(|m| m.healthy()).count();
+        if healthy == 0 || healthy == n {
+            return ticket % n;
+        }
+        let nth = ticket % healthy;
+        self.members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.healthy())
+            .nth(nth)
+            .map_or(ticket % n, |(i, _)| i)
     }
 }
 

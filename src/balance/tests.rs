@@ -86,6 +86,23 @@ fn a_down_backend_is_skipped_until_all_are_down_then_tried_last() {
 }
 
 #[test]
+fn a_down_backends_share_is_spread_over_the_live_ones() {
+    let balancer = Balancer::new();
+    let route = balancer.route(
+        &host("a.test"),
+        &target(&[1, 2, 3], Balance::RoundRobin, None),
+        None,
+    );
+    route.pool.members()[0].node().connect_failed("refused");
+    let mut first: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..300 {
+        *first.entry(ports(route.pool.attempts(3))[0]).or_default() += 1;
+    }
+    // Not 200 to the down one's successor and 100 to the other.
+    assert_eq!(first, HashMap::from([(2, 150), (3, 150)]));
+}
+
+#[test]
 fn passive_backoff_doubles_to_thirty_seconds() {
     let node = Node::new(backend(9));
     let mut seen = Vec::new();
