@@ -88,7 +88,13 @@ impl std::fmt::Display for PoolFailure {
             if i > 0 {
                 f.write_str("; ")?;
             }
-            write!(f, "{backend}: {error}")?;
+            // An IP backend's connect error already starts with it.
+            let text = error.to_string();
+            if text.starts_with(&format!("{backend}: ")) {
+                f.write_str(&text)?;
+            } else {
+                write!(f, "{backend}: {text}")?;
+            }
         }
         Ok(())
     }
