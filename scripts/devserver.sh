@@ -2,16 +2,21 @@
 # make devserver: a working local mc-proxy on loopback.
 # First run creates ./srv/ with a dev config, a demo CA and certificates for
 # demo.test (the backend's) and web.test (mc-proxy's own, for the L7 route);
-# every run starts a demo TLS backend (openssl s_server) on 127.0.0.1:18443
-# and then mc-proxy in the foreground on 127.0.0.1:8443, with two routes:
-#   demo.test  L4: relayed untouched, the client sees the backend's certificate
+# every run starts two demo TLS backends (openssl s_server) on 127.0.0.1:18443
+# and :18444, and then mc-proxy in the foreground on 127.0.0.1:8443, with two
+# routes:
+#   demo.test  L4: relayed untouched, the client sees the backend's certificate;
+#              a pool of three backends, round robin, checked every 2 s: the
+#              two demo backends and 127.0.0.1:18445, where nothing listens
+#              (marked down, skipped: `backends list` shows it)
 #   web.test   L7: TLS ends in mc-proxy (web.test's certificate), HTTP goes on
-#              to the same backend over TLS, verified against the demo CA
+#              to the first backend over TLS, verified against the demo CA
 # Try it from another terminal:
 #   curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/
 #   curl --cacert srv/certs/ca.pem --resolve web.test:8443:127.0.0.1 https://web.test:8443/ -v
 #   openssl s_client -connect 127.0.0.1:8443 -servername demo.test -CAfile srv/certs/ca.pem
 #   ./target/debug/mc-proxy routes list -c srv/mc-proxy.toml
+#   ./target/debug/mc-proxy backends list -c srv/mc-proxy.toml
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${MC_PROXY_BIN:-./target/debug/mc-proxy}
@@ -42,10 +47,14 @@ path = "mc-proxy.db"
 
 [[listeners]]
 addr = "127.0.0.1:8443"
-  # L4: the TLS stream is relayed untouched to the backend.
+  # L4: the TLS stream is relayed untouched to a backend of the pool. No
+  # one listens on 18445: the health check marks it down and connections
+  # go to the other two (`mc-proxy backends list` shows it).
   [[listeners.routes]]
   hostname = "demo.test"
-  backend  = "127.0.0.1:18443"
+  backends = ["127.0.0.1:18443", "127.0.0.1:18444", "127.0.0.1:18445"]
+  balance  = "round_robin"
+  health_interval = "2s"
 
   # L7: mc-proxy terminates TLS with web.test's certificate and proxies
   # HTTP to the backend over TLS, verifying it against the demo CA.
@@ -63,6 +72,7 @@ addr = "127.0.0.1:8443"
 addr = "unix:mc-proxy.sock"
 
 [proxy]
+connect_timeout  = "1s"
 shutdown_timeout = "2s"
 
 [log]
@@ -71,12 +81,16 @@ TOML
   echo "devserver: created $srv/ (config, demo CA, demo.test and web.test certificates)"
 fi
 
-openssl s_server -accept 127.0.0.1:18443 -cert "$certs/demo.pem" -key "$certs/demo.key" \
-  -www -quiet >/dev/null 2>&1 &
-backend=$!
-trap 'kill "$backend" 2>/dev/null || true' EXIT INT TERM
+backends=()
+for port in 18443 18444; do
+  openssl s_server -accept "127.0.0.1:$port" -cert "$certs/demo.pem" -key "$certs/demo.key" \
+    -www -quiet >/dev/null 2>&1 &
+  backends+=("$!")
+done
+trap 'kill "${backends[@]}" 2>/dev/null || true' EXIT INT TERM
 
-echo "devserver: demo backend on 127.0.0.1:18443, mc-proxy on 127.0.0.1:8443 (Ctrl-C stops both)"
+echo "devserver: demo backends on 127.0.0.1:18443 and :18444, mc-proxy on 127.0.0.1:8443 (Ctrl-C stops all)"
 echo "devserver: curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/   (L4)"
 echo "devserver: curl --cacert srv/certs/ca.pem --resolve web.test:8443:127.0.0.1 https://web.test:8443/    (L7)"
+echo "devserver: $bin backends list -c $srv/mc-proxy.toml                              (the pool's health)"
 "$bin" server -c "$srv/mc-proxy.toml"
