@@ -21,8 +21,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use wire::route::{
-    parse_server_name, Backend, BackendError, BackendProtocol, Hostname, HostnameError, L7Settings,
-    Mode, ModeError, Target,
+    parse_server_name, Backend, BackendError, BackendProtocol, Balance, Hostname, HostnameError,
+    L7Settings, Mode, ModeError, Pool, PoolError, PoolSettings, Target,
 };
 use wire::rule::{Rule, RuleError, RuleKind};
 
@@ -61,7 +61,9 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
     pub hostname: Hostname,
-    pub backend: Backend,
+    /// The route's backends (`backend` or `backends`), `balance` and
+    /// active health check, checked by `wire::route::PoolSettings`.
+    pub pool: Pool,
     /// Never true on an L7 route (refused at load).
     pub send_proxy_protocol: bool,
     /// L4 (the default), or L7 with its settings (paths resolved against
@@ -73,9 +75,9 @@ impl RouteConfig {
     /// The route's target, as the route table holds it.
     pub fn target(&self) -> Target {
         Target {
-            backends: wire::route::Backends::one(self.backend.clone()),
-            balance: Default::default(),
-            health: None,
+            backends: self.pool.backends.clone(),
+            balance: self.pool.balance,
+            health: self.pool.health.clone(),
             send_proxy_protocol: self.send_proxy_protocol,
             mode: self.mode.clone(),
         }
@@ -237,7 +239,16 @@ pub struct ProxyConfig {
     /// Client connections open at once over all listeners; `None` = derived
     /// from RLIMIT_NOFILE at start (`max_connections = 0`).
     pub max_connections: Option<NonZeroU32>,
+    /// At most this many backends of a route are tried per connection
+    /// (SPEC §6.3 failover), 1 to [`MAX_CONNECT_ATTEMPTS`].
+    pub connect_attempts: u32,
 }
+
+/// `proxy.connect_attempts` when not set.
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
+/// The largest `proxy.connect_attempts` (a route has at most this many
+/// backends).
+pub const MAX_CONNECT_ATTEMPTS: u32 = wire::route::MAX_BACKENDS as u32;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -248,6 +259,7 @@ impl Default for ProxyConfig {
             shutdown_timeout: Duration::from_secs(30),
             response_timeout: Some(Duration::from_secs(60)),
             max_connections: None,
+            connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
         }
     }
 }
@@ -389,6 +401,16 @@ pub enum ConfigCause {
     /// A timeout of zero.
     #[error("must be longer than zero")]
     ZeroTimeout,
+    /// `proxy.connect_attempts` out of range.
+    #[error("{0} is not from 1 to {MAX_CONNECT_ATTEMPTS}")]
+    ConnectAttempts(u32),
+    /// `backends = []`.
+    #[error("must list at least one backend")]
+    EmptyBackends,
+    /// A route's pool settings break a rule between them
+    /// (`wire::route::PoolSettings`); the key is the setting at fault.
+    #[error("{0}")]
+    Pool(#[source] PoolError),
     /// An L7-only key on an L4 route.
     #[error("only for mode = \"l7\" routes (this route is l4)")]
     L7Only,
@@ -471,6 +493,9 @@ pub enum FieldError {
     /// `routes[].backend_server_name` (shown after the text as written).
     #[error("{text:?}: not an IP address or DNS name: {source}")]
     ServerName { text: String, source: HostnameError },
+    /// `routes[].balance`.
+    #[error("{0:?} is not one of round_robin, least_connections")]
+    Balance(String),
 }
 
 /// A duration that [`parse_duration`] refuses.
@@ -520,7 +545,14 @@ struct RawListener {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     hostname: Parsed<Hostname>,
-    backend: Parsed<Backend>,
+    // One of `backend` and `backends`.
+    backend: Option<Parsed<Backend>>,
+    backends: Option<Vec<Parsed<Backend>>>,
+    balance: Option<Parsed<Balance>>,
+    health_interval: Option<Parsed<ConfigDuration>>,
+    health_path: Option<String>,
+    health_fall: Option<u32>,
+    health_rise: Option<u32>,
     #[serde(default)]
     send_proxy_protocol: bool,
     mode: Option<Parsed<RouteModeKind>>,
@@ -574,6 +606,7 @@ struct RawProxy {
     response_timeout: Option<Parsed<ConfigDuration>>,
     #[serde(default)]
     max_connections: u32,
+    connect_attempts: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -669,6 +702,16 @@ impl ParseField for BackendProtocol {
         match BackendProtocol::parse(text) {
             Some(protocol) if !text.is_empty() => Ok(protocol),
             _ => Err(FieldError::BackendProtocol(text.to_string())),
+        }
+    }
+}
+
+impl ParseField for Balance {
+    fn parse_field(text: &str) -> Result<Self, FieldError> {
+        // The empty string is the admin API's default, not a TOML value.
+        match Balance::parse(text) {
+            Some(balance) if !text.is_empty() => Ok(balance),
+            _ => Err(FieldError::Balance(text.to_string())),
         }
     }
 }
@@ -837,6 +880,9 @@ impl Config {
                     .backend_ca
                     .as_ref()
                     .is_some_and(|p| p.as_os_str().is_empty());
+                // Checked now (the fields are moved below), reported after
+                // the mode's errors.
+                let pool = route.pool(route.mode.as_ref().map(|m| m.0) == Some(RouteModeKind::L7));
                 let hostname = route.hostname.0;
                 if !hostnames.insert(hostname.clone()) {
                     return Err(fail(
@@ -852,9 +898,10 @@ impl Config {
                         ConfigCause::ProxyProtocolOnL7,
                     ));
                 }
+                let pool = pool.map_err(|(name, cause)| fail(&key(name), cause))?;
                 routes.push(RouteConfig {
                     hostname,
-                    backend: route.backend.0,
+                    pool,
                     send_proxy_protocol: route.send_proxy_protocol,
                     mode,
                 });
@@ -971,7 +1018,17 @@ impl Config {
                 Some(d) => Some(d.0 .0),
             },
             max_connections: NonZeroU32::new(raw.proxy.max_connections),
+            connect_attempts: raw
+                .proxy
+                .connect_attempts
+                .unwrap_or(defaults.connect_attempts),
         };
+        if !(1..=MAX_CONNECT_ATTEMPTS).contains(&proxy.connect_attempts) {
+            return Err(fail(
+                "proxy.connect_attempts",
+                ConfigCause::ConnectAttempts(proxy.connect_attempts),
+            ));
+        }
         for (key, value) in [
             ("proxy.connect_timeout", &mut proxy.connect_timeout),
             ("proxy.handshake_timeout", &mut proxy.handshake_timeout),
@@ -1060,6 +1117,31 @@ impl Config {
 }
 
 impl RawRoute {
+    /// The route's pool (the rules are `wire::route::PoolSettings`'s); an
+    /// error names the key at fault (its last path component) and why.
+    fn pool(&self, l7: bool) -> Result<Pool, (&'static str, ConfigCause)> {
+        if self.backends.as_ref().is_some_and(Vec::is_empty) {
+            return Err(("backends", ConfigCause::EmptyBackends));
+        }
+        let settings = PoolSettings {
+            backend: self.backend.as_ref().map(|b| b.0.clone()),
+            backends: self
+                .backends
+                .iter()
+                .flatten()
+                .map(|b| b.0.clone())
+                .collect(),
+            balance: self.balance.as_ref().map(|b| b.0),
+            health_interval: self.health_interval.as_ref().map(|d| d.0 .0),
+            health_path: self.health_path.clone(),
+            health_fall: self.health_fall,
+            health_rise: self.health_rise,
+        };
+        settings
+            .into_pool(l7, false)
+            .map_err(|e| (e.key().label(), ConfigCause::Pool(e)))
+    }
+
     /// The route's L7 keys as written, paths resolved (an empty
     /// `tls_cert`/`tls_key` counts as missing).
     fn l7(&self, resolve: &dyn Fn(PathBuf) -> PathBuf) -> L7Settings {
@@ -1612,6 +1694,202 @@ level = "debug"
                 .cause(),
             ConfigCause::ProxyProtocolOnL7
         ));
+    }
+
+    /// One listener whose second route is `body` (after its hostname).
+    fn pool_route(body: &str) -> String {
+        format!("{MINIMAL}[[listeners]]\naddr = \":1\"\n  [[listeners.routes]]\n  hostname = \"ok.test\"\n  backend = \"127.0.0.1:1\"\n  [[listeners.routes]]\n  hostname = \"pool.test\"\n{body}\n")
+    }
+
+    #[test]
+    fn backend_pools_parse_into_the_target() {
+        use wire::route::HealthCheck;
+        let config = parse(&pool_route(
+            "  backends = [\"10.0.0.1:443\", \"[2001:db8::1]:443\", \"b.internal:8443\"]\n  balance = \"least_connections\"\n  health_interval = \"5s\"\n  health_fall = 4\n  health_rise = 1\n",
+        ))
+        .unwrap();
+        let routes = &config.listeners[0].routes;
+        // A single backend is a pool of one, round robin, no check.
+        let one = routes[0].target();
+        assert_eq!(one.backends.to_string(), "127.0.0.1:1");
+        assert_eq!(one.balance, Balance::RoundRobin);
+        assert_eq!(one.health, None);
+        let target = routes[1].target();
+        assert_eq!(
+            target.backends.to_string(),
+            "10.0.0.1:443,[2001:db8::1]:443,b.internal:8443"
+        );
+        assert_eq!(target.backend().to_string(), "10.0.0.1:443");
+        assert_eq!(target.balance, Balance::LeastConnections);
+        assert_eq!(
+            target.health,
+            Some(HealthCheck {
+                interval: Duration::from_secs(5),
+                path: None,
+                fall: 4,
+                rise: 1,
+            })
+        );
+        assert_eq!(routes[1].pool.backends, target.backends);
+        // Defaults: fall 3, rise 2; an l7 route may GET a path.
+        let config = parse(&pool_route(&format!(
+            "  backends = [\"127.0.0.1:2\"]\n  balance = \"round_robin\"\n  health_interval = \"250ms\"\n  health_path = \"/healthz?deep=1\"\n{L7}"
+        )))
+        .unwrap();
+        let target = config.listeners[0].routes[1].target();
+        assert_eq!(target.balance, Balance::RoundRobin);
+        assert_eq!(
+            target.health,
+            Some(HealthCheck {
+                interval: Duration::from_millis(250),
+                path: Some("/healthz?deep=1".into()),
+                fall: 3,
+                rise: 2,
+            })
+        );
+        assert!(target.mode.l7().is_some());
+    }
+
+    #[test]
+    fn backend_pool_errors_name_the_key() {
+        let at = |name: &str| format!("listeners[0].routes[1].{name}");
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "  backend = \"127.0.0.1:1\"\n  backends = [\"127.0.0.1:1\"]",
+                "backend",
+                "set backend or backends, not both",
+            ),
+            ("", "backend", "a route needs a backend (backend or backends)"),
+            ("  backends = []", "backends", "must list at least one backend"),
+            (
+                "  backends = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"nope\"]",
+                "backends[2]",
+                "\"nope\"",
+            ),
+            (
+                "  backends = [\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+                "backends",
+                "127.0.0.1:1 is listed twice",
+            ),
+            ("  backends = \"127.0.0.1:1\"", "backends", "invalid type"),
+            (
+                "  backend = \"127.0.0.1:1\"\n  balance = \"random\"",
+                "balance",
+                "\"random\" is not one of round_robin, least_connections",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  balance = \"\"",
+                "balance",
+                "is not one of",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = \"often\"",
+                "health_interval",
+                "is not a duration",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = \"10ms\"",
+                "health_interval",
+                "from 100ms to 1h",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = 5",
+                "health_interval",
+                "invalid type",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_fall = 2",
+                "health_fall",
+                "health_fall needs health_interval",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_rise = 2",
+                "health_rise",
+                "health_rise needs health_interval",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = \"1s\"\n  health_fall = 0",
+                "health_fall",
+                "from 1 to 100",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = \"1s\"\n  health_rise = 101",
+                "health_rise",
+                "from 1 to 100",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = \"1s\"\n  health_fall = -1",
+                "health_fall",
+                "invalid value",
+            ),
+            (
+                "  backend = \"127.0.0.1:1\"\n  health_interval = \"1s\"\n  health_path = \"/healthz\"",
+                "health_path",
+                "health_path is for l7 routes",
+            ),
+            (
+                &format!("  backend = \"127.0.0.1:1\"\n  health_interval = \"1s\"\n  health_path = \"healthz\"\n{L7}"),
+                "health_path",
+                "must start with '/'",
+            ),
+            (
+                &format!("  backend = \"127.0.0.1:1\"\n  health_path = \"/healthz\"\n{L7}"),
+                "health_path",
+                "health_path needs health_interval",
+            ),
+        ];
+        for (body, name, text) in cases {
+            let err = parse(&pool_route(body)).unwrap_err();
+            assert_eq!(err.key(), at(name), "{body}: {err}");
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&format!("{}: ", at(name)))
+                    && shown.contains(text)
+                    && !shown.contains('\n'),
+                "{body}: {shown}"
+            );
+        }
+        assert!(matches!(
+            parse(&pool_route(
+                "  backend = \"127.0.0.1:1\"\n  health_fall = 2"
+            ))
+            .unwrap_err()
+            .cause(),
+            ConfigCause::Pool(PoolError::NeedsInterval(_))
+        ));
+        assert!(matches!(
+            parse(&pool_route("  backends = [\"127.0.0.1:1\", \"x\"]"))
+                .unwrap_err()
+                .cause(),
+            ConfigCause::Field {
+                error: FieldError::Backend { .. },
+                ..
+            }
+        ));
+        let many: Vec<String> = (1..=65).map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let err = parse(&pool_route(&format!("  backends = [{}]", many.join(", ")))).unwrap_err();
+        assert_eq!(err.key(), at("backends"));
+        assert!(err.to_string().contains("65 backends; at most 64"), "{err}");
+    }
+
+    #[test]
+    fn connect_attempts_default_to_three_and_are_checked() {
+        assert_eq!(parse(MINIMAL).unwrap().proxy.connect_attempts, 3);
+        let with = |value: &str| {
+            parse(&format!("{MINIMAL}[proxy]\nconnect_attempts = {value}\n"))
+                .map(|c| c.proxy.connect_attempts)
+        };
+        assert_eq!(with("1").unwrap(), 1);
+        assert_eq!(with("64").unwrap(), 64);
+        for bad in ["0", "65", "-1", "\"3\"", "1.5"] {
+            let err = with(bad).unwrap_err();
+            assert_eq!(err.key(), "proxy.connect_attempts", "{bad}: {err}");
+            assert!(!err.to_string().contains('\n'), "{err}");
+        }
+        assert_eq!(
+            with("0").unwrap_err().to_string(),
+            "/etc/mc/mc-proxy.toml: proxy.connect_attempts: 0 is not from 1 to 64"
+        );
     }
 
     #[test]

@@ -90,6 +90,23 @@ enum Command {
     /// List, add or remove firewall rules
     #[command(subcommand)]
     Firewall(FirewallCommand),
+    /// Backend health and counters
+    #[command(subcommand)]
+    Backends(BackendsCommand),
+}
+
+#[derive(Subcommand)]
+enum BackendsCommand {
+    /// Every backend of every route: health and connection counters
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Only this listener (its addr as written in the config)
+        #[arg(long, value_name = "ADDR")]
+        listener: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -109,7 +126,7 @@ enum RoutesCommand {
         #[command(flatten)]
         admin: AdminArgs,
         #[command(flatten)]
-        route: RouteAddArgs,
+        route: Box<RouteAddArgs>,
     },
     /// Remove a route
     Remove {
@@ -128,8 +145,24 @@ struct RouteAddArgs {
     listener: String,
     #[arg(long, value_name = "HOST")]
     hostname: String,
-    #[arg(long, value_name = "HOST:PORT")]
-    backend: String,
+    /// A backend; repeat for a pool (tried in the order given)
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    backend: Vec<String>,
+    /// How a connection picks a backend of the pool [default: round_robin]
+    #[arg(long, value_name = "BALANCE", value_parser = ["round_robin", "least_connections"])]
+    balance: Option<String>,
+    /// Check every backend this often, like 5s [default: no active check]
+    #[arg(long, value_name = "DURATION")]
+    health_interval: Option<String>,
+    /// l7: the check is GET PATH expecting 2xx/3xx [default: a TCP connect]
+    #[arg(long, value_name = "PATH")]
+    health_path: Option<String>,
+    /// Failed checks in a row that mark a backend down [default: 3]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    health_fall: Option<u32>,
+    /// Passed checks in a row that mark it up again [default: 2]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    health_rise: Option<u32>,
     /// Send a PROXY protocol v2 header to the backend (l4 only)
     #[arg(long)]
     send_proxy_protocol: bool,
@@ -161,7 +194,12 @@ impl From<RouteAddArgs> for RouteSpec {
         RouteSpec {
             listener: args.listener,
             hostname: args.hostname,
-            backend: args.backend,
+            backends: args.backend,
+            balance: args.balance,
+            health_interval: args.health_interval,
+            health_path: args.health_path,
+            health_fall: args.health_fall,
+            health_rise: args.health_rise,
             send_proxy_protocol: args.send_proxy_protocol,
             l7: args.mode == "l7",
             tls_cert: args.tls_cert,
@@ -247,13 +285,18 @@ fn main() -> ExitCode {
             json,
         }) => with_admin(&admin, |t| admin_cli::routes_list(t, listener, json)),
         Command::Routes(RoutesCommand::Add { admin, route }) => {
-            with_admin(&admin, |t| admin_cli::routes_add(t, route.into()))
+            with_admin(&admin, |t| admin_cli::routes_add(t, (*route).into()))
         }
         Command::Routes(RoutesCommand::Remove {
             admin,
             listener,
             hostname,
         }) => with_admin(&admin, |t| admin_cli::routes_remove(t, listener, hostname)),
+        Command::Backends(BackendsCommand::List {
+            admin,
+            listener,
+            json,
+        }) => with_admin(&admin, |t| admin_cli::backends_list(t, listener, json)),
         Command::Firewall(FirewallCommand::List { admin, json }) => {
             with_admin(&admin, |t| admin_cli::firewall_list(t, json))
         }

@@ -854,6 +854,264 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     running.stop().await;
 }
 
+/// A route with a pool: `backends`, least connections, a 5 s check.
+fn pool_route(hostname: &str, backends: &[&str]) -> proto::Route {
+    proto::Route {
+        backends: backends.iter().map(|b| b.to_string()).collect(),
+        balance: "least_connections".into(),
+        health_interval: "5s".into(),
+        health_fall: 4,
+        health_rise: 1,
+        ..route(":443", hostname, "")
+    }
+}
+
+/// The pool columns of a route, read from the DB file itself.
+fn stored_pool(
+    db: &Path,
+    hostname: &str,
+) -> (
+    String,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT backend, backends, balance, health_interval_ms, health_fall, health_rise \
+         FROM routes WHERE hostname = ?1",
+        [hostname],
+        |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn add_route_with_a_pool_round_trips_and_is_on_disk() {
+    let (h, running, mut client) = unix_harness().await;
+    let created = client
+        .add_route(add(pool_route(
+            "Pool.Test.",
+            &["10.0.0.1:443", "[2001:db8::1]:443", "b.internal:8443"],
+        )))
+        .await
+        .unwrap()
+        .into_inner()
+        .created;
+    assert!(created);
+    let listed = client
+        .list_routes(proto::ListRoutesRequest {
+            listener_addr: ":443".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(listed.len(), 1);
+    let shown = &listed[0];
+    assert_eq!(shown.hostname, "pool.test");
+    assert_eq!(shown.backend, "10.0.0.1:443");
+    assert_eq!(
+        shown.backends,
+        ["10.0.0.1:443", "[2001:db8::1]:443", "b.internal:8443"]
+    );
+    assert_eq!(shown.balance, "least_connections");
+    assert_eq!(shown.health_interval, "5s");
+    assert_eq!(shown.health_path, "");
+    assert_eq!((shown.health_fall, shown.health_rise), (4, 1));
+    // The live table holds the same pool.
+    let live = running
+        .routes
+        .listener(":443")
+        .unwrap()
+        .snapshot()
+        .get(&mc_proxy::routes::Hostname::parse("pool.test").unwrap())
+        .map(|t| (**t).clone())
+        .unwrap();
+    assert_eq!(live.backends.len(), 3);
+    assert_eq!(
+        live.health.as_ref().map(|c| (c.interval, c.fall, c.rise)),
+        Some((Duration::from_secs(5), 4, 1))
+    );
+    assert_eq!(
+        stored_pool(&h.db, "pool.test"),
+        (
+            "10.0.0.1:443".into(),
+            "[\"10.0.0.1:443\",\"[2001:db8::1]:443\",\"b.internal:8443\"]".into(),
+            "least_connections".into(),
+            Some(5000),
+            Some(4),
+            Some(1)
+        )
+    );
+
+    // The upsert replaces the whole list; backend may repeat backends[0];
+    // the defaults come back when the fields are unset.
+    let replaced = proto::Route {
+        backend: "10.0.0.9:443".into(),
+        backends: vec!["10.0.0.9:443".into(), "10.0.0.1:443".into()],
+        ..route(":443", "pool.test", "")
+    };
+    let created = client
+        .add_route(add(replaced))
+        .await
+        .unwrap()
+        .into_inner()
+        .created;
+    assert!(!created);
+    let listed = client
+        .list_routes(proto::ListRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    assert_eq!(listed[0].backends, ["10.0.0.9:443", "10.0.0.1:443"]);
+    assert_eq!(listed[0].backend, "10.0.0.9:443");
+    assert_eq!(listed[0].balance, "round_robin");
+    assert_eq!(listed[0].health_interval, "");
+    assert_eq!((listed[0].health_fall, listed[0].health_rise), (0, 0));
+    assert_eq!(
+        stored_pool(&h.db, "pool.test"),
+        (
+            "10.0.0.9:443".into(),
+            "[\"10.0.0.9:443\",\"10.0.0.1:443\"]".into(),
+            "round_robin".into(),
+            None,
+            None,
+            None
+        )
+    );
+    // A single backend still lists as a pool of one.
+    client
+        .add_route(add(route(":443", "one.test", "127.0.0.1:7")))
+        .await
+        .unwrap();
+    let listed = client
+        .list_routes(proto::ListRoutesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .routes;
+    let one = listed.iter().find(|r| r.hostname == "one.test").unwrap();
+    assert_eq!(
+        (one.backend.as_str(), one.backends.clone()),
+        ("127.0.0.1:7", vec!["127.0.0.1:7".to_string()])
+    );
+    running.stop().await;
+
+    // Reopened from the file: the same pool.
+    let again = mc_proxy::store::open(&h.config).unwrap();
+    let (_, map) = again
+        .state
+        .listeners
+        .iter()
+        .find(|(addr, _)| addr == ":443")
+        .unwrap();
+    let target = map
+        .get(&mc_proxy::routes::Hostname::parse("pool.test").unwrap())
+        .unwrap();
+    assert_eq!(target.backends.to_string(), "10.0.0.9:443,10.0.0.1:443");
+}
+
+#[tokio::test]
+async fn bad_pool_fields_are_invalid_argument_naming_the_field() {
+    let (_h, running, mut client) = unix_harness().await;
+    let base = || pool_route("p.test", &["127.0.0.1:1", "127.0.0.1:2"]);
+    let many: Vec<String> = (1..=65).map(|p| format!("127.0.0.1:{p}")).collect();
+    let cases = [
+        (
+            proto::Route {
+                backends: vec!["127.0.0.1:1".into(), "nope".into()],
+                ..base()
+            },
+            "route.backends[1]: \"nope\"",
+        ),
+        (
+            proto::Route {
+                backend: "127.0.0.1:2".into(),
+                ..base()
+            },
+            "route.backend: backend must be empty or equal to backends[0]",
+        ),
+        (
+            proto::Route {
+                backends: vec!["127.0.0.1:1".into(), "127.0.0.1:1".into()],
+                ..base()
+            },
+            "route.backends: 127.0.0.1:1 is listed twice",
+        ),
+        (
+            proto::Route {
+                backends: many,
+                ..base()
+            },
+            "route.backends: 65 backends; at most 64",
+        ),
+        (
+            proto::Route {
+                balance: "random".into(),
+                ..base()
+            },
+            "route.balance: \"random\"",
+        ),
+        (
+            proto::Route {
+                health_interval: "often".into(),
+                ..base()
+            },
+            "route.health_interval: \"often\"",
+        ),
+        (
+            proto::Route {
+                health_interval: "10ms".into(),
+                ..base()
+            },
+            "route.health_interval: ",
+        ),
+        (
+            proto::Route {
+                health_path: "/healthz".into(),
+                ..base()
+            },
+            "route.health_path: health_path is for l7 routes",
+        ),
+        (
+            proto::Route {
+                health_interval: String::new(),
+                health_rise: 0,
+                ..base()
+            },
+            "route.health_fall: health_fall needs health_interval",
+        ),
+        (
+            proto::Route {
+                health_fall: 101,
+                ..base()
+            },
+            "route.health_fall: ",
+        ),
+    ];
+    for (bad, field) in cases {
+        let shown = format!("{:?}", bad.backends);
+        let err = refused(client.add_route(add(bad)).await);
+        assert_invalid(&err, field, &shown);
+    }
+    // Nothing was added.
+    assert!(list_all(&mut client).await.is_empty());
+    running.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_listener_and_absent_entries_are_not_found() {
     let (_h, running, mut client) = unix_harness().await;
@@ -1046,7 +1304,7 @@ async fn cli_commands_return_documented_exit_statuses() {
             cli::RouteSpec {
                 listener: ":443".into(),
                 hostname: "a.test".into(),
-                backend: "127.0.0.1:1".into(),
+                backends: vec!["127.0.0.1:1".into()],
                 ..cli::RouteSpec::default()
             }
         )

@@ -663,6 +663,80 @@ fn check_accepts_the_example_and_names_bad_keys_with_exit_2() {
 }
 
 #[test]
+fn check_names_bad_pool_keys_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.toml");
+    let with = |route: &str, proxy: &str| {
+        format!("[database]\npath = \"x.db\"\n[[listeners]]\naddr = \":1\"\n  [[listeners.routes]]\n  hostname = \"a.test\"\n  backend = \"127.0.0.1:1\"\n  [[listeners.routes]]\n  hostname = \"p.test\"\n{route}\n{proxy}")
+    };
+    // A good pool passes.
+    std::fs::write(
+        &path,
+        with(
+            "  backends = [\"127.0.0.1:2\", \"127.0.0.1:3\"]\n  balance = \"least_connections\"\n  health_interval = \"5s\"\n  health_fall = 2\n  health_rise = 2",
+            "[proxy]\nconnect_attempts = 2\n",
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("2 routes"), "{stdout}");
+    for (route, proxy, key, text) in [
+        (
+            "  backends = [\"127.0.0.1:2\", \"127.0.0.1:3\", \"nope\"]",
+            "",
+            "listeners[0].routes[1].backends[2]: ",
+            "\"nope\"",
+        ),
+        (
+            "  backend = \"127.0.0.1:2\"\n  backends = [\"127.0.0.1:2\"]",
+            "",
+            "listeners[0].routes[1].backend: ",
+            "not both",
+        ),
+        (
+            "  backend = \"127.0.0.1:2\"\n  balance = \"random\"",
+            "",
+            "listeners[0].routes[1].balance: ",
+            "round_robin",
+        ),
+        (
+            "  backend = \"127.0.0.1:2\"\n  health_interval = \"soon\"",
+            "",
+            "listeners[0].routes[1].health_interval: ",
+            "\"soon\"",
+        ),
+        (
+            "  backend = \"127.0.0.1:2\"\n  health_interval = \"1s\"\n  health_path = \"/healthz\"",
+            "",
+            "listeners[0].routes[1].health_path: ",
+            "l7",
+        ),
+        (
+            "  backend = \"127.0.0.1:2\"\n  health_rise = 2",
+            "",
+            "listeners[0].routes[1].health_rise: ",
+            "needs health_interval",
+        ),
+        (
+            "  backend = \"127.0.0.1:2\"",
+            "[proxy]\nconnect_attempts = 0\n",
+            "proxy.connect_attempts: ",
+            "from 1 to 64",
+        ),
+    ] {
+        std::fs::write(&path, with(route, proxy)).unwrap();
+        let (code, _, stderr) = run_cli(&["check", "-c", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "{route}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(text),
+            "{route}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+}
+
+#[test]
 fn version_prints_name_and_crate_version() {
     let (code, stdout, _) = run_cli(&["--version"]);
     assert_eq!(code, 0);

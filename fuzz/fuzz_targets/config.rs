@@ -49,8 +49,11 @@ fuzz_target!(|data: &[u8]| {
                     assert!(names.insert(route.hostname.clone()), "duplicate hostname");
                     let shown = route.hostname.to_string();
                     assert_eq!(Hostname::parse(&shown).ok().as_ref(), Some(&route.hostname));
-                    let shown = route.backend.to_string();
-                    assert_eq!(Backend::parse(&shown).ok().as_ref(), Some(&route.backend));
+                    assert!(!route.pool.backends.is_empty(), "a route with no backend");
+                    for backend in route.pool.backends.iter() {
+                        let shown = backend.to_string();
+                        assert_eq!(Backend::parse(&shown).ok().as_ref(), Some(backend));
+                    }
                     // An L7 route: its files resolved, no PROXY header
                     // (its backend connections are pooled).
                     if let Some(l7) = route.mode.l7() {

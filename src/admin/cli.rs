@@ -134,13 +134,45 @@ pub async fn routes_list(target: ClientTarget, listener: Option<String>, json: b
     }
 }
 
+/// `mc-proxy backends list [--listener ADDR] [--json]`
+pub async fn backends_list(target: ClientTarget, listener: Option<String>, json: bool) -> ExitCode {
+    let mut client = match connect(&target).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let request = proto::ListBackendsRequest {
+        listener_addr: listener.unwrap_or_default(),
+    };
+    match client.list_backends(request).await {
+        Ok(response) => {
+            let backends = response.into_inner().backends;
+            let text = if json {
+                to_json(&backends.iter().map(BackendJson::from).collect::<Vec<_>>())
+            } else {
+                render_backends(&backends)
+            };
+            emit(&text)
+        }
+        Err(status) => refused(&target, &status),
+    }
+}
+
 /// What `routes add` asks for: the flags as given (the server validates
 /// them).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteSpec {
     pub listener: String,
     pub hostname: String,
-    pub backend: String,
+    /// `--backend`, repeated: one is sent as `backend`, several as
+    /// `backends` (with `backend` = the first).
+    pub backends: Vec<String>,
+    /// `round_robin` or `least_connections`.
+    pub balance: Option<String>,
+    /// A duration like `5s`.
+    pub health_interval: Option<String>,
+    pub health_path: Option<String>,
+    pub health_fall: Option<u32>,
+    pub health_rise: Option<u32>,
     pub send_proxy_protocol: bool,
     /// `--mode l7` (`--mode l4`, or no `--mode`, is false).
     pub l7: bool,
@@ -200,7 +232,17 @@ impl RouteSpec {
         Ok(proto::Route {
             listener_addr: self.listener.clone(),
             hostname: self.hostname.clone(),
-            backend: self.backend.clone(),
+            backend: self.backends.first().cloned().unwrap_or_default(),
+            backends: if self.backends.len() > 1 {
+                self.backends.clone()
+            } else {
+                Vec::new()
+            },
+            balance: self.balance.clone().unwrap_or_default(),
+            health_interval: self.health_interval.clone().unwrap_or_default(),
+            health_path: self.health_path.clone().unwrap_or_default(),
+            health_fall: self.health_fall.unwrap_or(0),
+            health_rise: self.health_rise.unwrap_or(0),
             send_proxy_protocol: self.send_proxy_protocol,
             mode: if self.l7 {
                 proto::RouteMode::L7
@@ -448,16 +490,72 @@ impl From<&proto::GetStatusResponse> for StatusJson {
     }
 }
 
-/// A route in `routes list --json`: the L7 keys only on L7 routes.
+/// A route in `routes list --json`: the L7 keys only on L7 routes, the
+/// health keys only on routes with an active check.
 #[derive(Debug, Serialize)]
 struct RouteJson {
     listener_addr: String,
     hostname: String,
+    /// The first of `backends`.
     backend: String,
+    backends: Vec<String>,
+    balance: String,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    health: Option<HealthJson>,
     send_proxy_protocol: bool,
     mode: &'static str,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     l7: Option<L7Json>,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthJson {
+    health_interval: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_path: Option<String>,
+    health_fall: u32,
+    health_rise: u32,
+}
+
+/// A backend in `backends list --json`: `BackendStatus`'s fields.
+#[derive(Debug, Serialize)]
+struct BackendJson {
+    listener_addr: String,
+    hostname: String,
+    backend: String,
+    healthy: bool,
+    active_connections: i64,
+    total_connections: i64,
+    last_error: String,
+}
+
+impl From<&proto::BackendStatus> for BackendJson {
+    fn from(b: &proto::BackendStatus) -> Self {
+        BackendJson {
+            listener_addr: b.listener_addr.clone(),
+            hostname: b.hostname.clone(),
+            backend: b.backend.clone(),
+            healthy: b.healthy,
+            active_connections: b.active_connections,
+            total_connections: b.total_connections,
+            last_error: b.last_error.clone(),
+        }
+    }
+}
+
+/// A route's backends: `backends`, or the one in `backend` when the list
+/// is empty (a server that predates pools).
+fn route_backends(route: &proto::Route) -> Vec<String> {
+    if route.backends.is_empty() {
+        vec![route.backend.clone()]
+    } else {
+        route.backends.clone()
+    }
+}
+
+/// The balance as shown: `""` is `round_robin`.
+fn balance_name(route: &proto::Route) -> String {
+    non_empty(&route.balance).unwrap_or_else(|| "round_robin".to_string())
 }
 
 #[derive(Debug, Serialize)]
@@ -492,6 +590,14 @@ impl From<&proto::Route> for RouteJson {
             listener_addr: route.listener_addr.clone(),
             hostname: route.hostname.clone(),
             backend: route.backend.clone(),
+            backends: route_backends(route),
+            balance: balance_name(route),
+            health: non_empty(&route.health_interval).map(|interval| HealthJson {
+                health_interval: interval,
+                health_path: non_empty(&route.health_path),
+                health_fall: route.health_fall,
+                health_rise: route.health_rise,
+            }),
             send_proxy_protocol: route.send_proxy_protocol,
             mode: if is_l7(route) { "l7" } else { "l4" },
             l7: is_l7(route).then(|| L7Json {
@@ -603,19 +709,45 @@ fn l7_details(route: &proto::Route) -> String {
     out
 }
 
+/// A route's balance and active check on one line (`balance=... health=5s
+/// path=/healthz fall=3 rise=2`), empty when both are the defaults.
+fn pool_details(route: &proto::Route) -> String {
+    let mut parts = Vec::new();
+    let balance = balance_name(route);
+    if balance != "round_robin" {
+        parts.push(format!("balance={balance}"));
+    }
+    if let Some(interval) = non_empty(&route.health_interval) {
+        parts.push(format!("health={interval}"));
+        if let Some(path) = non_empty(&route.health_path) {
+            parts.push(format!("path={path}"));
+        }
+        parts.push(format!(
+            "fall={} rise={}",
+            route.health_fall, route.health_rise
+        ));
+    }
+    parts.join(" ")
+}
+
 fn render_routes(routes: &[proto::Route]) -> String {
     // The PROXY-protocol column appears only when some route uses it; the
-    // MODE and L7 columns only when some route is L7.
+    // MODE and L7 columns only when some route is L7; the POOL column only
+    // when some route balances by least connections or has a check.
     let proxy_column = routes.iter().any(|r| r.send_proxy_protocol);
     let l7_columns = routes.iter().any(is_l7);
+    let pool_column = routes.iter().any(|r| !pool_details(r).is_empty());
     let rows: Vec<Vec<String>> = routes
         .iter()
         .map(|r| {
             let mut row = vec![
                 r.listener_addr.clone(),
                 r.hostname.clone(),
-                r.backend.clone(),
+                route_backends(r).join(","),
             ];
+            if pool_column {
+                row.push(pool_details(r));
+            }
             if l7_columns {
                 row.push(if is_l7(r) { "l7" } else { "l4" }.into());
             }
@@ -633,6 +765,9 @@ fn render_routes(routes: &[proto::Route]) -> String {
         })
         .collect();
     let mut header = vec!["LISTENER", "HOSTNAME", "BACKEND"];
+    if pool_column {
+        header.push("POOL");
+    }
     if l7_columns {
         header.push("MODE");
     }
@@ -643,6 +778,35 @@ fn render_routes(routes: &[proto::Route]) -> String {
         header.push("L7");
     }
     table(&header, &rows)
+}
+
+fn render_backends(backends: &[proto::BackendStatus]) -> String {
+    let rows: Vec<Vec<String>> = backends
+        .iter()
+        .map(|b| {
+            vec![
+                b.listener_addr.clone(),
+                b.hostname.clone(),
+                b.backend.clone(),
+                if b.healthy { "up" } else { "down" }.to_string(),
+                b.active_connections.to_string(),
+                b.total_connections.to_string(),
+                one_line(&b.last_error),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "LISTENER",
+            "HOSTNAME",
+            "BACKEND",
+            "STATE",
+            "ACTIVE",
+            "TOTAL",
+            "LAST_ERROR",
+        ],
+        &rows,
+    )
 }
 
 fn render_rules(rules: &[proto::FirewallRule]) -> String {
@@ -735,7 +899,7 @@ mod tests {
         let spec = RouteSpec {
             listener: ":443".into(),
             hostname: "git.test".into(),
-            backend: "127.0.0.1:3000".into(),
+            backends: vec!["127.0.0.1:3000".into()],
             l7: true,
             tls_cert: Some("certs/git.pem".into()),
             tls_key: Some("/abs/git.key".into()),
@@ -759,7 +923,7 @@ mod tests {
         let l4 = RouteSpec {
             listener: ":443".into(),
             hostname: "a.test".into(),
-            backend: "127.0.0.1:1".into(),
+            backends: vec!["127.0.0.1:1".into()],
             ..RouteSpec::default()
         }
         .to_wire()
@@ -774,6 +938,129 @@ mod tests {
         assert_eq!(
             render_rules(&[user_agent]),
             "TYPE        VALUE\nuser_agent  (?i)sqlmap\n"
+        );
+    }
+
+    #[test]
+    fn route_spec_sends_one_backend_as_backend_and_several_as_backends() {
+        let spec = |backends: &[&str]| RouteSpec {
+            listener: ":443".into(),
+            hostname: "a.test".into(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..RouteSpec::default()
+        };
+        let one = spec(&["127.0.0.1:1"]).to_wire().unwrap();
+        assert_eq!(one.backend, "127.0.0.1:1");
+        assert!(one.backends.is_empty());
+        assert_eq!(
+            (
+                one.balance.as_str(),
+                one.health_interval.as_str(),
+                one.health_fall
+            ),
+            ("", "", 0)
+        );
+        let two = RouteSpec {
+            balance: Some("least_connections".into()),
+            health_interval: Some("5s".into()),
+            health_path: Some("/healthz".into()),
+            health_fall: Some(4),
+            health_rise: Some(1),
+            ..spec(&["127.0.0.1:1", "127.0.0.1:2"])
+        }
+        .to_wire()
+        .unwrap();
+        assert_eq!(two.backend, "127.0.0.1:1");
+        assert_eq!(two.backends, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert_eq!(two.balance, "least_connections");
+        assert_eq!(two.health_interval, "5s");
+        assert_eq!(two.health_path, "/healthz");
+        assert_eq!((two.health_fall, two.health_rise), (4, 1));
+    }
+
+    #[test]
+    fn pools_show_every_backend_and_their_settings() {
+        let mut pool = route(":443", "p.test", "10.0.0.1:443", false);
+        pool.backends = vec!["10.0.0.1:443".into(), "10.0.0.2:443".into()];
+        pool.balance = "least_connections".into();
+        pool.health_interval = "5s".into();
+        pool.health_fall = 3;
+        pool.health_rise = 2;
+        let mut plain = route(":443", "a.test", "127.0.0.1:1", false);
+        plain.backends = vec!["127.0.0.1:1".into()];
+        plain.balance = "round_robin".into();
+        let text = render_routes(&[plain.clone(), pool.clone()]);
+        assert_eq!(
+            text,
+            "LISTENER  HOSTNAME  BACKEND                    POOL\n\
+             :443      a.test    127.0.0.1:1\n\
+             :443      p.test    10.0.0.1:443,10.0.0.2:443  balance=least_connections health=5s fall=3 rise=2\n"
+        );
+        // Without a pool setting, no POOL column.
+        assert!(!render_routes(&[plain.clone()]).contains("POOL"));
+        let json: serde_json::Value = serde_json::from_str(&to_json(&vec![
+            RouteJson::from(&plain),
+            RouteJson::from(&pool),
+        ]))
+        .unwrap();
+        assert_eq!(json[0]["backends"], serde_json::json!(["127.0.0.1:1"]));
+        assert_eq!(json[0]["balance"], "round_robin");
+        assert!(json[0].get("health_interval").is_none(), "{json}");
+        assert_eq!(
+            json[1]["backends"],
+            serde_json::json!(["10.0.0.1:443", "10.0.0.2:443"])
+        );
+        assert_eq!(json[1]["backend"], "10.0.0.1:443");
+        assert_eq!(json[1]["balance"], "least_connections");
+        assert_eq!(json[1]["health_interval"], "5s");
+        assert_eq!(json[1]["health_fall"], 3);
+        assert_eq!(json[1]["health_rise"], 2);
+        assert!(json[1].get("health_path").is_none(), "{json}");
+    }
+
+    #[test]
+    fn backends_table_and_json() {
+        let backends = [
+            proto::BackendStatus {
+                listener_addr: ":443".into(),
+                hostname: "p.test".into(),
+                backend: "10.0.0.1:443".into(),
+                healthy: true,
+                active_connections: 2,
+                total_connections: 40,
+                last_error: String::new(),
+            },
+            proto::BackendStatus {
+                listener_addr: ":443".into(),
+                hostname: "p.test".into(),
+                backend: "10.0.0.2:443".into(),
+                healthy: false,
+                active_connections: 0,
+                total_connections: 7,
+                last_error: "connection refused\nagain".into(),
+            },
+        ];
+        assert_eq!(
+            render_backends(&backends),
+            "LISTENER  HOSTNAME  BACKEND       STATE  ACTIVE  TOTAL  LAST_ERROR\n\
+             :443      p.test    10.0.0.1:443  up     2       40\n\
+             :443      p.test    10.0.0.2:443  down   0       7      connection refused again\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(&to_json(
+            &backends.iter().map(BackendJson::from).collect::<Vec<_>>(),
+        ))
+        .unwrap();
+        assert_eq!(
+            json[1],
+            serde_json::json!({
+                "listener_addr": ":443",
+                "hostname": "p.test",
+                "backend": "10.0.0.2:443",
+                "healthy": false,
+                "active_connections": 0,
+                "total_connections": 7,
+                "last_error": "connection refused\nagain",
+            })
         );
     }
 

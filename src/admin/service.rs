@@ -17,7 +17,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use tracing::{error, info};
-use wire::route::{parse_server_name, BackendProtocol, L7Route, L7Settings, Mode, ModeError};
+use wire::route::{
+    parse_server_name, BackendProtocol, Balance, L7Route, L7Settings, Mode, ModeError, Pool,
+    PoolError, PoolSettings, MAX_BACKENDS,
+};
 use wire::rule::{Rule, RuleKind};
 
 use super::proto;
@@ -90,6 +93,69 @@ fn parse_hostname(field: &str, text: &str) -> Result<Hostname, Status> {
 
 fn parse_backend(field: &str, text: &str) -> Result<Backend, Status> {
     Backend::parse(text).map_err(|e| invalid(field, format_args!("{}: {e}", quoted(text))))
+}
+
+/// A wire route's pool fields, each parsed (the rules between them are
+/// checked later, by [`check_pool`], once the mode is known).
+/// `route.backend` may be empty when `route.backends` is set; unset
+/// fields (`""`, 0) are `None`.
+fn parse_pool_fields(route: &proto::Route) -> Result<PoolSettings, Status> {
+    let backend = if route.backend.is_empty() && !route.backends.is_empty() {
+        None
+    } else {
+        Some(parse_backend("route.backend", &route.backend)?)
+    };
+    if route.backends.len() > MAX_BACKENDS {
+        return Err(invalid(
+            "route.backends",
+            PoolError::TooManyBackends(route.backends.len()),
+        ));
+    }
+    let backends = route
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, text)| parse_backend(&format!("route.backends[{i}]"), text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let balance = Balance::parse(&route.balance).ok_or_else(|| {
+        invalid(
+            "route.balance",
+            format_args!(
+                "{}: not one of \"round_robin\", \"least_connections\" (\"\" = round_robin)",
+                quoted(&route.balance)
+            ),
+        )
+    })?;
+    let health_interval = match route.health_interval.as_str() {
+        "" => None,
+        text => Some(crate::config::parse_duration(text).map_err(|_| {
+            invalid(
+                "route.health_interval",
+                format_args!(
+                    "{}: not a duration like \"500ms\", \"5s\" or \"1m\"",
+                    quoted(text)
+                ),
+            )
+        })?),
+    };
+    let given = |n: u32| (n != 0).then_some(n);
+    Ok(PoolSettings {
+        backend,
+        backends,
+        balance: Some(balance),
+        health_interval,
+        health_path: (!route.health_path.is_empty()).then(|| route.health_path.clone()),
+        health_fall: given(route.health_fall),
+        health_rise: given(route.health_rise),
+    })
+}
+
+/// The rules between the pool fields (`wire::route::PoolSettings`'s): a
+/// refusal is `INVALID_ARGUMENT` naming `route.<the field at fault>`.
+fn check_pool(settings: PoolSettings, l7: bool) -> Result<Pool, Status> {
+    settings
+        .into_pool(l7, true)
+        .map_err(|e| invalid(&format!("route.{}", e.key().label()), e))
 }
 
 /// Validates a wire `FirewallRule`; `field` is the message's name (`rule`).
@@ -257,8 +323,16 @@ fn wire_route(listener: &str, hostname: &str, target: &Target) -> proto::Route {
         backend: target.backend().to_string(),
         send_proxy_protocol: target.send_proxy_protocol,
         mode: proto::RouteMode::L4.into(),
+        backends: target.backends.iter().map(ToString::to_string).collect(),
+        balance: target.balance.label().to_string(),
         ..proto::Route::default()
     };
+    if let Some(health) = &target.health {
+        route.health_interval = humantime::format_duration(health.interval).to_string();
+        route.health_path = health.path.as_deref().unwrap_or_default().to_string();
+        route.health_fall = health.fall;
+        route.health_rise = health.rise;
+    }
     if let Some(l7) = target.mode.l7() {
         route.mode = proto::RouteMode::L7.into();
         route.tls_cert = path_text(&l7.tls_cert);
@@ -331,12 +405,31 @@ impl AdminService {
         Ok(out)
     }
 
+    /// Every backend of one listener's routes, or of every listener's;
+    /// sorted by listener, then as the runtime reports them (hostname,
+    /// then the route's backend order).
+    fn backends_of(&self, listener_addr: &str) -> Result<Vec<proto::BackendStatus>, Status> {
+        let mut listeners: Vec<_> = if listener_addr.is_empty() {
+            self.state.routes.listeners().iter().collect()
+        } else {
+            vec![self
+                .state
+                .routes
+                .listener(listener_addr)
+                .ok_or_else(|| listener_not_found(listener_addr))?]
+        };
+        listeners.sort_by(|a, b| a.addr().cmp(b.addr()));
+        // TODO(merge): the runtime's report API (ListenerRoutes::backends).
+        Err(Status::unimplemented("ListBackends: not yet"))
+    }
+
     async fn add_route_inner(&self, route: Option<proto::Route>) -> Result<bool, Status> {
         let route = route.ok_or_else(|| invalid("route", "required"))?;
         parse_listener("route.listener_addr", &route.listener_addr)?;
         let hostname = parse_hostname("route.hostname", &route.hostname)?;
-        let backend = parse_backend("route.backend", &route.backend)?;
+        let pool = parse_pool_fields(&route)?;
         let mode = parse_mode(&route)?;
+        let pool = check_pool(pool, mode.l7().is_some())?;
         if self.state.routes.listener(&route.listener_addr).is_none() {
             return Err(listener_not_found(&route.listener_addr));
         }
@@ -344,9 +437,9 @@ impl AdminService {
             check_certificate(l7).await?;
         }
         let target = Target {
-            backends: wire::route::Backends::one(backend),
-            balance: Default::default(),
-            health: None,
+            backends: pool.backends,
+            balance: pool.balance,
+            health: pool.health,
             send_proxy_protocol: route.send_proxy_protocol,
             mode,
         };
@@ -417,6 +510,43 @@ fn l7_fields_for_log(route: &proto::Route) -> String {
     }
     if route.backend_tls {
         out.push_str(" backend_tls=true");
+    }
+    out
+}
+
+/// An AddRoute call's pool fields for its log line (those set), valid or
+/// not; at most a few backends are shown.
+fn pool_fields_for_log(route: &proto::Route) -> String {
+    const SHOWN: usize = 8;
+    let mut out = String::new();
+    if !route.backends.is_empty() {
+        let mut list: Vec<String> = route
+            .backends
+            .iter()
+            .take(SHOWN)
+            .map(|b| quoted(b))
+            .collect();
+        if route.backends.len() > SHOWN {
+            list.push(format!("... ({} in all)", route.backends.len()));
+        }
+        out.push_str(&format!(" backends=[{}]", list.join(",")));
+    }
+    for (name, value) in [
+        ("balance", &route.balance),
+        ("health_interval", &route.health_interval),
+        ("health_path", &route.health_path),
+    ] {
+        if !value.is_empty() {
+            out.push_str(&format!(" {name}={}", quoted(value)));
+        }
+    }
+    for (name, value) in [
+        ("health_fall", route.health_fall),
+        ("health_rise", route.health_rise),
+    ] {
+        if value != 0 {
+            out.push_str(&format!(" {name}={value}"));
+        }
     }
     out
 }
@@ -494,10 +624,11 @@ impl ProxyAdminService for AdminService {
         log_result(
             "AddRoute",
             format_args!(
-                "listener={} hostname={} backend={} send_proxy_protocol={} mode={}{}",
+                "listener={} hostname={} backend={}{} send_proxy_protocol={} mode={}{}",
                 quoted(&shown.listener_addr),
                 quoted(&shown.hostname),
                 quoted(&shown.backend),
+                pool_fields_for_log(&shown),
                 shown.send_proxy_protocol,
                 proto::RouteMode::try_from(shown.mode)
                     .map(|m| m.as_str_name())
@@ -535,6 +666,16 @@ impl ProxyAdminService for AdminService {
             "RemoveRoute",
             result.map(|()| Response::new(proto::RemoveRouteResponse {})),
         )
+    }
+
+    async fn list_backends(
+        &self,
+        request: Request<proto::ListBackendsRequest>,
+    ) -> Result<Response<proto::ListBackendsResponse>, Status> {
+        let result = self
+            .backends_of(&request.get_ref().listener_addr)
+            .map(|backends| Response::new(proto::ListBackendsResponse { backends }));
+        self.counted("ListBackends", result)
     }
 
     async fn list_firewall_rules(

@@ -11,7 +11,9 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use rusqlite::Connection;
-use wire::route::{parse_server_name, BackendProtocol, L7Route, Mode};
+use wire::route::{
+    parse_server_name, BackendProtocol, Backends, Balance, L7Route, Mode, PoolSettings,
+};
 use wire::rule::{Rule, RuleKind};
 
 use crate::routes::{Backend, Hostname, RouteMap, Target};
@@ -116,7 +118,8 @@ pub(crate) fn conn_path(conn: &Connection) -> PathBuf {
 /// A route's columns after `listener_id` and `hostname`, in this order (the
 /// SELECT, INSERT and upsert all use it).
 pub(crate) const ROUTE_COLUMNS: &str = "backend, send_proxy_protocol, mode, tls_cert, tls_key, \
-     backend_tls, backend_ca, backend_server_name, backend_protocol";
+     backend_tls, backend_ca, backend_server_name, backend_protocol, backends, balance, \
+     health_interval_ms, health_path, health_fall, health_rise";
 
 /// `ROUTE_COLUMNS = excluded.ROUTE_COLUMNS`, for the upsert.
 pub(crate) const ROUTE_COLUMNS_UPDATE: &str = "backend = excluded.backend, \
@@ -124,7 +127,10 @@ pub(crate) const ROUTE_COLUMNS_UPDATE: &str = "backend = excluded.backend, \
      tls_cert = excluded.tls_cert, tls_key = excluded.tls_key, \
      backend_tls = excluded.backend_tls, backend_ca = excluded.backend_ca, \
      backend_server_name = excluded.backend_server_name, \
-     backend_protocol = excluded.backend_protocol";
+     backend_protocol = excluded.backend_protocol, backends = excluded.backends, \
+     balance = excluded.balance, health_interval_ms = excluded.health_interval_ms, \
+     health_path = excluded.health_path, health_fall = excluded.health_fall, \
+     health_rise = excluded.health_rise";
 
 /// A target as the [`ROUTE_COLUMNS`] values.
 pub(crate) struct RouteRow {
@@ -137,6 +143,13 @@ pub(crate) struct RouteRow {
     backend_ca: Option<String>,
     backend_server_name: Option<String>,
     backend_protocol: &'static str,
+    /// A JSON array of the backends' text forms.
+    backends: String,
+    balance: &'static str,
+    health_interval_ms: Option<i64>,
+    health_path: Option<String>,
+    health_fall: Option<i64>,
+    health_rise: Option<i64>,
 }
 
 fn path_text(path: &Path) -> Result<String, StoreError> {
@@ -157,7 +170,21 @@ impl RouteRow {
             backend_ca: None,
             backend_server_name: None,
             backend_protocol: BackendProtocol::default().label(),
+            backends: backends_json(&target.backends),
+            balance: target.balance.label(),
+            health_interval_ms: None,
+            health_path: None,
+            health_fall: None,
+            health_rise: None,
         };
+        if let Some(health) = &target.health {
+            // At most an hour (PoolSettings' rule): always fits.
+            row.health_interval_ms =
+                Some(i64::try_from(health.interval.as_millis()).unwrap_or(i64::MAX));
+            row.health_path = health.path.as_deref().map(str::to_string);
+            row.health_fall = Some(i64::from(health.fall));
+            row.health_rise = Some(i64::from(health.rise));
+        }
         if let Some(l7) = target.mode.l7() {
             row.tls_cert = Some(path_text(&l7.tls_cert)?);
             row.tls_key = Some(path_text(&l7.tls_key)?);
@@ -169,12 +196,12 @@ impl RouteRow {
         Ok(row)
     }
 
-    /// The values after `listener_id` and `hostname`, as `?3` to `?11`.
+    /// The values after `listener_id` and `hostname`, as `?3` to `?17`.
     pub(crate) fn params<'a>(
         &'a self,
         listener_id: &'a i64,
         hostname: &'a &'a str,
-    ) -> [&'a dyn rusqlite::ToSql; 11] {
+    ) -> [&'a dyn rusqlite::ToSql; 17] {
         [
             listener_id,
             hostname,
@@ -187,13 +214,27 @@ impl RouteRow {
             &self.backend_ca,
             &self.backend_server_name,
             &self.backend_protocol,
+            &self.backends,
+            &self.balance,
+            &self.health_interval_ms,
+            &self.health_path,
+            &self.health_fall,
+            &self.health_rise,
         ]
     }
 }
 
-/// The `?1, ?2, ..., ?11` placeholders for `listener_id, hostname,
+/// The `backends` column: a JSON array of the backends' text forms.
+fn backends_json(backends: &Backends) -> String {
+    let texts: Vec<String> = backends.iter().map(ToString::to_string).collect();
+    // A list of strings: serialisation cannot fail.
+    serde_json::to_string(&texts).unwrap_or_default()
+}
+
+/// The `?1, ?2, ..., ?17` placeholders for `listener_id, hostname,
 /// ROUTE_COLUMNS`.
-pub(crate) const ROUTE_PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11";
+pub(crate) const ROUTE_PLACEHOLDERS: &str =
+    "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17";
 
 /// A route row's [`ROUTE_COLUMNS`] as read, before validation.
 struct StoredRoute {
@@ -206,6 +247,12 @@ struct StoredRoute {
     backend_ca: Option<String>,
     backend_server_name: Option<String>,
     backend_protocol: String,
+    backends: String,
+    balance: String,
+    health_interval_ms: Option<i64>,
+    health_path: Option<String>,
+    health_fall: Option<i64>,
+    health_rise: Option<i64>,
 }
 
 fn flag(name: &str, value: i64) -> Result<bool, String> {
@@ -221,6 +268,56 @@ impl StoredRoute {
     fn target(self) -> Result<Target, String> {
         let backend = Backend::parse(&self.backend)
             .map_err(|e| format!("backend {:?}: {e}", self.backend))?;
+        let texts: Vec<String> = serde_json::from_str(&self.backends).map_err(|e| {
+            format!(
+                "backends {:?}: not a JSON array of strings: {e}",
+                self.backends
+            )
+        })?;
+        let backends = texts
+            .iter()
+            .map(|text| Backend::parse(text).map_err(|e| format!("backends entry {text:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if backends.first() != Some(&backend) {
+            return Err(format!(
+                "backend {:?} is not the first of backends {:?}",
+                self.backend, self.backends
+            ));
+        }
+        let balance = Balance::parse(&self.balance)
+            .filter(|_| !self.balance.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "balance {:?} is not round_robin or least_connections",
+                    self.balance
+                )
+            })?;
+        let health_interval = match self.health_interval_ms {
+            None => None,
+            Some(ms) => {
+                Some(Duration::from_millis(u64::try_from(ms).map_err(|_| {
+                    format!("health_interval_ms {ms} is negative")
+                })?))
+            }
+        };
+        let count = |column: &str, value: Option<i64>| {
+            value
+                .map(|n| u32::try_from(n).map_err(|_| format!("{column} {n} is out of range")))
+                .transpose()
+        };
+        let health_fall = count("health_fall", self.health_fall)?;
+        let health_rise = count("health_rise", self.health_rise)?;
+        // Without a check, fall and rise are NULL (the config's and the
+        // API's defaults are filled in only with an interval).
+        let pool_settings = PoolSettings {
+            backend: None,
+            backends,
+            balance: Some(balance),
+            health_interval,
+            health_path: self.health_path,
+            health_fall,
+            health_rise,
+        };
         let send_proxy_protocol = flag("send_proxy_protocol", self.send_proxy_protocol)?;
         let backend_tls = flag("backend_tls", self.backend_tls)?;
         let backend_protocol = BackendProtocol::parse(&self.backend_protocol)
@@ -293,10 +390,13 @@ impl StoredRoute {
             }
             other => return Err(format!("mode {other:?} is not l4 or l7")),
         };
+        let pool = pool_settings
+            .into_pool(mode.l7().is_some(), false)
+            .map_err(|e| format!("{}: {e}", e.key().label()))?;
         Ok(Target {
-            backends: wire::route::Backends::one(backend),
-            balance: Default::default(),
-            health: None,
+            backends: pool.backends,
+            balance: pool.balance,
+            health: pool.health,
             send_proxy_protocol,
             mode,
         })
@@ -334,6 +434,12 @@ pub(crate) fn load_routes(
                     backend_ca: row.get(8)?,
                     backend_server_name: row.get(9)?,
                     backend_protocol: row.get(10)?,
+                    backends: row.get(11)?,
+                    balance: row.get(12)?,
+                    health_interval_ms: row.get(13)?,
+                    health_path: row.get(14)?,
+                    health_fall: row.get(15)?,
+                    health_rise: row.get(16)?,
                 },
             ))
         })

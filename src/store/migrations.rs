@@ -10,10 +10,10 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use super::db::{conn_path, SqliteContext, StoreError, NOW_SQL};
 
 /// The schema version this binary writes.
-pub const LATEST: i64 = 3;
+pub const LATEST: i64 = 4;
 
 /// `(version, SQL)`, in order. Version N is at index N - 1.
-const MIGRATIONS: [(i64, &str); 3] = [
+const MIGRATIONS: [(i64, &str); 4] = [
     (
         1,
         "CREATE TABLE listeners (
@@ -77,6 +77,22 @@ const MIGRATIONS: [(i64, &str); 3] = [
              SELECT id, type, value, created_at, updated_at FROM firewall_rules;
          DROP TABLE firewall_rules;
          ALTER TABLE firewall_rules_v3 RENAME TO firewall_rules;",
+    ),
+    (
+        // Backend pools (SPEC §6.3): `backends` is the whole list as a JSON
+        // array of strings, in order; `backend` stays its first entry.
+        // Existing routes become pools of one, round robin, no active
+        // check (health_interval_ms NULL; the other health columns are
+        // NULL with it).
+        4,
+        "ALTER TABLE routes ADD COLUMN backends TEXT NOT NULL DEFAULT '[]';
+         UPDATE routes SET backends = json_array(backend);
+         ALTER TABLE routes ADD COLUMN balance TEXT NOT NULL DEFAULT 'round_robin'
+             CHECK (balance IN ('round_robin', 'least_connections'));
+         ALTER TABLE routes ADD COLUMN health_interval_ms INTEGER;
+         ALTER TABLE routes ADD COLUMN health_path TEXT;
+         ALTER TABLE routes ADD COLUMN health_fall INTEGER;
+         ALTER TABLE routes ADD COLUMN health_rise INTEGER;",
     ),
 ];
 

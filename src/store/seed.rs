@@ -131,14 +131,14 @@ fn log_route_differences(addr: &str, config: &[(Hostname, Target)], stored: &Rou
     for (hostname, target) in config {
         match stored.get(hostname) {
             None => tracing::info!(
-                listener = %addr, hostname = %hostname, config_backend = %target.backend(),
+                listener = %addr, hostname = %hostname, config_backend = %target.backends,
                 "route in the config but not in the database; {DB_WINS}"
             ),
             Some(current) if **current != *target => tracing::info!(
                 listener = %addr, hostname = %hostname,
-                config_backend = %target.backend(), config_send_proxy_protocol = target.send_proxy_protocol,
+                config_backend = %target.backends, config_send_proxy_protocol = target.send_proxy_protocol,
                 config_mode = target.mode.label(),
-                db_backend = %current.backend(), db_send_proxy_protocol = current.send_proxy_protocol,
+                db_backend = %current.backends, db_send_proxy_protocol = current.send_proxy_protocol,
                 db_mode = current.mode.label(),
                 "route differs between the config and the database; {DB_WINS}"
             ),
@@ -148,7 +148,7 @@ fn log_route_differences(addr: &str, config: &[(Hostname, Target)], stored: &Rou
     for (hostname, current) in stored.sorted() {
         if !config.iter().any(|(h, _)| *h == hostname) {
             tracing::info!(
-                listener = %addr, hostname = %hostname, db_backend = %current.backend(),
+                listener = %addr, hostname = %hostname, db_backend = %current.backends,
                 "route in the database but not in the config; {DB_WINS}"
             );
         }

@@ -766,7 +766,7 @@ fn bad_row_is_a_clear_error() {
 
     raw(dir.path())
         .execute_batch(
-            "UPDATE routes SET backend = '127.0.0.1:1' WHERE hostname = 'a.test';
+            "UPDATE routes SET backend = '127.0.0.1:1', backends = '[\"127.0.0.1:1\"]' WHERE hostname = 'a.test';
              UPDATE firewall_rules SET value = '10.0.0.0/33' WHERE type = 'cidr';",
         )
         .unwrap();
@@ -870,7 +870,10 @@ fn schema_2_is_migrated_to_l4_routes_and_takes_user_agent_rules() {
     let opened = open(&default_config(dir.path())).unwrap();
     assert!(!opened.state.seeded);
     let conn = raw(dir.path());
-    assert_eq!(migrations::current_version(&conn).unwrap(), 3);
+    assert_eq!(
+        migrations::current_version(&conn).unwrap(),
+        migrations::LATEST
+    );
     type L7Columns = (
         String,
         Option<String>,
@@ -1272,4 +1275,230 @@ async fn snapshot_while_writing_is_consistent() {
         names.len()
     );
     running.store.close();
+}
+
+fn pool_target(backends: &[&str], health: Option<wire::route::HealthCheck>) -> Target {
+    let list = backends
+        .iter()
+        .map(|b| Backend::parse(b).unwrap())
+        .collect();
+    Target {
+        backends: wire::route::Backends::new(list).unwrap(),
+        balance: wire::route::Balance::LeastConnections,
+        health,
+        ..target(backends[0])
+    }
+}
+
+type PoolColumns = (
+    String,
+    String,
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn pool_columns(dir: &Path, hostname: &str) -> PoolColumns {
+    raw(dir)
+        .query_row(
+            "SELECT backend, backends, balance, health_interval_ms, health_path, health_fall, health_rise \
+             FROM routes WHERE hostname = ?1",
+            [hostname],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn backend_pools_round_trip_and_upsert_replaces_the_list() {
+    use wire::route::HealthCheck;
+    let dir = tempfile::tempdir().unwrap();
+    // Seeded from the TOML: a pool with an l7 health check.
+    let seeded = config(
+        dir.path(),
+        "[[listeners]]\naddr = \":8443\"\n  [[listeners.routes]]\n  hostname = \"seed.test\"\n  backends = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n  health_interval = \"2s\"\n  health_path = \"/healthz\"\n  mode = \"l7\"\n  tls_cert = \"/srv/certs/seed.pem\"\n  tls_key = \"/srv/certs/seed.key\"\n",
+    );
+    let seed_target = seeded.listeners[0].routes[0].target();
+    assert_eq!(seed_target.backends.len(), 2);
+    let running = start(open(&seeded).unwrap());
+    assert_eq!(
+        pool_columns(dir.path(), "seed.test"),
+        (
+            "127.0.0.1:1".into(),
+            "[\"127.0.0.1:1\",\"127.0.0.1:2\"]".into(),
+            "round_robin".into(),
+            Some(2000),
+            Some("/healthz".into()),
+            Some(3),
+            Some(2)
+        )
+    );
+    let store = &running.store;
+    let health = HealthCheck {
+        interval: std::time::Duration::from_millis(1500),
+        path: None,
+        fall: 5,
+        rise: 1,
+    };
+    let three = pool_target(
+        &["10.0.0.1:443", "[2001:db8::1]:443", "b.internal:8443"],
+        Some(health.clone()),
+    );
+    assert!(store
+        .upsert_route(":8443", host("pool.test"), three.clone())
+        .await
+        .unwrap());
+    assert_eq!(
+        pool_columns(dir.path(), "pool.test"),
+        (
+            "10.0.0.1:443".into(),
+            "[\"10.0.0.1:443\",\"[2001:db8::1]:443\",\"b.internal:8443\"]".into(),
+            "least_connections".into(),
+            Some(1500),
+            None,
+            Some(5),
+            Some(1)
+        )
+    );
+    // The upsert replaces the whole list (shorter, reordered) and drops
+    // the check.
+    let two = Target {
+        balance: wire::route::Balance::RoundRobin,
+        ..pool_target(&["b.internal:8443", "10.0.0.2:443"], None)
+    };
+    assert!(!store
+        .upsert_route(":8443", host("pool.test"), two.clone())
+        .await
+        .unwrap());
+    assert_eq!(
+        pool_columns(dir.path(), "pool.test"),
+        (
+            "b.internal:8443".into(),
+            "[\"b.internal:8443\",\"10.0.0.2:443\"]".into(),
+            "round_robin".into(),
+            None,
+            None,
+            None,
+            None
+        )
+    );
+    assert!(store
+        .upsert_route(":8443", host("three.test"), three.clone())
+        .await
+        .unwrap());
+    let memory = running.table(":8443");
+    running.store.close();
+
+    // Reloaded: exactly what was written, and what memory held.
+    let again = open(&seeded).unwrap();
+    let (_, map) = &again.state.listeners[0];
+    for (name, expected) in [
+        ("pool.test", &two),
+        ("three.test", &three),
+        ("seed.test", &seed_target),
+    ] {
+        assert_eq!(**map.get(&host(name)).unwrap(), *expected, "{name}");
+        assert_eq!(**memory.get(&host(name)).unwrap(), *expected, "{name}");
+    }
+    assert_eq!(map.get(&host("three.test")).unwrap().health, Some(health));
+}
+
+#[test]
+fn schema_3_is_migrated_to_pools_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(dir.path());
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        migrations::migrate_to(&mut conn, 3).unwrap();
+        assert_eq!(migrations::current_version(&conn).unwrap(), 3);
+        conn.execute_batch(
+            "INSERT INTO listeners (id, addr) VALUES (7, ':8443');
+             INSERT INTO routes (listener_id, hostname, backend, send_proxy_protocol)
+                 VALUES (7, 'old.test', '127.0.0.1:4444', 1);
+             INSERT INTO routes (listener_id, hostname, backend, mode, tls_cert, tls_key, backend_protocol)
+                 VALUES (7, 'web.test', '[2001:db8::1]:8080', 'l7', '/c.pem', '/k.pem', 'h2');",
+        )
+        .unwrap();
+        // Schema 3 knows no pools.
+        assert!(conn
+            .execute("UPDATE routes SET balance = 'round_robin'", [])
+            .is_err());
+    }
+    let opened = open(&default_config(dir.path())).unwrap();
+    assert!(!opened.state.seeded);
+    assert_eq!(
+        migrations::current_version(&raw(dir.path())).unwrap(),
+        migrations::LATEST
+    );
+    assert_eq!(
+        pool_columns(dir.path(), "old.test"),
+        (
+            "127.0.0.1:4444".into(),
+            "[\"127.0.0.1:4444\"]".into(),
+            "round_robin".into(),
+            None,
+            None,
+            None,
+            None
+        )
+    );
+    assert_eq!(
+        pool_columns(dir.path(), "web.test").1,
+        "[\"[2001:db8::1]:8080\"]"
+    );
+    let (_, map) = &opened.state.listeners[0];
+    let old = map.get(&host("old.test")).unwrap();
+    assert_eq!(
+        **old,
+        Target {
+            send_proxy_protocol: true,
+            ..target("127.0.0.1:4444")
+        }
+    );
+    let web = map.get(&host("web.test")).unwrap();
+    assert_eq!(web.backends.to_string(), "[2001:db8::1]:8080");
+    assert_eq!(web.balance, wire::route::Balance::RoundRobin);
+    assert_eq!(web.health, None);
+    assert!(web.mode.l7().is_some());
+    // The balance CHECK holds.
+    assert!(raw(dir.path())
+        .execute("UPDATE routes SET balance = 'random'", [])
+        .is_err());
+}
+
+#[test]
+fn bad_pool_rows_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&default_config(dir.path())).unwrap());
+    for (sql, text) in [
+        ("UPDATE routes SET backends = 'nope' WHERE hostname = 'a.test'", "not a JSON array of strings"),
+        ("UPDATE routes SET backends = '[1]' WHERE hostname = 'a.test'", "not a JSON array of strings"),
+        ("UPDATE routes SET backends = '[]' WHERE hostname = 'a.test'", "is not the first of backends"),
+        ("UPDATE routes SET backends = '[\"127.0.0.1:1001\", \"x\"]' WHERE hostname = 'a.test'", "backends entry \"x\""),
+        ("UPDATE routes SET backends = '[\"127.0.0.1:9\"]' WHERE hostname = 'a.test'", "is not the first of backends"),
+        ("UPDATE routes SET backends = '[\"127.0.0.1:1001\", \"127.0.0.1:1001\"]' WHERE hostname = 'a.test'", "backends: 127.0.0.1:1001 is listed twice"),
+        ("UPDATE routes SET health_fall = 3 WHERE hostname = 'a.test'", "health_fall: health_fall needs health_interval"),
+        ("UPDATE routes SET health_interval_ms = -5 WHERE hostname = 'a.test'", "health_interval_ms -5 is negative"),
+        ("UPDATE routes SET health_interval_ms = 5 WHERE hostname = 'a.test'", "health_interval: "),
+        ("UPDATE routes SET health_interval_ms = 1000, health_rise = 0 WHERE hostname = 'a.test'", "health_rise: "),
+        ("UPDATE routes SET health_interval_ms = 1000, health_fall = 5000000000 WHERE hostname = 'a.test'", "health_fall 5000000000 is out of range"),
+        ("UPDATE routes SET health_interval_ms = 1000, health_path = '/h' WHERE hostname = 'a.test'", "health_path: health_path is for l7 routes"),
+    ] {
+        let conn = raw(dir.path());
+        conn.execute_batch(
+            "UPDATE routes SET backends = json_array(backend), balance = 'round_robin', \
+             health_interval_ms = NULL, health_path = NULL, health_fall = NULL, health_rise = NULL",
+        )
+        .unwrap();
+        conn.execute(sql, []).unwrap();
+        drop(conn);
+        let err = open(&default_config(dir.path())).unwrap_err();
+        assert!(
+            matches!(err, StoreError::BadRow { table: "routes", .. }) && err.to_string().contains(text),
+            "{sql}: {err}"
+        );
+    }
 }

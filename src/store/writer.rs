@@ -259,7 +259,9 @@ impl Writer {
         tx.commit().at(&path)?;
 
         tracing::info!(
-            listener = %addr, hostname = %hostname, backend = %target.backend(),
+            listener = %addr, hostname = %hostname, backend = %target.backends,
+            balance = target.balance.label(),
+            health_interval = target.health.as_ref().map(|h| tracing::field::display(humantime::format_duration(h.interval))),
             send_proxy_protocol = target.send_proxy_protocol, mode = target.mode.label(),
             "{}", if existed { "route updated" } else { "route added" }
         );
