@@ -1113,6 +1113,80 @@ async fn bad_pool_fields_are_invalid_argument_naming_the_field() {
 }
 
 #[tokio::test]
+async fn list_backends_reports_every_backend_sorted_and_filters() {
+    let (_h, running, mut client) = unix_harness().await;
+    client
+        .add_route(add(pool_route("b.test", &["127.0.0.1:2", "127.0.0.1:1"])))
+        .await
+        .unwrap();
+    client
+        .add_route(add(route(":443", "a.test", "127.0.0.1:3")))
+        .await
+        .unwrap();
+    client
+        .add_route(add(route("127.0.0.1:8443", "c.test", "127.0.0.1:4")))
+        .await
+        .unwrap();
+    let list = |listener: &str| proto::ListBackendsRequest {
+        listener_addr: listener.into(),
+    };
+    let all = client
+        .list_backends(list(""))
+        .await
+        .unwrap()
+        .into_inner()
+        .backends;
+    let shown: Vec<(&str, &str, &str)> = all
+        .iter()
+        .map(|b| {
+            (
+                b.listener_addr.as_str(),
+                b.hostname.as_str(),
+                b.backend.as_str(),
+            )
+        })
+        .collect();
+    // By listener (as text, like ListRoutes), hostname, then the route's
+    // backend order.
+    assert_eq!(
+        shown,
+        [
+            ("127.0.0.1:8443", "c.test", "127.0.0.1:4"),
+            (":443", "a.test", "127.0.0.1:3"),
+            (":443", "b.test", "127.0.0.1:2"),
+            (":443", "b.test", "127.0.0.1:1"),
+        ]
+    );
+    for b in &all {
+        assert!(b.healthy, "{b:?}");
+        assert_eq!((b.active_connections, b.total_connections), (0, 0), "{b:?}");
+        assert_eq!(b.last_error, "", "{b:?}");
+    }
+    let one = client
+        .list_backends(list("127.0.0.1:8443"))
+        .await
+        .unwrap()
+        .into_inner()
+        .backends;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].hostname, "c.test");
+    // A removed route's backends are gone.
+    client.remove_route(remove(":443", "b.test")).await.unwrap();
+    let left = client
+        .list_backends(list(":443"))
+        .await
+        .unwrap()
+        .into_inner()
+        .backends;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].backend, "127.0.0.1:3");
+    let err = refused(client.list_backends(list("127.0.0.1:1")).await);
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("127.0.0.1:1"), "{}", err.message());
+    running.stop().await;
+}
+
+#[tokio::test]
 async fn unknown_listener_and_absent_entries_are_not_found() {
     let (_h, running, mut client) = unix_harness().await;
 

@@ -616,7 +616,6 @@ async fn no_acknowledged_add_route_is_lost_when_the_server_is_killed_mid_burst()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ListBackends: the runtime's report API is not merged yet"]
 async fn pools_through_the_binary_routes_add_list_and_backends_list() {
     let (dir, pki, a, b) = tls_scene_ab(&["pool.test", "added.test"]).await;
     let l = "127.0.0.1:0".to_string();
@@ -735,6 +734,17 @@ async fn pools_through_the_binary_routes_add_list_and_backends_list() {
         .map(|r| r["total_connections"].as_i64().unwrap())
         .sum();
     assert_eq!(total, CONNECTIONS as i64, "{out}");
+    // Each backend's count is what it accepted.
+    assert_eq!(
+        pool_rows[0]["total_connections"].as_u64(),
+        Some(a.accepted.load(Ordering::SeqCst) as u64),
+        "{out}"
+    );
+    assert_eq!(
+        pool_rows[1]["total_connections"].as_u64(),
+        Some(b.accepted.load(Ordering::SeqCst) as u64),
+        "{out}"
+    );
     let accepted = a.accepted.load(Ordering::SeqCst) + b.accepted.load(Ordering::SeqCst);
     assert_eq!(accepted, CONNECTIONS, "{out}");
     for row in added_rows {

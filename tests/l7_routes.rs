@@ -305,6 +305,15 @@ fn l4(hostname: &str, backend: &str) -> proto::Route {
     }
 }
 
+/// A route as ListRoutes shows it: a pool of its one backend, round robin.
+fn as_listed(route: proto::Route) -> proto::Route {
+    proto::Route {
+        backends: vec![route.backend.clone()],
+        balance: "round_robin".into(),
+        ..route
+    }
+}
+
 fn opt(text: &str) -> Option<String> {
     Some(text.to_string())
 }
@@ -326,11 +335,11 @@ async fn add_route_l7_lists_every_field_writes_the_row_and_switches_modes() {
     let listed = s.list().await;
     assert_eq!(
         listed,
-        [proto::Route {
+        [as_listed(proto::Route {
             hostname: "git.test".into(),
             backend_server_name: "git.svc.internal".into(),
             ..full.clone()
-        }]
+        })]
     );
     let rows = s.route_rows();
     assert_eq!(
@@ -353,10 +362,10 @@ async fn add_route_l7_lists_every_field_writes_the_row_and_switches_modes() {
     assert!(!s.add(l4("git.test", "127.0.0.1:4000")).await.unwrap());
     assert_eq!(
         s.list().await,
-        [proto::Route {
+        [as_listed(proto::Route {
             mode: RouteMode::L4.into(),
             ..l4("git.test", "127.0.0.1:4000")
-        }]
+        })]
     );
     assert_eq!(
         s.route_rows()[0][..10],
@@ -384,10 +393,10 @@ async fn add_route_l7_lists_every_field_writes_the_row_and_switches_modes() {
     assert!(!s.add(plain.clone()).await.unwrap());
     assert_eq!(
         s.list().await,
-        [proto::Route {
+        [as_listed(proto::Route {
             backend_protocol: "auto".into(),
             ..plain
-        }]
+        })]
     );
     // UNSPECIFIED is L4.
     assert!(s.add(l4("a.test", "127.0.0.1:1")).await.unwrap());
@@ -810,4 +819,70 @@ async fn l7_connection_lines_count_requests_and_name_tls_failures() {
     );
     assert!(log_field(&failed[0], "error").is_some(), "{}", failed[0]);
     proxy.stop();
+}
+
+#[tokio::test]
+async fn add_route_l7_pool_with_a_health_path_round_trips() {
+    let mut s = Server::start().await;
+    let pool = proto::Route {
+        mode: RouteMode::L7.into(),
+        tls_cert: s.path("git.pem"),
+        tls_key: s.path("git.key"),
+        backends: vec!["127.0.0.1:3000".into(), "127.0.0.1:3001".into()],
+        health_interval: "2s".into(),
+        health_path: "/healthz?deep=1".into(),
+        ..l4("pool.test", "")
+    };
+    assert!(s.add(pool.clone()).await.unwrap());
+    assert_eq!(
+        s.list().await,
+        [proto::Route {
+            backend: "127.0.0.1:3000".into(),
+            balance: "round_robin".into(),
+            backend_protocol: "auto".into(),
+            health_fall: 3,
+            health_rise: 2,
+            ..pool.clone()
+        }]
+    );
+    let conn =
+        rusqlite::Connection::open_with_flags(s.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let row: (String, i64, String) = conn
+        .query_row(
+            "SELECT backends, health_interval_ms, health_path FROM routes WHERE hostname = 'pool.test'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        row,
+        (
+            "[\"127.0.0.1:3000\",\"127.0.0.1:3001\"]".into(),
+            2000,
+            "/healthz?deep=1".into()
+        )
+    );
+    // A bad path, or a path without an interval, names route.health_path;
+    // nothing changes.
+    for bad in [
+        proto::Route {
+            health_path: "healthz".into(),
+            ..pool.clone()
+        },
+        proto::Route {
+            health_interval: String::new(),
+            ..pool.clone()
+        },
+    ] {
+        let err = s.add(bad).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("route.health_path: "),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(s.list().await[0].health_path, "/healthz?deep=1");
+    s.server.stop().await;
 }

@@ -419,8 +419,21 @@ impl AdminService {
                 .ok_or_else(|| listener_not_found(listener_addr))?]
         };
         listeners.sort_by(|a, b| a.addr().cmp(b.addr()));
-        // TODO(merge): the runtime's report API (ListenerRoutes::backends).
-        Err(Status::unimplemented("ListBackends: not yet"))
+        let mut out = Vec::new();
+        for listener in listeners {
+            for report in listener.backends() {
+                out.push(proto::BackendStatus {
+                    listener_addr: listener.addr().to_string(),
+                    hostname: report.hostname.to_string(),
+                    backend: report.backend.to_string(),
+                    healthy: report.healthy,
+                    active_connections: report.active_connections,
+                    total_connections: i64::try_from(report.total_connections).unwrap_or(i64::MAX),
+                    last_error: report.last_error.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn add_route_inner(&self, route: Option<proto::Route>) -> Result<bool, Status> {
