@@ -218,6 +218,8 @@ impl Ord for Due {
 struct Heap {
     due: BinaryHeap<Reverse<Due>>,
     seq: u64,
+    /// Dead checks popped since the registry was last swept.
+    dead: usize,
 }
 
 impl Heap {
@@ -298,15 +300,25 @@ impl Schedule {
             };
             match due.check.upgrade() {
                 Some(check) => return Ok((due.at, check)),
-                None => self.forget_dead(),
+                None => {
+                    heap.dead += 1;
+                    self.forget_dead(&mut heap.dead);
+                }
             }
         }
     }
 
-    /// Drops registry entries of checks no route holds.
-    fn forget_dead(&self) {
+    /// Drops registry entries of checks no route holds, once the dead
+    /// checks popped since the last sweep are half the registry: a sweep
+    /// is O(registry), so sweeping on every dead pop made replacing a
+    /// table of n checks O(n²). Until then a dead entry only takes room
+    /// ([`Schedule::check`] and [`Schedule::len`] skip it).
+    fn forget_dead(&self, dead: &mut usize) {
         let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
-        checks.retain(|_, c| c.strong_count() > 0);
+        if *dead * 2 >= checks.len() {
+            checks.retain(|_, c| c.strong_count() > 0);
+            *dead = 0;
+        }
     }
 
     fn requeue(&self, at: Instant, check: &Arc<Check>) {

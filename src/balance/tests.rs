@@ -358,3 +358,52 @@ async fn thousands_of_checks_are_spread_over_the_interval_on_bounded_tasks() {
     cancel.cancel();
     runner.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_whole_table_replaced_with_new_checks_keeps_probing_only_the_new_ones() {
+    let balancer = Balancer::new();
+    // 2,000 routes × 3 distinct backends, then every route's interval
+    // changed: 6,000 new checks, and 6,000 dead ones left in the heap to be
+    // forgotten as they come due among the live ones.
+    let table = |interval_ms: u64| -> Vec<_> {
+        (0..2000u16)
+            .map(|i| {
+                let ports = [3 * i + 1, 3 * i + 2, 3 * i + 3];
+                balancer.route(
+                    &host(&format!("r{i}.test")),
+                    &target(&ports, Balance::RoundRobin, Some(check(interval_ms, 3, 2))),
+                    None,
+                )
+            })
+            .collect()
+    };
+    let old = table(5000);
+    let prober = Arc::new(Scripted::default());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let runner = tokio::spawn(health::run(
+        balancer.schedule().clone(),
+        prober.clone(),
+        cancel.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let new = table(4000);
+    drop(old);
+    assert_eq!(balancer.schedule().len(), 6000);
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(10_000)).await;
+    eprintln!(
+        "two intervals after replacing 6,000 checks: {:?} of CPU",
+        started.elapsed()
+    );
+    let before = prober.probes.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let round = prober.probes.load(Ordering::Relaxed) - before;
+    assert!(
+        (5990..=6010).contains(&round),
+        "one interval probes each new check once: {round}"
+    );
+    assert_eq!(balancer.schedule().len(), 6000);
+    drop(new);
+    cancel.cancel();
+    runner.await.unwrap();
+}
