@@ -29,7 +29,7 @@ use super::status::code_name;
 use crate::firewall::Firewall;
 use crate::l7::certs;
 use crate::metrics::Stats;
-use crate::routes::{Backend, Hostname, Routes, Target};
+use crate::routes::{Backend, Hostname, ListenerRoutes, Routes, Target};
 use crate::store::{Store, StoreError};
 
 /// Everything the admin service reads or changes.
@@ -385,7 +385,9 @@ impl AdminService {
         result
     }
 
-    fn routes_of(&self, listener_addr: &str) -> Result<Vec<proto::Route>, Status> {
+    /// One listener (its addr as written in the config), or every one
+    /// (`""`), sorted by addr; NOT_FOUND for an unknown one.
+    fn listeners_of(&self, listener_addr: &str) -> Result<Vec<&Arc<ListenerRoutes>>, Status> {
         let mut listeners: Vec<_> = if listener_addr.is_empty() {
             self.state.routes.listeners().iter().collect()
         } else {
@@ -396,6 +398,11 @@ impl AdminService {
                 .ok_or_else(|| listener_not_found(listener_addr))?]
         };
         listeners.sort_by(|a, b| a.addr().cmp(b.addr()));
+        Ok(listeners)
+    }
+
+    fn routes_of(&self, listener_addr: &str) -> Result<Vec<proto::Route>, Status> {
+        let listeners = self.listeners_of(listener_addr)?;
         let mut out = Vec::new();
         for listener in listeners {
             for (hostname, target) in listener.snapshot().sorted() {
@@ -409,16 +416,7 @@ impl AdminService {
     /// sorted by listener, then as the runtime reports them (hostname,
     /// then the route's backend order).
     fn backends_of(&self, listener_addr: &str) -> Result<Vec<proto::BackendStatus>, Status> {
-        let mut listeners: Vec<_> = if listener_addr.is_empty() {
-            self.state.routes.listeners().iter().collect()
-        } else {
-            vec![self
-                .state
-                .routes
-                .listener(listener_addr)
-                .ok_or_else(|| listener_not_found(listener_addr))?]
-        };
-        listeners.sort_by(|a, b| a.addr().cmp(b.addr()));
+        let listeners = self.listeners_of(listener_addr)?;
         let mut out = Vec::new();
         for listener in listeners {
             for report in listener.backends() {
