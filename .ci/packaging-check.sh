@@ -169,6 +169,12 @@ check_systemd_policy() {
     for line in "OnCalendar=daily" "Persistent=true" "RandomizedDelaySec=15m"; do
         grep -qxF -- "$line" "$tmr" || { echo "$tmr: missing '$line'"; rc=1; }
     done
+    # Socket activation: the example config's ":443" as one dual-stack
+    # socket, for the service.
+    local sock=deploy/systemd/mc-proxy.socket
+    for line in "ListenStream=443" "BindIPv6Only=both" "Service=mc-proxy.service"; do
+        grep -qxF -- "$line" "$sock" || { echo "$sock: missing '$line'"; rc=1; }
+    done
     return "$rc"
 }
 
@@ -417,7 +423,8 @@ check_install_idempotent() {
 
     local rc=0 f
     for f in usr/local/bin/mc-proxy usr/local/lib/mc-proxy/prune-backups.sh \
-        etc/systemd/system/mc-proxy.service etc/systemd/system/mc-proxy-backup.service \
+        etc/systemd/system/mc-proxy.service etc/systemd/system/mc-proxy.socket \
+        etc/systemd/system/mc-proxy-backup.service \
         etc/systemd/system/mc-proxy-backup.timer; do
         [ -f "$root/$f" ] || { echo "not installed: /$f"; rc=1; }
     done

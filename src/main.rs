@@ -368,7 +368,13 @@ fn serve(config: Config) -> Result<(), ServerError> {
             stop: mut stop_signals,
             hangup,
         } = Signals::install().map_err(ServerError::Signals)?;
-        let app = App::build(&config).await?;
+        // Sockets passed by systemd (LISTEN_FDS), matched to the listeners
+        // by address; the rest are bound by the build.
+        let activated = mc_proxy::proxy::activation::from_env(&config.listeners);
+        for ignored in &activated.ignored {
+            tracing::warn!(socket = %ignored, "a socket passed by systemd was not used");
+        }
+        let app = App::build_with(&config, activated.matched).await?;
         app.reload_on(hangup);
         let exit = app.exit_handle();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

@@ -324,7 +324,8 @@ impl App {
                 addr: text.clone(),
                 source: e,
             };
-            let socket = match inherited.iter().position(|(name, _)| name == text) {
+            let handed = inherited.iter().position(|(name, _)| name == text);
+            let socket = match handed {
                 Some(i) => {
                     let (_, socket) = inherited.swap_remove(i);
                     socket.set_nonblocking(true).map(|()| socket)
@@ -343,7 +344,12 @@ impl App {
             };
             let routes = routes.listener(text).cloned().ok_or_else(missing)?;
             let stats = stats.listener(text).cloned().ok_or_else(missing)?;
-            tracing::info!(listener = %text, addr = %local_addr, "listening");
+            tracing::info!(
+                listener = %text,
+                addr = %local_addr,
+                inherited = handed.is_some(),
+                "listening"
+            );
             listeners.push(BoundListener {
                 socket,
                 local_addr,

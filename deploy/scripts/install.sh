@@ -11,7 +11,8 @@
 #   - /srv/mc-proxy (0700) and /srv/mc-proxy/backups (0700), owned by mc-proxy
 #   - the binary to /usr/local/bin/mc-proxy (replaced only if it changed)
 #   - prune-backups.sh to /usr/local/lib/mc-proxy/
-#   - units to /etc/systemd/system/: mc-proxy.service,
+#   - units to /etc/systemd/system/: mc-proxy.service, mc-proxy.socket
+#     (installed, not enabled: socket activation is opt-in, see the unit),
 #     mc-proxy-backup.service, mc-proxy-backup.timer
 #   - /srv/mc-proxy/mc-proxy.toml from mc-proxy.toml.example, ONLY if no
 #     config exists. An existing config or database is never touched.
@@ -73,7 +74,7 @@ lib_dir=$root/usr/local/lib/mc-proxy
 unit_dir=$root/etc/systemd/system
 config=$srv_dir/mc-proxy.toml
 example=$repo_dir/mc-proxy.toml.example
-units=(mc-proxy.service mc-proxy-backup.service mc-proxy-backup.timer)
+units=(mc-proxy.service mc-proxy.socket mc-proxy-backup.service mc-proxy-backup.timer)
 
 log() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }

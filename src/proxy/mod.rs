@@ -13,6 +13,7 @@
 //! reserved for it, so with N listeners up to N slots are held by loops
 //! waiting for a client.
 
+pub mod activation;
 pub mod capacity;
 pub mod conn;
 pub mod connect;

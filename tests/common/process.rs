@@ -177,6 +177,15 @@ impl Proxy {
         Proxy::spawn(prlimit, dir, &config, &[])
     }
 
+    /// Starts `mc-proxy server -c CONFIG` through `wrapper` (a command that
+    /// execs its last arguments: the binary and `server -c CONFIG` are
+    /// appended) and waits until it logs that it started.
+    pub fn start_wrapped(wrapper: Command, dir: &Path, config: &Path) -> Proxy {
+        let mut command = wrapper;
+        command.arg(BIN);
+        Proxy::spawn(command, dir, config, &[])
+    }
+
     /// Writes `toml` to `DIR/NAME.toml` and starts `mc-proxy server` on it
     /// without waiting for it to say it started: for tests that race the
     /// start itself.
