@@ -358,8 +358,13 @@ async fn a_websocket_upgrade_becomes_a_relay() {
         let echoed = read_until(&mut tls, message).await;
         assert_eq!(echoed, message);
     }
+    // The relay counts as a connection to its backend while it is open
+    // (least_connections, ListBackends), and no longer once it ends.
+    let open = || scene.routes.listeners()[0].backends()[0].active_connections;
+    assert_eq!(open(), 1);
     drop(tls);
     scene.server.wait_closed("relayed", 1.0).await;
+    assert_eq!(open(), 0);
 }
 
 #[tokio::test]

@@ -254,7 +254,12 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let forced = ctx.forced.clone();
+            // The backend's count stays open as long as the relay: a
+            // WebSocket is a connection to it for least_connections and
+            // ListBackends.
+            let lease = log.lease.take();
             ctx.relays.spawn(async move {
+                let _lease = lease;
                 let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
                 else {
                     return;
