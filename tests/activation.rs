@@ -7,11 +7,32 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::peers::python_script;
 use common::*;
+
+/// The launcher: `sockets` loopback sockets on free ports, the config
+/// written from `template` with their ports, the ports to `ports`; the
+/// command to exec follows (after `--`).
+fn launcher(sockets: usize, template: &Path, config: &Path, ports: &Path) -> Command {
+    let mut wrapper = Command::new("python3");
+    wrapper.arg(python_script("socket_activate.py"));
+    for _ in 0..sockets {
+        wrapper.args(["--listen", "127.0.0.1:0"]);
+    }
+    wrapper
+        .arg("--template")
+        .arg(template)
+        .arg("--config")
+        .arg(config)
+        .arg("--ports")
+        .arg(ports)
+        .arg("--");
+    wrapper
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passed_sockets_are_served_by_address_and_the_rest_bound() {
@@ -31,17 +52,7 @@ async fn passed_sockets_are_served_by_address_and_the_rest_bound() {
     std::fs::write(&template, config(dir.path(), &body)).unwrap();
     let config_path = dir.path().join("mc-proxy.toml");
     let ports_path = dir.path().join("ports");
-    let mut wrapper = Command::new("python3");
-    wrapper
-        .arg(python_script("socket_activate.py"))
-        .args(["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"])
-        .arg("--template")
-        .arg(&template)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--ports")
-        .arg(&ports_path)
-        .arg("--");
+    let wrapper = launcher(2, &template, &config_path, &ports_path);
     let proxy = Proxy::start_wrapped(wrapper, dir.path(), &config_path);
     let ports: Vec<u16> = std::fs::read_to_string(&ports_path)
         .unwrap()
@@ -96,17 +107,8 @@ async fn connections_made_before_the_server_is_up_wait_in_the_passed_backlog() {
     // launcher binds it, before mc-proxy has opened its database: the
     // client below connects as soon as the port is known, racing the
     // start, and is served, not refused.
-    let mut wrapper = Command::new("python3");
+    let mut wrapper = launcher(1, &template, &config_path, &ports_path);
     wrapper
-        .arg(python_script("socket_activate.py"))
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--template")
-        .arg(&template)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("--ports")
-        .arg(&ports_path)
-        .arg("--")
         .arg(env!("CARGO_BIN_EXE_mc-proxy"))
         .args(["server", "-c"])
         .arg(&config_path);
