@@ -47,6 +47,8 @@
 //!   L7 routes, `proxy::http` (TLS termination, the HTTP server, the
 //!   per-request phases and the upstream pools).
 //! - [`admin`]: the gRPC admin API server and the client the CLI uses.
+//! - [`handoff`]: the listening-socket handoff between an old and a new
+//!   `mc-proxy server` (SCM_RIGHTS over a Unix socket beside the DB).
 //! - [`server`]: `mc-proxy server`: wires the above together and serves
 //!   until shutdown.
 #![forbid(unsafe_code)]
@@ -55,6 +57,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod firewall;
+pub mod handoff;
 pub mod l7;
 pub mod logging;
 pub mod metrics;

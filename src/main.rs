@@ -10,7 +10,7 @@ use mc_proxy::config::{Config, DEFAULT_CONFIG_PATH};
 use mc_proxy::firewall::{GeoIp, RuleKind};
 use mc_proxy::server::{self, App, ServerError};
 use mc_proxy::shutdown::Signals;
-use mc_proxy::{logging, store};
+use mc_proxy::{handoff, logging, store};
 
 #[derive(Parser)]
 #[command(
@@ -358,9 +358,11 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
 /// `mc-proxy server`: the runtime, the signal handlers (first: from here
 /// on a signal is queued for the code below, however early it comes —
 /// SIGTERM during start-up lets the start complete, then the drain begins
-/// at once; SIGHUP is a GeoIP reload once serving), then [`App::build`]
-/// (the DB, every socket bound), READY=1, and [`App::run`] until SIGTERM or
-/// SIGINT. A second one exits at once with 128 + its number.
+/// at once; SIGHUP is a GeoIP reload once serving), the handoff (a server
+/// already running on this state directory hands over its sockets:
+/// [`mc_proxy::handoff`]), then [`App::build`] (the DB, every socket bound
+/// or taken), READY=1, and [`App::run`] until SIGTERM, SIGINT or a handoff
+/// to a newer process. A second signal exits at once with 128 + its number.
 fn serve(config: Config) -> Result<(), ServerError> {
     let runtime = server::runtime()?;
     runtime.block_on(async move {
@@ -368,25 +370,96 @@ fn serve(config: Config) -> Result<(), ServerError> {
             stop: mut stop_signals,
             hangup,
         } = Signals::install().map_err(ServerError::Signals)?;
+        // A server already running here hands over its sockets (the
+        // connection to it stays open until this one serves: if the start
+        // fails, closing it tells the old one to carry on).
+        let handoff_path = handoff::socket_path(&config);
+        let taken = {
+            let path = handoff_path.clone();
+            tokio::task::spawn_blocking(move || handoff::take(&path))
+                .await
+                .map_err(|e| ServerError::Runtime(std::io::Error::other(e)))??
+        };
+        let mut inherited = server::Inherited::default();
+        let (admin_begin, admin_began) = tokio::sync::oneshot::channel();
+        let taken = match taken {
+            Some(mut taken) => {
+                let received = handoff::sort(&config, std::mem::take(&mut taken.sockets));
+                for unused in &received.unused {
+                    tracing::info!(socket = %unused, "handoff: a socket the config no longer names was closed");
+                }
+                tracing::info!(
+                    listeners = received.listeners.len(),
+                    admin = received.admin.is_some(),
+                    metrics = received.metrics.is_some(),
+                    "handoff: took the running server's sockets"
+                );
+                inherited.listeners = received.listeners;
+                inherited.admin = received.admin;
+                inherited.metrics = received.metrics;
+                inherited.admin_begin = Some(admin_began);
+                Some(taken)
+            }
+            None => None,
+        };
         // Sockets passed by systemd (LISTEN_FDS), matched to the listeners
-        // by address; the rest are bound by the build.
+        // by address, for listeners the handoff did not cover; the rest
+        // are bound by the build.
         let activated = mc_proxy::proxy::activation::from_env(&config.listeners);
         for ignored in &activated.ignored {
             tracing::warn!(socket = %ignored, "a socket passed by systemd was not used");
         }
-        let app = App::build_with(&config, activated.matched).await?;
+        for (text, socket) in activated.matched {
+            if !inherited.listeners.iter().any(|(t, _)| *t == text) {
+                inherited.listeners.push((text, socket));
+            }
+        }
+        let mut app = App::build_inherited(&config, inherited).await?;
+        let offer = app.handoff_offer();
         app.reload_on(hangup);
         let exit = app.exit_handle();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        // First polled once the accept loops run (see `App::run`).
         let shutdown = async move {
-            let signal = stop_signals.next().await;
+            if let Some(taken) = taken {
+                match tokio::task::spawn_blocking(move || taken.serving()).await {
+                    Ok(Ok(())) => tracing::info!("handoff: the previous server stopped accepting"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "handoff: no BYE from the previous server"),
+                    Err(e) => tracing::warn!(error = %e, "handoff: the exchange failed"),
+                }
+            }
+            let _ = admin_begin.send(());
+            let mut handoff_server = match handoff::listen(&handoff_path, offer).await {
+                Ok(listening) => Some(listening),
+                Err(e) => {
+                    tracing::warn!(
+                        path = %handoff_path.display(),
+                        error = %e,
+                        "cannot listen on the handoff socket; upgrades will not be seamless"
+                    );
+                    None
+                }
+            };
+            let handed_off = async {
+                match handoff_server.as_mut() {
+                    Some(listening) => listening.handed_off().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let name = tokio::select! {
+                signal = stop_signals.next() => Some(signal),
+                () = handed_off => None,
+            };
+            if let Some(listening) = handoff_server {
+                listening.close().await;
+            }
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             tokio::spawn(async move {
                 let second = stop_signals.next().await;
                 tracing::warn!(signal = second.name(), "second signal: exiting at once");
                 exit.now(second.exit_code()).await
             });
-            signal.name()
+            name.map_or("handoff", |signal| signal.name())
         };
         app.run(shutdown).await
     })

@@ -763,12 +763,21 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
+    serve_on(listener, scrape, async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    })
+}
+
+/// [`serve`] on a socket already bound (one handed over by a previous
+/// process, say), until `stopped` resolves.
+pub fn serve_on(
+    listener: TcpListener,
+    scrape: Scrape,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(MAX_SCRAPERS));
-        let stopped = async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        };
         tokio::pin!(stopped);
         loop {
             let (stream, peer) = tokio::select! {

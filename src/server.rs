@@ -20,14 +20,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::{AsFd, OwnedFd};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminError, AdminServer};
 use crate::balance::Balancer;
 use crate::config::{AdminAddr, Config, ConfigError};
 use crate::firewall::{Firewall, GeoIpError};
+use crate::handoff;
 use crate::l7::registry::{CertRegistry, RegistryError};
 use crate::logging;
 use crate::metrics::{self, ListenerStats, Stats};
@@ -119,6 +122,10 @@ pub enum ServerError {
     /// The TLS machinery for L7 routes could not be set up: exit 1.
     #[error("L7 TLS: {0}")]
     L7Tls(#[source] RegistryError),
+    /// A running server answered on the handoff socket but the handoff
+    /// failed: exit 1 (its sockets are still its own).
+    #[error(transparent)]
+    Handoff(#[from] handoff::HandoffError),
 }
 
 impl ServerError {
@@ -135,7 +142,8 @@ impl ServerError {
             | ServerError::NoRouteTable { .. }
             | ServerError::Metrics { .. }
             | ServerError::Admin { .. }
-            | ServerError::L7Tls(_) => 1,
+            | ServerError::L7Tls(_)
+            | ServerError::Handoff(_) => 1,
         }
     }
 }
@@ -244,6 +252,26 @@ pub struct App {
     certs: Arc<CertRegistry>,
     /// Backend nodes and the active-check schedule, shared by every table.
     balancer: Arc<Balancer>,
+    /// Copies of every listening socket, for a handoff to a new process
+    /// ([`App::handoff_offer`]); closed when [`App::run`] starts if not taken.
+    handoff: Vec<(handoff::Kind, OwnedFd)>,
+    /// Turns `true` once a new process took over: the admin API and the
+    /// metrics endpoint stop accepting at once.
+    moved: watch::Sender<bool>,
+}
+
+/// Sockets handed in to [`App::build_inherited`] instead of bound.
+#[derive(Default)]
+pub struct Inherited {
+    /// Listener `addr` text → its socket (already bound and listening).
+    pub listeners: Vec<(String, std::net::TcpListener)>,
+    /// The admin API's socket (for the configured `[grpc] addr`).
+    pub admin: Option<admin::server::AdminListener>,
+    /// When set, the admin API accepts only once this resolves (the
+    /// previous process stopped accepting on the shared socket).
+    pub admin_begin: Option<oneshot::Receiver<()>>,
+    /// The metrics endpoint's socket (for the configured `[metrics] addr`).
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 impl App {
@@ -262,9 +290,32 @@ impl App {
     /// that socket (already bound and listening; made non-blocking here).
     pub async fn build_with(
         config: &Config,
-        mut inherited: Vec<(String, std::net::TcpListener)>,
+        listeners: Vec<(String, std::net::TcpListener)>,
     ) -> Result<App, ServerError> {
+        App::build_inherited(
+            config,
+            Inherited {
+                listeners,
+                ..Inherited::default()
+            },
+        )
+        .await
+    }
+
+    /// [`App::build_with`], with the admin API's and the metrics endpoint's
+    /// sockets too (a handoff from a previous process).
+    pub async fn build_inherited(
+        config: &Config,
+        inherited: Inherited,
+    ) -> Result<App, ServerError> {
+        let Inherited {
+            listeners: mut inherited,
+            admin: inherited_admin,
+            admin_begin,
+            metrics: inherited_metrics,
+        } = inherited;
         let source = &config.source;
+        let mut handoff = Vec::new();
         // The soft descriptor limit up to the hard one, before anything opens.
         let nofile = capacity::raise_nofile_limit();
 
@@ -335,6 +386,8 @@ impl App {
             .and_then(TcpListener::from_std)
             .map_err(cannot_listen)?;
             let local_addr = socket.local_addr().map_err(cannot_listen)?;
+            let copy = socket.as_fd().try_clone_to_owned().map_err(cannot_listen)?;
+            handoff.push((handoff::Kind::Listener(text.clone()), copy));
             // Both tables are built from the config's listeners above; a
             // miss would be a bug here, reported rather than panicking.
             let missing = || ServerError::NoRouteTable {
@@ -371,6 +424,19 @@ impl App {
         );
 
         let (stop, stop_rx) = watch::channel(false);
+        let (moved, moved_rx) = watch::channel(false);
+        // Stop accepting: at the end of the drain, or at once when a new
+        // process has taken over.
+        let stopped_or_moved = || {
+            let mut stop = stop_rx.clone();
+            let mut moved = moved_rx.clone();
+            async move {
+                tokio::select! {
+                    _ = stop.wait_for(|stopped| *stopped) => {}
+                    _ = moved.wait_for(|moved| *moved) => {}
+                }
+            }
+        };
 
         // 5. The admin API.
         let admin = match &config.grpc {
@@ -382,15 +448,21 @@ impl App {
                     stats: stats.clone(),
                     version: format!("mc-proxy {}", version()),
                 };
-                let mut stop = stop_rx.clone();
-                let handle = admin::serve(grpc, state, async move {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
-                })
-                .await
-                .map_err(|error| ServerError::Admin {
-                    config_file: source.clone(),
-                    error,
-                })?;
+                let handoff_admin = admin::server::Handoff {
+                    inherited: inherited_admin,
+                    begin: admin_begin,
+                    moved: Some(moved_rx.clone()),
+                };
+                let mut handle =
+                    admin::server::serve_with(grpc, state, stopped_or_moved(), handoff_admin)
+                        .await
+                        .map_err(|error| ServerError::Admin {
+                            config_file: source.clone(),
+                            error,
+                        })?;
+                if let Some(copy) = handle.take_socket() {
+                    handoff.push((handoff::Kind::Admin(grpc.addr.clone()), copy));
+                }
                 Some(handle)
             }
             None => None,
@@ -405,14 +477,24 @@ impl App {
                     routes: routes.clone(),
                     firewall: firewall.clone(),
                 };
-                let (local, task) = metrics::serve(metrics.addr, scrape, stop_rx.clone())
-                    .await
-                    .map_err(|e| ServerError::Metrics {
-                        config_file: source.clone(),
-                        addr: metrics.addr,
-                        source: e,
-                    })?;
-                tracing::info!(addr = %local, "metrics endpoint listening on /metrics");
+                let cannot = |e| ServerError::Metrics {
+                    config_file: source.clone(),
+                    addr: metrics.addr,
+                    source: e,
+                };
+                let handed = inherited_metrics.is_some();
+                let socket = match inherited_metrics {
+                    Some(socket) => socket
+                        .set_nonblocking(true)
+                        .and_then(|()| TcpListener::from_std(socket)),
+                    None => TcpListener::bind(metrics.addr).await,
+                }
+                .map_err(cannot)?;
+                let copy = socket.as_fd().try_clone_to_owned().map_err(cannot)?;
+                handoff.push((handoff::Kind::Metrics(metrics.addr), copy));
+                let (local, task) =
+                    metrics::serve_on(socket, scrape, stopped_or_moved()).map_err(cannot)?;
+                tracing::info!(addr = %local, inherited = handed, "metrics endpoint listening on /metrics");
                 Some((local, task))
             }
             None => None,
@@ -437,7 +519,19 @@ impl App {
             fd_limit,
             certs,
             balancer,
+            handoff,
+            moved,
         })
+    }
+
+    /// This server's copies of its listening sockets, and the switch that
+    /// stops its admin API and metrics endpoint, for
+    /// [`handoff::listen`] (once: later calls offer nothing).
+    pub fn handoff_offer(&mut self) -> handoff::Offer {
+        handoff::Offer {
+            sockets: std::mem::take(&mut self.handoff),
+            moved: self.moved.clone(),
+        }
     }
 
     /// Every bound address at once.
@@ -514,6 +608,8 @@ impl App {
     /// logged as `signal=`), then closes the listeners at once, drains the
     /// connections within `proxy.shutdown_timeout` (forcing the rest),
     /// stops the admin API and the metrics endpoint, and closes the store.
+    /// `shutdown` is first polled once every accept loop is spawned: from
+    /// there on this process serves (`main` tells a predecessor so there).
     pub async fn run(
         self,
         shutdown: impl Future<Output = &'static str>,
@@ -533,7 +629,12 @@ impl App {
             fd_limit,
             certs,
             balancer,
+            handoff: unused_copies,
+            moved: _moved,
         } = self;
+        // Copies not offered for a handoff would keep the listening
+        // sockets open past their accept loops: close them now.
+        drop(unused_copies);
         let source = config.source.display().to_string();
         let drain = Shutdown::new();
         let http = Arc::new(proxy::http::Shared::new(

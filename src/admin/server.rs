@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -92,12 +93,19 @@ pub use super::service::AdminState;
 pub struct AdminServer {
     local_addr: AdminAddr,
     task: JoinHandle<()>,
+    /// A copy of the listening socket, for a handoff.
+    socket: Option<std::os::fd::OwnedFd>,
 }
 
 impl AdminServer {
     /// Where it listens (for TCP, the bound port even if `:0` was asked).
     pub fn local_addr(&self) -> &AdminAddr {
         &self.local_addr
+    }
+
+    /// The copy of the listening socket kept for a handoff (once).
+    pub fn take_socket(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.socket.take()
     }
 
     /// Waits until the server has stopped: `shutdown` resolved, in-flight
@@ -116,6 +124,38 @@ pub async fn serve(
     config: &GrpcConfig,
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<AdminServer, AdminError> {
+    serve_with(config, state, shutdown, Handoff::default()).await
+}
+
+/// An admin API listening socket handed over by a previous process (it
+/// matches `config.addr`).
+#[derive(Debug)]
+pub enum AdminListener {
+    Unix(std::os::unix::net::UnixListener),
+    Tcp(std::net::TcpListener),
+}
+
+/// What the listening-socket handoff asks of the admin API.
+#[derive(Default)]
+pub struct Handoff {
+    /// Serve on this socket instead of binding `config.addr`.
+    pub inherited: Option<AdminListener>,
+    /// Accept only once this resolves (the previous process stopped
+    /// accepting on the shared socket); `None`: at once.
+    pub begin: Option<oneshot::Receiver<()>>,
+    /// When it holds `true` at stop, the socket file was handed to another
+    /// process: leave it in place.
+    pub moved: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// [`serve`], for the handoff: see [`Handoff`]. The returned server also
+/// holds a copy of its listening socket ([`AdminServer::take_socket`]).
+pub async fn serve_with(
+    config: &GrpcConfig,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    handoff: Handoff,
 ) -> Result<AdminServer, AdminError> {
     // Build everything that can fail before binding, so a bad cert does not
     // leave a socket file behind.
@@ -137,11 +177,18 @@ pub async fn serve(
     };
 
     match (&config.addr, tls) {
-        (AdminAddr::Unix(path), _) => serve_unix(path, router, shutdown).await,
+        (AdminAddr::Unix(path), _) => serve_unix(path, router, shutdown, handoff).await,
         (AdminAddr::Tcp(addr), Some(acceptor)) => {
-            serve_tls(*addr, acceptor, router, shutdown).await
+            serve_tls(*addr, acceptor, router, shutdown, handoff).await
         }
         (AdminAddr::Tcp(_), None) => Err(AdminError::TlsRequired),
+    }
+}
+
+/// Waits for `begin` (if any) before the first accept.
+async fn begun(begin: Option<oneshot::Receiver<()>>) {
+    if let Some(begin) = begin {
+        let _ = begin.await;
     }
 }
 
@@ -244,7 +291,80 @@ async fn serve_unix(
     path: &Path,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    handoff: Handoff,
 ) -> Result<AdminServer, AdminError> {
+    let socket_file = |action: &'static str| {
+        let path = path.to_path_buf();
+        move |source| AdminError::SocketFile {
+            path,
+            action,
+            source,
+        }
+    };
+    let inherited = match handoff.inherited {
+        Some(AdminListener::Unix(listener)) => Some(listener),
+        Some(AdminListener::Tcp(_)) | None => None,
+    };
+    let handed = inherited.is_some();
+    let listener = match inherited {
+        // The socket file stays the previous process's, now ours.
+        Some(listener) => listener
+            .set_nonblocking(true)
+            .and_then(|()| UnixListener::from_std(listener))
+            .map_err(socket_file("cannot use the handed-over socket"))?,
+        None => bind_unix(path).await?,
+    };
+    let socket = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(socket_file("cannot copy the socket"))?;
+    // Remember which file is ours: on stop, remove it only if nobody replaced it.
+    let identity = std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(socket_file("cannot stat the socket"))?;
+    info!(addr = %format!("unix:{}", path.display()), inherited = handed, "admin API listening");
+
+    let path_owned = path.to_path_buf();
+    // Our own accept loop, not `UnixListenerStream`: tonic skips an accept
+    // error and polls again at once, so at the descriptor limit (EMFILE) it
+    // would spin a core. This one backs off.
+    let (stop_accepting, accepting_stopped) = oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_accepting.send(());
+    };
+    let (streams, incoming) = mpsc::channel::<io::Result<AuthorityShim<UnixStream>>>(16);
+    let begin = handoff.begin;
+    let moved = handoff.moved;
+    let task = tokio::spawn(async move {
+        let accept_loop = tokio::spawn(accept_unix(listener, streams, accepting_stopped, begin));
+        serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
+        accept_loop.abort();
+        let _ = accept_loop.await;
+        let handed_over = moved.is_some_and(|moved| *moved.borrow());
+        match std::fs::symlink_metadata(&path_owned) {
+            _ if handed_over => {
+                debug!(path = %path_owned.display(), "admin socket handed over; left in place")
+            }
+            Ok(m) if (m.dev(), m.ino()) == identity => {
+                if let Err(err) = std::fs::remove_file(&path_owned) {
+                    warn!(path = %path_owned.display(), error = %err, "cannot remove admin socket");
+                }
+            }
+            _ => debug!(path = %path_owned.display(), "admin socket already gone or replaced"),
+        }
+        info!("admin API stopped");
+    });
+    Ok(AdminServer {
+        local_addr: AdminAddr::Unix(path.to_path_buf()),
+        task,
+        socket: Some(socket),
+    })
+}
+
+/// Binds the admin socket at `path`: its directory created, a stale socket
+/// replaced (a live one refused), mode 0660 before it is reachable.
+async fn bind_unix(path: &Path) -> Result<UnixListener, AdminError> {
     let socket_file = |action: &'static str| {
         let path = path.to_path_buf();
         move |source| AdminError::SocketFile {
@@ -285,41 +405,7 @@ async fn serve_unix(
         let _ = std::fs::remove_file(bind_path);
         return Err(err);
     }
-    // Remember which file is ours: on stop, remove it only if nobody replaced it.
-    let identity = std::fs::symlink_metadata(path)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(socket_file("cannot stat the socket"))?;
-    info!(addr = %format!("unix:{}", path.display()), "admin API listening");
-
-    let path_owned = path.to_path_buf();
-    // Our own accept loop, not `UnixListenerStream`: tonic skips an accept
-    // error and polls again at once, so at the descriptor limit (EMFILE) it
-    // would spin a core. This one backs off.
-    let (stop_accepting, accepting_stopped) = oneshot::channel::<()>();
-    let shutdown = async move {
-        shutdown.await;
-        let _ = stop_accepting.send(());
-    };
-    let (streams, incoming) = mpsc::channel::<io::Result<AuthorityShim<UnixStream>>>(16);
-    let task = tokio::spawn(async move {
-        let accept_loop = tokio::spawn(accept_unix(listener, streams, accepting_stopped));
-        serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
-        accept_loop.abort();
-        let _ = accept_loop.await;
-        match std::fs::symlink_metadata(&path_owned) {
-            Ok(m) if (m.dev(), m.ino()) == identity => {
-                if let Err(err) = std::fs::remove_file(&path_owned) {
-                    warn!(path = %path_owned.display(), error = %err, "cannot remove admin socket");
-                }
-            }
-            _ => debug!(path = %path_owned.display(), "admin socket already gone or replaced"),
-        }
-        info!("admin API stopped");
-    });
-    Ok(AdminServer {
-        local_addr: AdminAddr::Unix(path.to_path_buf()),
-        task,
-    })
+    Ok(listener)
 }
 
 /// Accepts unix-socket clients and hands them to the gRPC server, each
@@ -330,7 +416,12 @@ async fn accept_unix(
     listener: UnixListener,
     streams: mpsc::Sender<io::Result<AuthorityShim<UnixStream>>>,
     mut stop: oneshot::Receiver<()>,
+    begin: Option<oneshot::Receiver<()>>,
 ) {
+    tokio::select! {
+        () = begun(begin) => {}
+        _ = &mut stop => return,
+    }
     let mut backoff = Duration::ZERO;
     loop {
         tokio::select! {
@@ -476,18 +567,27 @@ async fn serve_tls(
     acceptor: TlsAcceptor,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    handoff: Handoff,
 ) -> Result<AdminServer, AdminError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| AdminError::Bind {
+    let bind_error = |source| AdminError::Bind {
         addr: addr.to_string(),
         source,
-    })?;
-    info!(addr = %local, "admin API listening (TLS 1.3)");
+    };
+    let inherited = match handoff.inherited {
+        Some(AdminListener::Tcp(listener)) => Some(listener),
+        Some(AdminListener::Unix(_)) | None => None,
+    };
+    let handed = inherited.is_some();
+    let listener = match inherited {
+        Some(listener) => listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+            .map_err(bind_error)?,
+        None => TcpListener::bind(addr).await.map_err(bind_error)?,
+    };
+    let local = listener.local_addr().map_err(bind_error)?;
+    let socket = listener.as_fd().try_clone_to_owned().map_err(bind_error)?;
+    info!(addr = %local, inherited = handed, "admin API listening (TLS 1.3)");
 
     // Stop accepting (and close the listening socket) as soon as shutdown
     // starts, while tonic drains the connections it has.
@@ -497,8 +597,15 @@ async fn serve_tls(
         let _ = stop_accepting.send(());
     };
     let (streams, incoming) = mpsc::channel::<io::Result<TlsStream<TcpStream>>>(16);
+    let begin = handoff.begin;
     let task = tokio::spawn(async move {
-        let accept_loop = tokio::spawn(accept_tls(listener, acceptor, streams, accepting_stopped));
+        let accept_loop = tokio::spawn(accept_tls(
+            listener,
+            acceptor,
+            streams,
+            accepting_stopped,
+            begin,
+        ));
         serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
         accept_loop.abort();
         info!("admin API stopped");
@@ -506,6 +613,7 @@ async fn serve_tls(
     Ok(AdminServer {
         local_addr: AdminAddr::Tcp(local),
         task,
+        socket: Some(socket),
     })
 }
 
@@ -516,7 +624,12 @@ async fn accept_tls(
     acceptor: TlsAcceptor,
     streams: mpsc::Sender<io::Result<TlsStream<TcpStream>>>,
     mut stop: oneshot::Receiver<()>,
+    begin: Option<oneshot::Receiver<()>>,
 ) {
+    tokio::select! {
+        () = begun(begin) => {}
+        _ = &mut stop => return,
+    }
     let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
     let mut backoff = Duration::ZERO;
     loop {

@@ -32,7 +32,7 @@ fn local_addr_of(listener: &ListenerConfig) -> SocketAddr {
 /// Whether a passed socket bound to `local` is the one `listener` names:
 /// the same address, or for `":PORT"` (every interface) a socket on
 /// `[::]:PORT` or `0.0.0.0:PORT`.
-fn names(listener: &ListenerConfig, local: SocketAddr) -> bool {
+pub(crate) fn names(listener: &ListenerConfig, local: SocketAddr) -> bool {
     match listener.addr.bind {
         BindAddr::AllInterfaces(port) => local.port() == port && local.ip().is_unspecified(),
         BindAddr::Socket(_) => local_addr_of(listener) == local,

@@ -1,0 +1,515 @@
+//! Listening-socket handoff (SPEC §6.4): a starting `mc-proxy server` takes
+//! the listening sockets of the one running on the same state directory, so
+//! an upgrade never unbinds a port.
+//!
+//! The running server listens on `DIR/mc-proxy.handoff.sock` (`DIR` is the
+//! database's directory; mode 0600) once it serves. The protocol, one
+//! connection, all text lines:
+//!
+//! 1. new → old: `TAKE 1`
+//! 2. old → new: one `sendmsg` carrying the descriptors (SCM_RIGHTS) and a
+//!    text naming each in order (`listener ADDR-TEXT`, `admin ADDR`,
+//!    `metrics ADDR`), ended by `END`.
+//! 3. The new process builds its server on them (opens the DB, binds what
+//!    its config adds) and starts serving, then new → old: `SERVING`.
+//! 4. old → new: `BYE`; the old process stops accepting (admin API and
+//!    metrics endpoint at once) and drains as on SIGTERM.
+//!
+//! If the new process fails before `SERVING`, it exits and the connection
+//! closes: the old process logs a warning and keeps serving (its own copies
+//! of the sockets were never closed). No socket answering (no file, or
+//! ECONNREFUSED): a normal start, which replaces a stale file.
+//!
+//! SCM_RIGHTS goes through rustix's safe `sendmsg`/`recvmsg`; the received
+//! descriptors arrive as `OwnedFd` (close-on-exec).
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{AdminAddr, Config};
+
+/// The handoff socket's file name, beside the database.
+pub const SOCKET_NAME: &str = "mc-proxy.handoff.sock";
+const SOCKET_MODE: u32 = 0o600;
+/// The most descriptors one handoff carries (the kernel's SCM_MAX_FD).
+const MAX_FDS: usize = 253;
+/// The longest text a handoff carries.
+const MAX_TEXT: usize = 64 * 1024;
+/// How long either side waits for a short answer (`TAKE`, the sockets,
+/// `BYE`).
+const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+/// How long the old process waits for the new one to start serving (it
+/// opens the DB, reads certificates...).
+const START_LIMIT: Duration = Duration::from_secs(300);
+
+/// The handoff socket of the server whose config is `config`.
+pub fn socket_path(config: &Config) -> PathBuf {
+    let dir = config
+        .database
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    dir.join(SOCKET_NAME)
+}
+
+/// What a handed-over socket is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A `[[listeners]]` entry, by its `addr` as written in the config.
+    Listener(String),
+    /// The admin API, by its configured address.
+    Admin(AdminAddr),
+    /// The metrics endpoint, by its configured address.
+    Metrics(SocketAddr),
+}
+
+impl Kind {
+    fn line(&self) -> String {
+        match self {
+            Kind::Listener(text) => format!("listener {text}"),
+            Kind::Admin(addr) => format!("admin {addr}"),
+            Kind::Metrics(addr) => format!("metrics {addr}"),
+        }
+    }
+
+    fn parse(line: &str) -> Option<Kind> {
+        let (word, rest) = line.split_once(' ')?;
+        match word {
+            "listener" => Some(Kind::Listener(rest.to_string())),
+            "admin" => AdminAddr::parse(rest).ok().map(Kind::Admin),
+            "metrics" => rest.parse().ok().map(Kind::Metrics),
+            _ => None,
+        }
+    }
+}
+
+/// Why a handoff failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandoffError {
+    #[error("handoff socket {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("handoff socket {}: the running server closed the connection without handing over its sockets", path.display())]
+    Refused { path: PathBuf },
+    #[error("handoff socket {}: unexpected answer: {answer}", path.display())]
+    Protocol { path: PathBuf, answer: String },
+}
+
+/// The running server's side: its own copies of the sockets to hand over
+/// and what to do once handed over.
+pub struct Offer {
+    pub sockets: Vec<(Kind, OwnedFd)>,
+    /// Set to `true` when the new process has taken over (the admin API
+    /// and the metrics endpoint stop accepting, the admin socket file is
+    /// left to the new process).
+    pub moved: watch::Sender<bool>,
+}
+
+/// Reads one `\n`-ended line of at most `max` bytes (a byte at a time: the
+/// lines are short and nothing else is on the wire until answered).
+fn read_line(stream: &mut UnixStream, max: usize) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte)? {
+            0 if line.is_empty() => return Ok(None),
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            _ if byte[0] == b'\n' => return Ok(Some(String::from_utf8_lossy(&line).into_owned())),
+            _ if line.len() >= max => return Err(io::ErrorKind::InvalidData.into()),
+            _ => line.push(byte[0]),
+        }
+    }
+}
+
+// ---- the new process ------------------------------------------------------
+
+/// The sockets taken from the running server, and the connection to it
+/// (closing it before [`Taken::serving`] tells it the start failed).
+pub struct Taken {
+    path: PathBuf,
+    conn: UnixStream,
+    pub sockets: Vec<(Kind, OwnedFd)>,
+}
+
+/// Asks the server listening on `path` for its sockets. `Ok(None)`: no
+/// server answers there (no file, or nobody listening): start normally.
+pub fn take(path: &Path) -> Result<Option<Taken>, HandoffError> {
+    let io_error = |source| HandoffError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = match UnixStream::connect(path) {
+        Ok(conn) => conn,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io_error(e)),
+    };
+    conn.set_read_timeout(Some(ANSWER_LIMIT))
+        .and_then(|()| conn.write_all(b"TAKE 1\n"))
+        .map_err(io_error)?;
+
+    let mut text = vec![0u8; MAX_TEXT];
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = rustix::net::recvmsg(
+        &conn,
+        &mut [IoSliceMut::new(&mut text)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| io_error(e.into()))?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = message {
+            fds.extend(rights);
+        }
+    }
+    if received.bytes == 0 {
+        return Err(HandoffError::Refused {
+            path: path.to_path_buf(),
+        });
+    }
+    if received.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(HandoffError::Protocol {
+            path: path.to_path_buf(),
+            answer: "too many descriptors (truncated)".into(),
+        });
+    }
+    // The text may come in more than one read (a stream socket); the
+    // descriptors came with its first byte.
+    let mut text_len = received.bytes;
+    while !text[..text_len].ends_with(b"END\n") {
+        if text_len == text.len() {
+            return Err(HandoffError::Protocol {
+                path: path.to_path_buf(),
+                answer: "the socket list is too long".into(),
+            });
+        }
+        match conn.read(&mut text[text_len..]).map_err(io_error)? {
+            0 => {
+                return Err(HandoffError::Refused {
+                    path: path.to_path_buf(),
+                })
+            }
+            n => text_len += n,
+        }
+    }
+    let text = String::from_utf8_lossy(&text[..text_len]).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| *l != "END").collect();
+    if lines.len() != fds.len() {
+        return Err(HandoffError::Protocol {
+            path: path.to_path_buf(),
+            answer: format!("{} sockets named, {} passed", lines.len(), fds.len()),
+        });
+    }
+    let mut sockets = Vec::with_capacity(fds.len());
+    for (line, fd) in lines.into_iter().zip(fds) {
+        match Kind::parse(line) {
+            Some(kind) => sockets.push((kind, fd)),
+            None => tracing::warn!(socket = line, "handoff: an unknown socket was closed"),
+        }
+    }
+    Ok(Some(Taken {
+        path: path.to_path_buf(),
+        conn,
+        sockets,
+    }))
+}
+
+impl Taken {
+    /// Tells the old process this one is serving and waits for its `BYE`.
+    pub fn serving(mut self) -> Result<(), HandoffError> {
+        let io_error = |source| HandoffError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.conn.write_all(b"SERVING\n").map_err(io_error)?;
+        match read_line(&mut self.conn, 64).map_err(io_error)? {
+            Some(line) if line == "BYE" => Ok(()),
+            Some(line) => Err(HandoffError::Protocol {
+                path: self.path,
+                answer: line,
+            }),
+            None => Err(HandoffError::Refused { path: self.path }),
+        }
+    }
+}
+
+// ---- the running process --------------------------------------------------
+
+/// The handoff socket, served: see [`listen`].
+pub struct HandoffServer {
+    path: PathBuf,
+    identity: (u64, u64),
+    handed_off: oneshot::Receiver<()>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+/// Binds the handoff socket at `path` (mode 0600, replacing whatever
+/// socket file is there: call it once nobody answered on it, or once the
+/// previous server said `BYE`) and serves `offer` to whoever asks, one at
+/// a time, until a handoff completes or [`HandoffServer::close`].
+pub async fn listen(path: &Path, offer: Offer) -> io::Result<HandoffServer> {
+    let mut staging = path.as_os_str().to_os_string();
+    staging.push(format!(".{}.new", std::process::id()));
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging)?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| std::fs::rename(&staging, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    let identity = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::UnixListener::from_std(listener)?;
+    tracing::info!(path = %path.display(), "handoff socket listening");
+
+    let (done, handed_off) = oneshot::channel();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let offer = Arc::new(Mutex::new(Some(offer)));
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = &mut stopped => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handoff socket: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let offer = offer.clone();
+            let give = tokio::task::spawn_blocking(move || {
+                let stream = stream.into_std()?;
+                stream.set_nonblocking(false)?;
+                give(stream, &offer)
+            });
+            // The exchange runs while this waits: a stop meanwhile drops
+            // the offer (the new process has its own copies by then).
+            let outcome = tokio::select! {
+                _ = &mut stopped => break,
+                outcome = give => outcome,
+            };
+            match outcome {
+                Ok(Ok(true)) => {
+                    tracing::info!("handoff: the new process is serving; stopping");
+                    let _ = done.send(());
+                    break;
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    error = %e,
+                    "handoff: the new process did not take over; still serving"
+                ),
+                Err(e) => tracing::error!(error = %e, "handoff: the exchange failed"),
+            }
+        }
+        // Our copies of the sockets close here (or once a running exchange
+        // ends).
+        offer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    });
+    Ok(HandoffServer {
+        path: path.to_path_buf(),
+        identity,
+        handed_off,
+        stop: Some(stop),
+        task,
+    })
+}
+
+impl HandoffServer {
+    /// Resolves once a new process has taken over (never, if none does).
+    pub async fn handed_off(&mut self) {
+        if (&mut self.handed_off).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Stops answering, drops this process's copies of the sockets, and
+    /// removes the socket file unless another process replaced it.
+    pub async fn close(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.identity => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One exchange, in a blocking thread: `Ok(true)` when the new process
+/// took over and was told `BYE`; `Ok(false)` when it went away quietly.
+fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool> {
+    stream.set_read_timeout(Some(ANSWER_LIMIT))?;
+    match read_line(&mut stream, 64)? {
+        Some(line) if line == "TAKE 1" => {}
+        Some(line) => {
+            tracing::warn!(request = %line, "handoff socket: unknown request");
+            return Ok(false);
+        }
+        None => return Ok(false),
+    }
+    let moved = {
+        let guard = offer.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(offer) = guard.as_ref() else {
+            return Ok(false);
+        };
+        let mut text = String::new();
+        for (kind, _) in &offer.sockets {
+            text.push_str(&kind.line());
+            text.push('\n');
+        }
+        text.push_str("END\n");
+        let fds: Vec<BorrowedFd<'_>> = offer.sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other(
+                "the descriptors do not fit the control buffer",
+            ));
+        }
+        let bytes = text.as_bytes();
+        let sent = rustix::net::sendmsg(
+            &stream,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
+        // The descriptors went with the first byte; the rest is text.
+        stream.write_all(&bytes[sent..])?;
+        tracing::info!(
+            sockets = offer.sockets.len(),
+            "handoff: sockets sent; waiting for the new process to serve"
+        );
+        offer.moved.clone()
+    };
+    stream.set_read_timeout(Some(START_LIMIT))?;
+    match read_line(&mut stream, 64) {
+        Ok(Some(line)) if line == "SERVING" => {}
+        Ok(Some(line)) => {
+            return Err(io::Error::other(format!(
+                "unexpected answer {line:?} instead of SERVING"
+            )))
+        }
+        Ok(None) | Err(_) => {
+            return Err(io::Error::other(
+                "the new process closed the connection before serving (its start failed)",
+            ))
+        }
+    }
+    // Admin API and metrics stop accepting before the new process is told
+    // to take them alone.
+    moved.send_replace(true);
+    if let Err(e) = stream.write_all(b"BYE\n") {
+        tracing::warn!(error = %e, "handoff: cannot say BYE (the new process serves anyway)");
+    }
+    Ok(true)
+}
+
+/// Sorts the taken sockets for the new process's config: listeners by
+/// their config text (else by bound address), the admin API's and the
+/// metrics endpoint's if the config still names the same address. What no
+/// part of the config names is closed (logged).
+pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
+    let mut received = Received::default();
+    let mut listeners: Vec<(String, TcpListener)> = Vec::new();
+    let mut by_addr: Vec<TcpListener> = Vec::new();
+    for (kind, fd) in sockets {
+        match kind {
+            Kind::Listener(text) => {
+                let socket = TcpListener::from(fd);
+                if config.listeners.iter().any(|l| l.addr.text == text)
+                    && !listeners.iter().any(|(t, _)| *t == text)
+                {
+                    listeners.push((text, socket));
+                } else {
+                    by_addr.push(socket);
+                }
+            }
+            Kind::Admin(addr) => match &config.grpc {
+                Some(grpc) if grpc.addr == addr => {
+                    received.admin = Some(match addr {
+                        AdminAddr::Unix(_) => {
+                            crate::admin::server::AdminListener::Unix(UnixListener::from(fd))
+                        }
+                        AdminAddr::Tcp(_) => {
+                            crate::admin::server::AdminListener::Tcp(TcpListener::from(fd))
+                        }
+                    });
+                }
+                _ => received.unused.push(format!("admin {addr}")),
+            },
+            Kind::Metrics(addr) => match &config.metrics {
+                Some(metrics) if metrics.addr == addr => {
+                    received.metrics = Some(TcpListener::from(fd));
+                }
+                _ => received.unused.push(format!("metrics {addr}")),
+            },
+        }
+    }
+    for socket in by_addr {
+        let local = socket.local_addr().ok();
+        let taken = |text: &str, listeners: &[(String, TcpListener)]| {
+            listeners.iter().any(|(t, _)| t == text)
+        };
+        let named = local.and_then(|local| {
+            config
+                .listeners
+                .iter()
+                .find(|l| {
+                    crate::proxy::activation::names(l, local) && !taken(&l.addr.text, &listeners)
+                })
+                .map(|l| l.addr.text.clone())
+        });
+        match named {
+            Some(text) => listeners.push((text, socket)),
+            None => received.unused.push(format!(
+                "listener {}",
+                local.map_or_else(|| "?".to_string(), |a| a.to_string())
+            )),
+        }
+    }
+    received.listeners = listeners;
+    received
+}
+
+/// The taken sockets, sorted for the config by [`sort`].
+#[derive(Default)]
+pub struct Received {
+    pub listeners: Vec<(String, TcpListener)>,
+    pub admin: Option<crate::admin::server::AdminListener>,
+    pub metrics: Option<TcpListener>,
+    /// What no part of the config names (already closed).
+    pub unused: Vec<String>,
+}

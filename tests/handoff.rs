@@ -1,0 +1,321 @@
+//! The listening-socket handoff through the real binary (SPEC §6.4): a
+//! second `mc-proxy server` on the same state directory takes the running
+//! one's sockets, and the first drains and exits 0; nothing is refused or
+//! cut on the way.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use common::*;
+
+/// The config of every process here: the admin socket, a metrics endpoint,
+/// one listener on `127.0.0.1:0` routing `a.test` to `backend`, and a
+/// drain long enough for the long relays.
+fn handoff_config(dir: &Path, backend: SocketAddr) -> String {
+    let body = format!(
+        "{}{}{}",
+        listener("127.0.0.1:0", &[route("a.test", backend)]),
+        METRICS_ANY_PORT,
+        proxy_section("shutdown_timeout = \"60s\""),
+    );
+    admin_config(dir, &body)
+}
+
+fn assert_exit_0(proxy: &mut Proxy, what: &str) {
+    let status = proxy.wait_exit(Duration::from_secs(60));
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "{what} did not exit 0: {status:?}\n{}",
+        proxy.log_text()
+    );
+}
+
+/// A long relay: streams `chunks` pseudo-random chunks through the proxy
+/// (one every `pause`), reading the echo at the same time; returns the
+/// hashes of what was sent and what came back.
+async fn long_relay(
+    addr: SocketAddr,
+    pki: &Pki,
+    seed: u64,
+    chunks: usize,
+    pause: Duration,
+) -> std::io::Result<(Vec<u8>, Vec<u8>, usize)> {
+    let tls = tls_connect(addr, "a.test", pki.client_config()).await?;
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let hello = read_line(&mut reader).await?;
+    assert_eq!(hello, "backend=A");
+    let total = chunks * 16 * 1024;
+    let echo = tokio::spawn(async move {
+        let mut hash = Sha256::new();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        while got < total {
+            let n = tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf))
+                .await
+                .map_err(|_| std::io::Error::other("echo stalled"))??;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            got += n;
+        }
+        Ok::<_, std::io::Error>((hash.finalize().to_vec(), got))
+    });
+    let mut sent = Sha256::new();
+    let mut state = seed | 1;
+    for _ in 0..chunks {
+        let chunk: Vec<u8> = (0..16 * 1024)
+            .map(|_| {
+                // xorshift: cheap bytes that differ per relay.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        sent.update(&chunk);
+        writer.write_all(&chunk).await?;
+        tokio::time::sleep(pause).await;
+    }
+    let (received, got) = echo.await.unwrap()?;
+    let _ = writer.shutdown().await;
+    Ok((sent.finalize().to_vec(), received, got))
+}
+
+/// New TLS connections, one every `every`, until `stop`: counts successes
+/// and failures (a refused, reset or cut connection is a failure).
+fn churn(
+    addr: SocketAddr,
+    pki: Arc<Pki>,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> (
+    tokio::task::JoinHandle<Vec<String>>,
+    Arc<AtomicUsize>,
+    Arc<AtomicUsize>,
+) {
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (ok2, failed2) = (ok.clone(), failed.clone());
+    let task = tokio::spawn(async move {
+        let mut tasks = Vec::new();
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !stop.load(Ordering::SeqCst) {
+            ticker.tick().await;
+            let pki = pki.clone();
+            let ok = ok2.clone();
+            let failed = failed2.clone();
+            tasks.push(tokio::spawn(async move {
+                match who(addr, "a.test", &pki).await {
+                    Ok(name) if name == "A" => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                        None
+                    }
+                    Ok(other) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        Some(format!("answered by {other:?}"))
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        Some(e.to_string())
+                    }
+                }
+            }));
+        }
+        let mut errors = Vec::new();
+        for task in tasks {
+            if let Some(e) = task.await.unwrap() {
+                errors.push(e);
+            }
+        }
+        errors
+    });
+    (task, ok, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test", "late.test"]).await;
+    let pki = Arc::new(pki);
+    let toml = handoff_config(dir.path(), backend.addr);
+    let mut old = Proxy::start(dir.path(), &toml);
+    let addr = old.addr();
+    let metrics = old.metrics_addr();
+    let handoff_sock = dir.path().join("mc-proxy.handoff.sock");
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    assert_eq!(file_mode(&handoff_sock) & 0o777, 0o600);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // ~250 new connections a second.
+    let (churning, ok, failed) = churn(addr, pki.clone(), Duration::from_millis(4), stop.clone());
+    // 10 long relays, each 160 chunks of 16 KiB over ~4 s.
+    let relays: Vec<_> = (0..10u64)
+        .map(|seed| {
+            let pki = pki.clone();
+            tokio::spawn(async move {
+                long_relay(addr, &pki, seed + 1, 160, Duration::from_millis(25)).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let config = old.config.clone();
+    let started = Instant::now();
+    let new = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            let new = Proxy::start_existing(&dir, &config);
+            new.wait_log(
+                &["handoff: the previous server stopped accepting"],
+                Duration::from_secs(10),
+            );
+            new
+        }
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    old.wait_log(
+        &["handoff: the new process is serving; stopping"],
+        Duration::from_secs(10),
+    );
+    new.wait_log(
+        &[
+            "handoff: took the running server's sockets",
+            "listeners=1",
+            "admin=true",
+            "metrics=true",
+        ],
+        Duration::from_secs(10),
+    );
+    // The very same sockets.
+    assert_eq!(new.addr(), addr);
+    assert_eq!(new.metrics_addr(), metrics);
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.1:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=true"), "{line}");
+    // The old process stops its admin API at once and leaves the socket file.
+    old.wait_log(&["admin API stopped"], Duration::from_secs(10));
+
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::SeqCst);
+    let errors = churning.await.unwrap();
+    for relay in relays {
+        let (sent, received, got) = relay.await.unwrap().expect("a long relay failed");
+        assert_eq!(got, 160 * 16 * 1024, "a long relay lost bytes");
+        assert_eq!(sent, received, "a long relay's bytes differ");
+    }
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!("handoff under load: {ok} connections served, {failed} failed; the new process took over in {took:?}");
+    assert!(errors.is_empty(), "{failed} failed connections: {errors:?}");
+    assert!(ok > 200, "only {ok} connections in the run");
+
+    assert_exit_0(&mut old, "the old process");
+    let text = old.log_text();
+    assert!(text.contains("signal=handoff"), "{text}");
+    // The admin socket is the new process's now: a change lands there.
+    assert!(new.admin_socket().exists());
+    let (code, out, err) = new.routes_add("127.0.0.1:0", "late.test", &backend.addr.to_string());
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(who(addr, "late.test", &pki).await.unwrap(), "A");
+    // The metrics endpoint answers from the new process (the old is gone).
+    assert!(!scrape(metrics).await.is_empty());
+    assert!(handoff_sock.exists());
+    new.stop();
+    assert!(
+        !handoff_sock.exists(),
+        "the handoff socket outlived the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_fails_to_start_leaves_the_old_one_serving() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test"]).await;
+    let toml = handoff_config(dir.path(), backend.addr);
+    let mut old = Proxy::start(dir.path(), &toml);
+    let addr = old.addr();
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+
+    // Same state directory, but a database that cannot be opened (a
+    // directory): the start fails after the sockets were handed over.
+    let broken_db = dir.path().join("not-a-db");
+    std::fs::create_dir(&broken_db).unwrap();
+    let broken = toml.replace(
+        &dir.path().join("mc-proxy.db").display().to_string(),
+        &broken_db.display().to_string(),
+    );
+    let broken_path = dir.path().join("broken.toml");
+    std::fs::write(&broken_path, &broken).unwrap();
+    let (code, _, err) = run_cli(&["server", "-c", broken_path.to_str().unwrap()]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("database.path"), "{err}");
+    old.wait_log(
+        &["handoff: the new process did not take over; still serving"],
+        Duration::from_secs(10),
+    );
+    // Untouched: it serves, its admin API answers.
+    assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
+    let (code, out, err) = old.cli(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(old.child.try_wait().unwrap().is_none());
+
+    // And it can still hand over to a good one.
+    let config = old.config.clone();
+    let mut new = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || Proxy::start_existing(&dir, &config)
+    })
+    .await
+    .unwrap();
+    new.wait_log(
+        &["handoff: the previous server stopped accepting"],
+        Duration::from_secs(10),
+    );
+    assert_exit_0(&mut old, "the old process");
+    assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
+    new.signal("TERM");
+    assert_exit_0(&mut new, "the new process");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_handoffs_in_a_row() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test"]).await;
+    let toml = handoff_config(dir.path(), backend.addr);
+    let first = Proxy::start(dir.path(), &toml);
+    let addr = first.addr();
+    first.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    let config = first.config.clone();
+
+    let mut previous = first;
+    for round in 0..2 {
+        let mut next = tokio::task::spawn_blocking({
+            let dir = dir.path().to_path_buf();
+            let config = config.clone();
+            move || Proxy::start_existing(&dir, &config)
+        })
+        .await
+        .unwrap();
+        next.wait_log(
+            &["handoff: the previous server stopped accepting"],
+            Duration::from_secs(10),
+        );
+        next.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+        assert_exit_0(&mut previous, &format!("process {round}"));
+        assert_eq!(next.addr(), addr);
+        assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
+        std::mem::swap(&mut previous, &mut next);
+        drop(next);
+    }
+    previous.stop();
+}
