@@ -223,7 +223,7 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
 
     assert_exit_0(&mut old, "the old process");
     let text = old.log_text();
-    assert!(text.contains("signal=handoff"), "{text}");
+    assert!(text.contains("signal=\"handoff\""), "{text}");
     // The admin socket is the new process's now: a change lands there.
     assert!(new.admin_socket().exists());
     let (code, out, err) = new.routes_add("127.0.0.1:0", "late.test", &backend.addr.to_string());
