@@ -118,7 +118,15 @@ pub struct Offer {
     /// and the metrics endpoint stop accepting, the admin socket file is
     /// left to the new process).
     pub moved: watch::Sender<bool>,
+    /// `true` once the admin API has stopped with every call answered
+    /// (`None`: no admin API): `BYE` waits for it, so that what those
+    /// calls committed is in the database before the new process re-reads
+    /// it.
+    pub admin_stopped: Option<watch::Receiver<bool>>,
 }
+
+/// How long `BYE` waits for the admin calls in flight to be answered.
+const ADMIN_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads one `\n`-ended line of at most `max` bytes (a byte at a time: the
 /// lines are short and nothing else is on the wire until answered).
@@ -412,8 +420,9 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
             sockets = offer.sockets.len(),
             "handoff: sockets sent; waiting for the new process to serve"
         );
-        offer.moved.clone()
+        (offer.moved.clone(), offer.admin_stopped.clone())
     };
+    let (moved, admin_stopped) = moved;
     stream.set_read_timeout(Some(START_LIMIT))?;
     match read_line(&mut stream, 64) {
         Ok(Some(line)) if line == "SERVING" => {}
@@ -431,6 +440,19 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
     // Admin API and metrics stop accepting before the new process is told
     // to take them alone.
     moved.send_replace(true);
+    if let Some(mut admin_stopped) = admin_stopped {
+        let answered = tokio::runtime::Handle::current().block_on(async {
+            tokio::time::timeout(ADMIN_DRAIN_LIMIT, admin_stopped.wait_for(|s| *s))
+                .await
+                .is_ok()
+        });
+        if !answered {
+            tracing::warn!(
+                limit_ms = ADMIN_DRAIN_LIMIT.as_millis() as u64,
+                "handoff: admin calls still running; saying BYE anyway"
+            );
+        }
+    }
     if let Err(e) = stream.write_all(b"BYE\n") {
         tracing::warn!(error = %e, "handoff: cannot say BYE (the new process serves anyway)");
     }

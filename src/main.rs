@@ -416,6 +416,7 @@ fn serve(config: Config) -> Result<(), ServerError> {
         }
         let mut app = App::build_inherited(&config, inherited).await?;
         let offer = app.handoff_offer();
+        let store = app.store();
         app.reload_on(hangup);
         let exit = app.exit_handle();
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -423,7 +424,14 @@ fn serve(config: Config) -> Result<(), ServerError> {
         let shutdown = async move {
             if let Some(taken) = taken {
                 match tokio::task::spawn_blocking(move || taken.serving()).await {
-                    Ok(Ok(())) => tracing::info!("handoff: the previous server stopped accepting"),
+                    Ok(Ok(())) => {
+                        tracing::info!("handoff: the previous server stopped accepting");
+                        // Admin calls it answered after this process
+                        // loaded the tables are in the database now.
+                        if let Err(e) = store.reload().await {
+                            tracing::error!(error = %e, "handoff: cannot re-read the database; admin changes made during the handoff may be missing until a restart");
+                        }
+                    }
                     Ok(Err(e)) => tracing::warn!(error = %e, "handoff: no BYE from the previous server"),
                     Err(e) => tracing::warn!(error = %e, "handoff: the exchange failed"),
                 }

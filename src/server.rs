@@ -258,6 +258,8 @@ pub struct App {
     /// Turns `true` once a new process took over: the admin API and the
     /// metrics endpoint stop accepting at once.
     moved: watch::Sender<bool>,
+    /// The admin API stopped with every call answered (for a handoff).
+    admin_stopped: Option<watch::Receiver<bool>>,
 }
 
 /// Sockets handed in to [`App::build_inherited`] instead of bound.
@@ -425,6 +427,7 @@ impl App {
 
         let (stop, stop_rx) = watch::channel(false);
         let (moved, moved_rx) = watch::channel(false);
+        let (admin_stopped, admin_stopped_rx) = watch::channel(false);
         // Stop accepting: at the end of the drain, or at once when a new
         // process has taken over.
         let stopped_or_moved = || {
@@ -452,6 +455,7 @@ impl App {
                     inherited: inherited_admin,
                     begin: admin_begin,
                     moved: Some(moved_rx.clone()),
+                    stopped: Some(admin_stopped),
                 };
                 let mut handle =
                     admin::server::serve_with(grpc, state, stopped_or_moved(), handoff_admin)
@@ -521,6 +525,7 @@ impl App {
             balancer,
             handoff,
             moved,
+            admin_stopped: config.grpc.as_ref().map(|_| admin_stopped_rx),
         })
     }
 
@@ -531,7 +536,14 @@ impl App {
         handoff::Offer {
             sockets: std::mem::take(&mut self.handoff),
             moved: self.moved.clone(),
+            admin_stopped: self.admin_stopped.clone(),
         }
+    }
+
+    /// A handle on the store (after a handoff, [`Store::reload`] picks up
+    /// what the previous process committed after this one loaded).
+    pub fn store(&self) -> Store {
+        self.store.clone()
     }
 
     /// Every bound address at once.
@@ -631,6 +643,7 @@ impl App {
             balancer,
             handoff: unused_copies,
             moved: _moved,
+            admin_stopped: _,
         } = self;
         // Copies not offered for a handoff would keep the listening
         // sockets open past their accept loops: close them now.

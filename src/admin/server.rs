@@ -147,6 +147,10 @@ pub struct Handoff {
     /// When it holds `true` at stop, the socket file was handed to another
     /// process: leave it in place.
     pub moved: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Set to `true` once the server has stopped and every call in flight
+    /// has been answered (its store writes committed): a handoff waits
+    /// for it before the new process takes the admin API alone.
+    pub stopped: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// [`serve`], for the handoff: see [`Handoff`]. The returned server also
@@ -336,9 +340,13 @@ async fn serve_unix(
     let (streams, incoming) = mpsc::channel::<io::Result<AuthorityShim<UnixStream>>>(16);
     let begin = handoff.begin;
     let moved = handoff.moved;
+    let stopped = handoff.stopped;
     let task = tokio::spawn(async move {
         let accept_loop = tokio::spawn(accept_unix(listener, streams, accepting_stopped, begin));
         serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
+        if let Some(stopped) = &stopped {
+            stopped.send_replace(true);
+        }
         accept_loop.abort();
         let _ = accept_loop.await;
         let handed_over = moved.is_some_and(|moved| *moved.borrow());
@@ -598,6 +606,7 @@ async fn serve_tls(
     };
     let (streams, incoming) = mpsc::channel::<io::Result<TlsStream<TcpStream>>>(16);
     let begin = handoff.begin;
+    let stopped = handoff.stopped;
     let task = tokio::spawn(async move {
         let accept_loop = tokio::spawn(accept_tls(
             listener,
@@ -607,6 +616,9 @@ async fn serve_tls(
             begin,
         ));
         serve_bounded(router, ReceiverStream::new(incoming), shutdown).await;
+        if let Some(stopped) = &stopped {
+            stopped.send_replace(true);
+        }
         accept_loop.abort();
         info!("admin API stopped");
     });

@@ -1502,3 +1502,29 @@ fn bad_pool_rows_are_clear_errors() {
         );
     }
 }
+
+/// A handoff: the old process commits after the new one loaded its tables;
+/// the new one's `reload` picks the change up (routes and rules alike).
+#[tokio::test]
+async fn reload_picks_up_what_another_process_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = start(open(&default_config(dir.path())).unwrap());
+    let new = start(open(&default_config(dir.path())).unwrap());
+    old.store
+        .upsert_route(":8443", host("late.test"), target("127.0.0.1:5009"))
+        .await
+        .unwrap();
+    let rule = Rule::parse(wire::rule::RuleKind::Ip, "192.0.2.99").unwrap();
+    assert!(old.store.add_rule(rule.clone()).await.unwrap());
+    assert!(new.table(":8443").get(&host("late.test")).is_none());
+    new.store.reload().await.unwrap();
+    let reloaded = new.table(":8443");
+    let late = reloaded.get(&host("late.test")).expect("reloaded route");
+    assert_eq!(late.backend().to_string(), "127.0.0.1:5009");
+    let seen = new.rules_seen.lock().unwrap().last().cloned().unwrap();
+    assert!(seen.contains(&rule), "{seen:?}");
+    // Routes the config seeded are still there.
+    assert_eq!(reloaded.len(), old.table(":8443").len());
+    old.store.close();
+    new.store.close();
+}

@@ -43,6 +43,9 @@ enum Command {
         rule: Rule,
         reply: Reply<()>,
     },
+    Reload {
+        reply: Reply<()>,
+    },
     Close,
 }
 
@@ -90,6 +93,13 @@ impl Store {
             commands,
             thread: Arc::new(Mutex::new(thread)),
         }
+    }
+
+    /// Re-reads every listener's routes and the firewall rules from the
+    /// database and replaces the live tables with them: after a handoff,
+    /// what the previous process committed after this one loaded them.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        self.call(|reply| Command::Reload { reply }).await
     }
 
     /// Adds or replaces the route for (`listener`, `hostname`). `Ok(true)`:
@@ -196,6 +206,9 @@ impl Writer {
                 }
                 Command::RemoveRule { rule, reply } => {
                     let _ = reply.send(self.remove_rule(rule));
+                }
+                Command::Reload { reply } => {
+                    let _ = reply.send(self.reload());
                 }
                 Command::Close => break,
             }
@@ -307,6 +320,28 @@ impl Writer {
             (self.on_rules)(&self.rules);
         }
         Ok(inserted)
+    }
+
+    /// Every bound listener's routes and the rules, read in one
+    /// transaction, then swapped in (nothing changes if a read fails).
+    fn reload(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let routes = self.routes.clone();
+        let tx = self.begin()?;
+        let mut maps = Vec::new();
+        for listener in routes.listeners() {
+            let id = listener_id(&tx, &path, listener.addr())?;
+            maps.push((listener.clone(), super::db::load_routes(&tx, &path, id)?));
+        }
+        let rules = super::db::load_rules(&tx, &path)?;
+        drop(tx);
+        for (listener, map) in maps {
+            listener.replace(map);
+        }
+        self.rules = rules;
+        (self.on_rules)(&self.rules);
+        tracing::info!("routes and rules re-read from the database");
+        Ok(())
     }
 
     fn remove_rule(&mut self, rule: Rule) -> Result<(), StoreError> {
