@@ -208,7 +208,15 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     // The old process stops its admin API at once and leaves the socket file.
     old.wait_log(&["admin API stopped"], Duration::from_secs(10));
 
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Keep the load on for a while after the takeover: at least a second
+    // and at least 200 connections served in all (however slow the
+    // machine), within a generous bound.
+    let after = tokio::time::Instant::now();
+    while after.elapsed() < Duration::from_secs(1)
+        || (ok.load(Ordering::SeqCst) <= 200 && after.elapsed() < Duration::from_secs(60))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, Ordering::SeqCst);
     let errors = churning.await.unwrap();
     for relay in relays {
