@@ -95,32 +95,28 @@ enum Command {
     Backends(BackendsCommand),
 }
 
+/// What `routes list` and `backends list` take.
+#[derive(Args)]
+struct ListArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Only this listener (its addr as written in the config)
+    #[arg(long, value_name = "ADDR")]
+    listener: Option<String>,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum BackendsCommand {
     /// Every backend of every route: health and connection counters
-    List {
-        #[command(flatten)]
-        admin: AdminArgs,
-        /// Only this listener (its addr as written in the config)
-        #[arg(long, value_name = "ADDR")]
-        listener: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
 }
 
 #[derive(Subcommand)]
 enum RoutesCommand {
     /// List routes, sorted by listener and hostname
-    List {
-        #[command(flatten)]
-        admin: AdminArgs,
-        /// Only this listener (its addr as written in the config)
-        #[arg(long, value_name = "ADDR")]
-        listener: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    List(ListArgs),
     /// Add a route, or replace it if it exists (it may switch between l4 and l7)
     Add {
         #[command(flatten)]
@@ -279,11 +275,11 @@ fn main() -> ExitCode {
         Command::Check(config) => cmd_check(&config),
         Command::Snapshot { config, output } => cmd_snapshot(&config, output),
         Command::Status { admin, json } => with_admin(&admin, |t| admin_cli::status(t, json)),
-        Command::Routes(RoutesCommand::List {
+        Command::Routes(RoutesCommand::List(ListArgs {
             admin,
             listener,
             json,
-        }) => with_admin(&admin, |t| admin_cli::routes_list(t, listener, json)),
+        })) => with_admin(&admin, |t| admin_cli::routes_list(t, listener, json)),
         Command::Routes(RoutesCommand::Add { admin, route }) => {
             with_admin(&admin, |t| admin_cli::routes_add(t, (*route).into()))
         }
@@ -292,11 +288,11 @@ fn main() -> ExitCode {
             listener,
             hostname,
         }) => with_admin(&admin, |t| admin_cli::routes_remove(t, listener, hostname)),
-        Command::Backends(BackendsCommand::List {
+        Command::Backends(BackendsCommand::List(ListArgs {
             admin,
             listener,
             json,
-        }) => with_admin(&admin, |t| admin_cli::backends_list(t, listener, json)),
+        })) => with_admin(&admin, |t| admin_cli::backends_list(t, listener, json)),
         Command::Firewall(FirewallCommand::List { admin, json }) => {
             with_admin(&admin, |t| admin_cli::firewall_list(t, json))
         }

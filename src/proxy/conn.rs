@@ -202,11 +202,13 @@ async fn run(
         return Outcome::NoRoute;
     };
     let target = &route.target;
-    record.backend = Some(target.backend().to_string());
 
     // 4. An L7 route: TLS ends here and HTTP is proxied per request
-    // (`http`), the hello bytes read so far going to the TLS server.
+    // (`http`), the hello bytes read so far going to the TLS server. Its
+    // close line names the route's first backend (each request line names
+    // the one it went to).
     if let Some(l7) = target.mode.l7() {
+        record.backend = Some(target.backend().to_string());
         // Boxed: the L7 state (TLS session, HTTP server) lives on the heap
         // only for L7 connections. Inline, it made every connection's task
         // as large as an L7 one, and an idle L4 connection 2.5x heavier.
@@ -239,9 +241,7 @@ async fn run(
     let (mut backend, _lease) = match connected {
         Ok(pooled) => {
             metrics.connect_took(connect_started.elapsed());
-            if route.pool.members().len() > 1 {
-                record.backend = Some(pooled.member.backend().to_string());
-            }
+            record.backend = Some(pooled.member.backend().to_string());
             (pooled.stream, pooled.lease)
         }
         Err(failure) => {

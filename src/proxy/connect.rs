@@ -78,26 +78,32 @@ impl PoolFailure {
 }
 
 impl std::fmt::Display for PoolFailure {
-    /// One backend: its error, as a single backend always read. Several:
-    /// `a:1: error; b:2: error`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let [(_, error)] = self.tried.as_slice() {
-            return write!(f, "{error}");
-        }
-        for (i, (backend, error)) in self.tried.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            // An IP backend's connect error already starts with it.
-            let text = error.to_string();
-            if text.starts_with(&format!("{backend}: ")) {
-                f.write_str(&text)?;
-            } else {
-                write!(f, "{backend}: {text}")?;
-            }
-        }
-        Ok(())
+        f.write_str(&tried_text(&self.tried))
     }
+}
+
+/// The backends a connection or request tried and why each failed: one
+/// backend's error as is (as a single backend always read); several as
+/// `a:1: error; b:2: error`, each backend named once (an IP backend's
+/// connect error already starts with it). The L4 close line and the L7
+/// request line both say it this way.
+pub fn tried_text<E: std::fmt::Display>(tried: &[(Backend, E)]) -> String {
+    if let [(_, error)] = tried {
+        return error.to_string();
+    }
+    let mut text = String::new();
+    for (i, (backend, error)) in tried.iter().enumerate() {
+        if i > 0 {
+            text.push_str("; ");
+        }
+        let error = error.to_string();
+        if !error.starts_with(&format!("{backend}: ")) {
+            text.push_str(&format!("{backend}: "));
+        }
+        text.push_str(&error);
+    }
+    text
 }
 
 /// Connects to one of a pool's backends: each in the order the pool picks

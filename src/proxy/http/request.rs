@@ -239,7 +239,7 @@ pub async fn handle(mut req: Request<Incoming>, ctx: &ConnContext) -> Response<D
         }
     }
     let Some(mut response) = response else {
-        log.error = Some(tried_text(&tried));
+        log.error = Some(super::super::connect::tried_text(&tried));
         return reply(
             log,
             StatusCode::BAD_GATEWAY,
@@ -362,19 +362,6 @@ fn copy_parts(parts: &hyper::http::request::Parts) -> hyper::http::request::Part
     copy.version = parts.version;
     copy.headers = parts.headers.clone();
     copy
-}
-
-/// The backends tried and why each failed: one backend's error as is,
-/// several as `a:1: error; b:2: error`.
-fn tried_text(tried: &[(Backend, String)]) -> String {
-    if let [(_, error)] = tried {
-        return error.clone();
-    }
-    tried
-        .iter()
-        .map(|(backend, error)| format!("{backend}: {error}"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// The request's host: `:authority` (HTTP/2, or an absolute-form URI),
