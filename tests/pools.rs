@@ -28,6 +28,11 @@ use common::*;
 /// The listener every test configures (its name in the admin API).
 const LISTENER: &str = "127.0.0.1:0";
 
+/// The blackhole test bounds how long marking down and up takes; the
+/// others (hundreds of connections through debug binaries) would take the
+/// two cores it needs. It runs alone (write); the rest run together (read).
+static TIMED: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 // ---- backends ----------------------------------------------------------------
 
 /// A backend that reads a ClientHello record, answers `NAME\n`, then
@@ -241,6 +246,7 @@ fn count_backend_log(proxy: &Proxy, message: &str, backend: SocketAddr) -> usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn round_robin_serves_every_connection_past_a_refusing_backend_evenly() {
+    let _together = TIMED.read().await;
     let dir = tempfile::tempdir().unwrap();
     let (_dead, dead) = refusing();
     let b = Named::start("B").await;
@@ -332,6 +338,7 @@ async fn round_robin_serves_every_connection_past_a_refusing_backend_evenly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_active_check_marks_a_blackholed_backend_down_then_up_and_metrics_follow() {
+    let _alone = TIMED.write().await;
     let dir = tempfile::tempdir().unwrap();
     let a = Named::with_backlog("A", 1).await;
     let b = Named::start("B").await;
@@ -342,7 +349,7 @@ async fn an_active_check_marks_a_blackholed_backend_down_then_up_and_metrics_fol
             &[a.addr, b.addr],
             "  health_interval = \"1s\"\n  health_fall = 2\n  health_rise = 2\n",
         )],
-        "connect_timeout = \"500ms\"",
+        "connect_timeout = \"300ms\"",
     );
     let addr = proxy.addr();
     let metrics_addr = proxy.metrics_addr();
@@ -408,7 +415,7 @@ async fn an_active_check_marks_a_blackholed_backend_down_then_up_and_metrics_fol
         let took = started.elapsed();
         assert_eq!(name, "B");
         assert!(
-            took < Duration::from_millis(400),
+            took < Duration::from_millis(300),
             "a connection took {took:?}: did it try the blackhole?"
         );
     }
@@ -459,6 +466,7 @@ async fn an_active_check_marks_a_blackholed_backend_down_then_up_and_metrics_fol
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_connections_sends_new_connections_away_from_a_busy_backend() {
+    let _together = TIMED.read().await;
     let dir = tempfile::tempdir().unwrap();
     let a = Named::start("A").await;
     let b = Named::start("B").await;
@@ -552,6 +560,7 @@ fn named_in_error(line: &str, all: &[SocketAddr]) -> Vec<SocketAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_every_backend_down_each_connection_tries_connect_attempts_then_closes_cleanly() {
+    let _together = TIMED.read().await;
     let refusing: Vec<_> = (0..4).map(|_| refusing()).collect();
     let all: Vec<SocketAddr> = refusing.iter().map(|(_, a)| *a).collect();
 
@@ -666,6 +675,7 @@ fn l7_lines(dir: &std::path::Path, pki: &Pki, host: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_l7_health_path_answering_500_takes_its_backend_out() {
+    let _together = TIMED.read().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("pools CA");
     let good = web("good", 200).await;
@@ -715,6 +725,7 @@ async fn an_l7_health_path_answering_500_takes_its_backend_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_l7_request_fails_over_past_a_refusing_backend_body_and_all() {
+    let _together = TIMED.read().await;
     use sha2::{Digest, Sha256};
 
     let dir = tempfile::tempdir().unwrap();
@@ -777,6 +788,7 @@ async fn an_l7_request_fails_over_past_a_refusing_backend_body_and_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_route_catches_unknown_names_and_no_sni_below_exact_and_wildcard() {
+    let _together = TIMED.read().await;
     let dir = tempfile::tempdir().unwrap();
     let exact = Named::start("exact").await;
     let wild = Named::start("wild").await;
@@ -803,6 +815,7 @@ async fn the_default_route_catches_unknown_names_and_no_sni_below_exact_and_wild
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replacing_a_pools_list_under_load_fails_no_connection() {
+    let _together = TIMED.read().await;
     let dir = tempfile::tempdir().unwrap();
     let backends = [
         Named::start("A").await,
