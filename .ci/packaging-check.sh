@@ -141,11 +141,12 @@ check_systemd_policy() {
     local bak=deploy/systemd/mc-proxy-backup.service
     local tmr=deploy/systemd/mc-proxy-backup.timer
     local rc=0 line
-    # shellcheck disable=SC2016 # $MAINPID is systemd's, not ours
+    # NotifyAccess=all: the process `systemctl reload` starts (ExecReload,
+    # `mc-proxy upgrade`) takes over and sends MAINPID= itself.
     for line in \
-        "Type=notify" "NotifyAccess=main" \
+        "Type=notify" "NotifyAccess=all" \
         "ExecStart=/usr/local/bin/mc-proxy server -c /srv/mc-proxy/mc-proxy.toml" \
-        'ExecReload=/bin/kill -HUP $MAINPID' \
+        "ExecReload=/usr/local/bin/mc-proxy upgrade -c /srv/mc-proxy/mc-proxy.toml" \
         "User=mc-proxy" "Group=mc-proxy" \
         "AmbientCapabilities=CAP_NET_BIND_SERVICE" "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" \
         "NoNewPrivileges=true" "ProtectSystem=strict" "ReadWritePaths=/srv/mc-proxy" \
@@ -213,9 +214,17 @@ want = {
     "drop ALL": sc["capabilities"].get("drop") == ["ALL"],
     "add NET_BIND_SERVICE only": sc["capabilities"].get("add") == ["NET_BIND_SERVICE"],
     "terminationGracePeriodSeconds > 30": spec.get("terminationGracePeriodSeconds", 30) > 30,
-    "RollingUpdate maxUnavailable 1": ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1,
-    "readiness via mc-proxy status": c["readinessProbe"]["exec"]["command"][:2] == ["mc-proxy", "status"],
-    "liveness via mc-proxy status": c["livenessProbe"]["exec"]["command"][:2] == ["mc-proxy", "status"],
+    # A surge rollout: the new pod takes the old one's sockets over (SPEC 6.4).
+    "RollingUpdate maxSurge 1": ds["spec"]["updateStrategy"]["rollingUpdate"].get("maxSurge") == 1,
+    "RollingUpdate maxUnavailable 0": ds["spec"]["updateStrategy"]["rollingUpdate"].get("maxUnavailable") == 0,
+    # Declared ports on hostNetwork are host ports: the surge pod would not fit.
+    "no container ports (surge)": not c.get("ports"),
+    "readiness via mc-proxy status --expect-pid 1": c["readinessProbe"]["exec"]["command"][:4] == ["mc-proxy", "status", "--expect-pid", "1"],
+    "startup via mc-proxy status --expect-pid 1": c["startupProbe"]["exec"]["command"][:4] == ["mc-proxy", "status", "--expect-pid", "1"],
+    # Liveness asks whoever answers: an old pod waiting after its handoff
+    # must not be restarted (it would take the sockets back).
+    "liveness via mc-proxy status (any server)": c["livenessProbe"]["exec"]["command"][:2] == ["mc-proxy", "status"]
+        and "--expect-pid" not in c["livenessProbe"]["exec"]["command"],
     "resources": "requests" in c["resources"] and "limits" in c["resources"],
     "hostPath /srv/mc-proxy DirectoryOrCreate": any(
         v.get("hostPath", {}).get("path") == "/srv/mc-proxy"

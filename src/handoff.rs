@@ -9,16 +9,25 @@
 //! 1. new → old: `TAKE 1`
 //! 2. old → new: one `sendmsg` carrying the descriptors (SCM_RIGHTS) and a
 //!    text naming each in order (`listener ADDR-TEXT`, `admin ADDR`,
-//!    `metrics ADDR`), ended by `END`.
+//!    `metrics ADDR`), then `server PID STARTED-UNIX-MS VERSION` (who is
+//!    handing over: not a socket), ended by `END`.
 //! 3. The new process builds its server on them (opens the DB, binds what
-//!    its config adds) and starts serving, then new → old: `SERVING`.
-//! 4. old → new: `BYE`; the old process stops accepting (admin API and
-//!    metrics endpoint at once) and drains as on SIGTERM.
+//!    its config adds), starts serving, and binds its own handoff socket
+//!    under a staging name; then new → old: `SERVING`.
+//! 4. The old process stops its admin API and metrics endpoint, waits for
+//!    the admin calls in flight to be answered, then old → new: `BYE`.
+//! 5. The new process moves its handoff socket over the old one's path
+//!    (a third process finds it from then on: connections queue there
+//!    until it answers), tells systemd it is the main process now
+//!    (`MAINPID`), and closes the connection. The old process waits for
+//!    that close (so that systemd hears of the new main process before the
+//!    old one exits), stops accepting and drains as on SIGTERM.
 //!
 //! If the new process fails before `SERVING`, it exits and the connection
 //! closes: the old process logs a warning and keeps serving (its own copies
-//! of the sockets were never closed). No socket answering (no file, or
-//! ECONNREFUSED): a normal start, which replaces a stale file.
+//! of the sockets were never closed), and the new one's staging file is
+//! removed. No socket answering (no file, or ECONNREFUSED): a normal start,
+//! which replaces a stale file.
 //!
 //! SCM_RIGHTS goes through rustix's safe `sendmsg`/`recvmsg`; the received
 //! descriptors arrive as `OwnedFd` (close-on-exec).
@@ -52,6 +61,9 @@ const MAX_TEXT: usize = 64 * 1024;
 /// How long either side waits for a short answer (`TAKE`, the sockets,
 /// `BYE`).
 const ANSWER_LIMIT: Duration = Duration::from_secs(10);
+/// How long the old process waits, after `BYE`, for the new one to close
+/// the connection.
+const FAREWELL_LIMIT: Duration = Duration::from_secs(5);
 /// How long the old process waits for the new one to start serving (it
 /// opens the DB, reads certificates...).
 const START_LIMIT: Duration = Duration::from_secs(300);
@@ -108,12 +120,16 @@ pub enum HandoffError {
     Refused { path: PathBuf },
     #[error("handoff socket {}: unexpected answer: {answer}", path.display())]
     Protocol { path: PathBuf, answer: String },
+    #[error("handoff socket {}: no server answers there: nothing to take over from (start one with `mc-proxy server`)", path.display())]
+    Nobody { path: PathBuf },
 }
 
 /// The running server's side: its own copies of the sockets to hand over
 /// and what to do once handed over.
 pub struct Offer {
     pub sockets: Vec<(Kind, OwnedFd)>,
+    /// This process, as the new one is told of it.
+    pub server: Predecessor,
     /// Set to `true` when the new process has taken over (the admin API
     /// and the metrics endpoint stop accepting, the admin socket file is
     /// left to the new process).
@@ -123,6 +139,50 @@ pub struct Offer {
     /// calls committed is in the database before the new process re-reads
     /// it.
     pub admin_stopped: Option<watch::Receiver<bool>>,
+}
+
+/// The process that handed its sockets over: what `mc-proxy status` shows
+/// of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Predecessor {
+    pub pid: u32,
+    /// When it started (Unix time, ms).
+    pub started_unix_ms: u64,
+    /// `mc-proxy X.Y.Z`.
+    pub version: String,
+}
+
+impl Predecessor {
+    /// This process.
+    pub fn this(started: std::time::SystemTime) -> Predecessor {
+        Predecessor {
+            pid: std::process::id(),
+            started_unix_ms: started
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            version: format!("mc-proxy {}", crate::version()),
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "server {} {} {}",
+            self.pid, self.started_unix_ms, self.version
+        )
+    }
+
+    /// The rest of a `server` line; `None` if it does not parse.
+    fn parse(rest: &str) -> Option<Predecessor> {
+        let mut parts = rest.splitn(3, ' ');
+        let pid = parts.next()?.parse().ok()?;
+        let started_unix_ms = parts.next()?.parse().ok()?;
+        let version = parts.next().unwrap_or("").chars().take(128).collect();
+        Some(Predecessor {
+            pid,
+            started_unix_ms,
+            version,
+        })
+    }
 }
 
 /// How long `BYE` waits for the admin calls in flight to be answered.
@@ -152,6 +212,8 @@ pub struct Taken {
     path: PathBuf,
     conn: UnixStream,
     pub sockets: Vec<(Kind, OwnedFd)>,
+    /// Who handed them over (`None` if it did not say).
+    pub predecessor: Option<Predecessor>,
 }
 
 /// Asks the server listening on `path` for its sockets. `Ok(None)`: no
@@ -224,7 +286,14 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoffError> {
         }
     }
     let text = String::from_utf8_lossy(&text[..text_len]).into_owned();
-    let lines: Vec<&str> = text.lines().filter(|l| *l != "END").collect();
+    let mut predecessor = None;
+    let mut lines = Vec::new();
+    for line in text.lines().filter(|l| *l != "END") {
+        match line.strip_prefix("server ") {
+            Some(rest) => predecessor = Predecessor::parse(rest),
+            None => lines.push(line),
+        }
+    }
     if lines.len() != fds.len() {
         return Err(HandoffError::Protocol {
             path: path.to_path_buf(),
@@ -242,19 +311,22 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoffError> {
         path: path.to_path_buf(),
         conn,
         sockets,
+        predecessor,
     }))
 }
 
 impl Taken {
     /// Tells the old process this one is serving and waits for its `BYE`.
-    pub fn serving(mut self) -> Result<(), HandoffError> {
+    /// Dropping what this returns closes the connection: the old process
+    /// waits for that before it exits (step 5).
+    pub fn serving(mut self) -> Result<Farewell, HandoffError> {
         let io_error = |source| HandoffError::Io {
             path: self.path.clone(),
             source,
         };
         self.conn.write_all(b"SERVING\n").map_err(io_error)?;
         match read_line(&mut self.conn, 64).map_err(io_error)? {
-            Some(line) if line == "BYE" => Ok(()),
+            Some(line) if line == "BYE" => Ok(Farewell { _conn: self.conn }),
             Some(line) => Err(HandoffError::Protocol {
                 path: self.path,
                 answer: line,
@@ -262,6 +334,12 @@ impl Taken {
             None => Err(HandoffError::Refused { path: self.path }),
         }
     }
+}
+
+/// The handoff connection after `BYE`: the old process exits once it is
+/// dropped (or after a few seconds).
+pub struct Farewell {
+    _conn: UnixStream,
 }
 
 // ---- the running process --------------------------------------------------
@@ -275,23 +353,71 @@ pub struct HandoffServer {
     task: JoinHandle<()>,
 }
 
-/// Binds the handoff socket at `path` (mode 0600, replacing whatever
-/// socket file is there: call it once nobody answered on it, or once the
-/// previous server said `BYE`) and serves `offer` to whoever asks, one at
-/// a time, until a handoff completes or [`HandoffServer::close`].
-pub async fn listen(path: &Path, offer: Offer) -> io::Result<HandoffServer> {
+/// A handoff socket bound under a staging name beside `path` (mode 0600),
+/// not yet where a new process looks: [`Bound::place`] moves it there,
+/// and dropping it unplaced removes the file.
+pub struct Bound {
+    path: PathBuf,
+    staging: Option<PathBuf>,
+    /// `Some` until served.
+    listener: Option<UnixListener>,
+}
+
+/// Binds the handoff socket for `path` under a staging name.
+pub fn bind(path: &Path) -> io::Result<Bound> {
     let mut staging = path.as_os_str().to_os_string();
     staging.push(format!(".{}.new", std::process::id()));
     let staging = PathBuf::from(staging);
     let _ = std::fs::remove_file(&staging);
     let listener = UnixListener::bind(&staging)?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .and_then(|()| std::fs::rename(&staging, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&staging);
-        return Err(e);
+    let bound = Bound {
+        path: path.to_path_buf(),
+        staging: Some(staging),
+        listener: Some(listener),
+    };
+    if let Some(staging) = &bound.staging {
+        std::fs::set_permissions(staging, std::fs::Permissions::from_mode(SOCKET_MODE))?;
     }
-    let identity = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))?;
+    Ok(bound)
+}
+
+impl Bound {
+    /// Moves the socket to its path, replacing whatever socket file is
+    /// there (call it once nobody answered on it, or once the previous
+    /// server said `BYE`). From here connections queue on it.
+    pub fn place(&mut self) -> io::Result<()> {
+        if let Some(staging) = &self.staging {
+            std::fs::rename(staging, &self.path)?;
+            self.staging = None;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some(staging) = self.staging.take() {
+            let _ = std::fs::remove_file(staging);
+        }
+    }
+}
+
+/// Binds the handoff socket at `path` and serves `offer`: [`bind`], then
+/// [`serve`].
+pub async fn listen(path: &Path, offer: Offer) -> io::Result<HandoffServer> {
+    serve(bind(path)?, offer)
+}
+
+/// Places `bound` (if not yet) and serves `offer` to whoever asks, one at
+/// a time, until a handoff completes or [`HandoffServer::close`].
+pub fn serve(mut bound: Bound, offer: Offer) -> io::Result<HandoffServer> {
+    bound.place()?;
+    let path = bound.path.clone();
+    let identity = std::fs::symlink_metadata(&path).map(|m| (m.dev(), m.ino()))?;
+    let listener = bound
+        .listener
+        .take()
+        .ok_or_else(|| io::Error::other("the handoff socket is served already"))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::UnixListener::from_std(listener)?;
     tracing::info!(path = %path.display(), "handoff socket listening");
@@ -343,7 +469,7 @@ pub async fn listen(path: &Path, offer: Offer) -> io::Result<HandoffServer> {
         offer.lock().unwrap_or_else(|e| e.into_inner()).take();
     });
     Ok(HandoffServer {
-        path: path.to_path_buf(),
+        path,
         identity,
         handed_off,
         stop: Some(stop),
@@ -397,7 +523,8 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
             text.push_str(&kind.line());
             text.push('\n');
         }
-        text.push_str("END\n");
+        text.push_str(&offer.server.line());
+        text.push_str("\nEND\n");
         let fds: Vec<BorrowedFd<'_>> = offer.sockets.iter().map(|(_, fd)| fd.as_fd()).collect();
         let mut space =
             vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
@@ -455,7 +582,13 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
     }
     if let Err(e) = stream.write_all(b"BYE\n") {
         tracing::warn!(error = %e, "handoff: cannot say BYE (the new process serves anyway)");
+        return Ok(true);
     }
+    // Step 5: the new process closes the connection once it has told
+    // systemd it is the main process.
+    stream.set_read_timeout(Some(FAREWELL_LIMIT))?;
+    let mut rest = [0u8; 64];
+    while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
     Ok(true)
 }
 

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -62,10 +65,57 @@ struct AdminArgs {
     client_key: Option<PathBuf>,
 }
 
+/// `mc-proxy server`'s arguments.
+#[derive(Args, Clone)]
+struct ServerArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Once a newer process has taken the sockets over and this one has
+    /// drained: exit 0, or wait for SIGTERM/SIGINT and then exit 0 (a
+    /// container's PID 1, whose exit a restart policy would undo)
+    /// [env: MC_PROXY_AFTER_HANDOFF] [default: wait when running as PID 1,
+    /// else exit]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHAT",
+        env = "MC_PROXY_AFTER_HANDOFF",
+        hide_env = true
+    )]
+    after_handoff: Option<AfterHandoff>,
+}
+
+/// What a server does once it has handed its sockets over and drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AfterHandoff {
+    Exit,
+    Wait,
+}
+
+impl AfterHandoff {
+    /// `--after-handoff`, or its default for this process.
+    fn resolve(arg: Option<AfterHandoff>) -> AfterHandoff {
+        arg.unwrap_or(if std::process::id() == 1 {
+            AfterHandoff::Wait
+        } else {
+            AfterHandoff::Exit
+        })
+    }
+
+    fn waits(self) -> bool {
+        self == AfterHandoff::Wait
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Start the proxy (foreground)
-    Server(ConfigArg),
+    /// Start the proxy (foreground); takes over from a server already
+    /// running on the same state directory
+    Server(ServerArgs),
+    /// Start a new server process of this binary that takes over from the
+    /// running one (systemd's ExecReload); exits 0 once it has, 1 if it
+    /// failed (the running server keeps serving)
+    Upgrade(ConfigArg),
     /// Health of a running instance, via the admin API
     Status {
         #[command(flatten)]
@@ -73,6 +123,12 @@ enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+        /// Exit 1 unless the server answering on the admin Unix socket is
+        /// this process ID as seen from here (a pod's readiness probe:
+        /// `--expect-pid 1`, its own server, not a predecessor still
+        /// answering on the shared socket)
+        #[arg(long, value_name = "PID")]
+        expect_pid: Option<u32>,
     },
     /// Consistent DB backup (VACUUM INTO); works while the server runs
     Snapshot {
@@ -271,10 +327,15 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     match cli.command {
-        Command::Server(config) => cmd_server(&config),
+        Command::Server(args) => cmd_server(&args),
+        Command::Upgrade(config) => cmd_upgrade(&config),
         Command::Check(config) => cmd_check(&config),
         Command::Snapshot { config, output } => cmd_snapshot(&config, output),
-        Command::Status { admin, json } => with_admin(&admin, |t| admin_cli::status(t, json)),
+        Command::Status {
+            admin,
+            json,
+            expect_pid,
+        } => with_admin(&admin, |t| admin_cli::status(t, json, expect_pid)),
         Command::Routes(RoutesCommand::List(ListArgs {
             admin,
             listener,
@@ -319,8 +380,8 @@ fn load(config: &ConfigArg) -> Result<Config, ExitCode> {
     })
 }
 
-fn cmd_server(config: &ConfigArg) -> ExitCode {
-    let config = match load(config) {
+fn cmd_server(args: &ServerArgs) -> ExitCode {
+    let config = match load(&args.config) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -334,7 +395,7 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
     {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    let result = serve(config);
+    let result = serve(config, AfterHandoff::resolve(args.after_handoff));
     if let Err(e) = &result {
         // One line on stderr per failure: the plain line below. Under
         // journald the structured record is logged as well.
@@ -359,13 +420,16 @@ fn cmd_server(config: &ConfigArg) -> ExitCode {
 /// [`mc_proxy::handoff`]), then [`App::build`] (the DB, every socket bound
 /// or taken), READY=1, and [`App::run`] until SIGTERM, SIGINT or a handoff
 /// to a newer process. A second signal exits at once with 128 + its number.
-fn serve(config: Config) -> Result<(), ServerError> {
+fn serve(config: Config, after_handoff: AfterHandoff) -> Result<(), ServerError> {
     let runtime = server::runtime()?;
     runtime.block_on(async move {
         let Signals {
             stop: mut stop_signals,
             hangup,
         } = Signals::install().map_err(ServerError::Signals)?;
+        // Started by `mc-proxy upgrade`: told where to report the takeover,
+        // and there must be a server to take over from.
+        let upgrade = std::env::var_os(UPGRADE_NOTIFY_ENV).map(PathBuf::from);
         // A server already running here hands over its sockets (the
         // connection to it stays open until this one serves: if the start
         // fails, closing it tells the old one to carry on).
@@ -376,6 +440,9 @@ fn serve(config: Config) -> Result<(), ServerError> {
                 .await
                 .map_err(|e| ServerError::Runtime(std::io::Error::other(e)))??
         };
+        if upgrade.is_some() && taken.is_none() {
+            return Err(handoff::HandoffError::Nobody { path: handoff_path }.into());
+        }
         let mut inherited = server::Inherited::default();
         let (admin_begin, admin_began) = tokio::sync::oneshot::channel();
         let taken = match taken {
@@ -413,60 +480,248 @@ fn serve(config: Config) -> Result<(), ServerError> {
         let mut app = App::build_inherited(&config, inherited).await?;
         let offer = app.handoff_offer();
         let store = app.store();
+        let stats = app.stats().clone();
         app.reload_on(hangup);
         let exit = app.exit_handle();
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        // First polled once the accept loops run (see `App::run`).
-        let shutdown = async move {
-            if let Some(taken) = taken {
-                match tokio::task::spawn_blocking(move || taken.serving()).await {
-                    Ok(Ok(())) => {
-                        tracing::info!("handoff: the previous server stopped accepting");
-                        // Admin calls it answered after this process
-                        // loaded the tables are in the database now.
-                        if let Err(e) = store.reload().await {
-                            tracing::error!(error = %e, "handoff: cannot re-read the database; admin changes made during the handoff may be missing until a restart");
-                        }
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "handoff: no BYE from the previous server"),
-                    Err(e) => tracing::warn!(error = %e, "handoff: the exchange failed"),
-                }
+        // This process's handoff socket, bound under a staging name now so
+        // that it takes the path the moment the previous server says BYE.
+        let bound = match handoff::bind(&handoff_path) {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                tracing::warn!(
+                    path = %handoff_path.display(),
+                    error = %e,
+                    "cannot listen on the handoff socket; upgrades will not be seamless"
+                );
+                None
             }
-            let _ = admin_begin.send(());
-            let mut handoff_server = match handoff::listen(&handoff_path, offer).await {
-                Ok(listening) => Some(listening),
-                Err(e) => {
-                    tracing::warn!(
-                        path = %handoff_path.display(),
-                        error = %e,
-                        "cannot listen on the handoff socket; upgrades will not be seamless"
-                    );
-                    None
-                }
-            };
-            let handed_off = async {
-                match handoff_server.as_mut() {
-                    Some(listening) => listening.handed_off().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let name = tokio::select! {
-                signal = stop_signals.next() => Some(signal),
-                () = handed_off => None,
-            };
-            if let Some(listening) = handoff_server {
-                listening.close().await;
-            }
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-            tokio::spawn(async move {
-                let second = stop_signals.next().await;
-                tracing::warn!(signal = second.name(), "second signal: exiting at once");
-                exit.now(second.exit_code()).await
-            });
-            name.map_or("handoff", |signal| signal.name())
         };
-        app.run(shutdown).await
+        if taken.is_none() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
+        let handed_off = Arc::new(AtomicBool::new(false));
+        let (stop_asked, mut stop_asked_rx) = tokio::sync::watch::channel(false);
+        // First polled once the accept loops run (see `App::run`).
+        let shutdown = {
+            let handed_off = handed_off.clone();
+            async move {
+                let mut bound = bound;
+                if let Some(taken) = taken {
+                    let predecessor = taken.predecessor.clone();
+                    match tokio::task::spawn_blocking(move || taken.serving()).await {
+                        Ok(Ok(farewell)) => {
+                            if let Some(bound) = bound.as_mut() {
+                                if let Err(e) = bound.place() {
+                                    tracing::warn!(error = %e, "handoff: cannot place this process's handoff socket");
+                                }
+                            }
+                            took_over(&stats, predecessor, upgrade.as_deref());
+                            // The previous server exits once this closes.
+                            drop(farewell);
+                            tracing::info!("handoff: the previous server stopped accepting");
+                            // Admin calls it answered after this process
+                            // loaded the tables are in the database now.
+                            if let Err(e) = store.reload().await {
+                                tracing::error!(error = %e, "handoff: cannot re-read the database; admin changes made during the handoff may be missing until a restart");
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "handoff: no BYE from the previous server");
+                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "handoff: the exchange failed"),
+                    }
+                }
+                let _ = admin_begin.send(());
+                let mut handoff_server = bound.and_then(|bound| {
+                    handoff::serve(bound, offer)
+                        .map_err(|e| {
+                            tracing::warn!(
+                                path = %handoff_path.display(),
+                                error = %e,
+                                "cannot listen on the handoff socket; upgrades will not be seamless"
+                            )
+                        })
+                        .ok()
+                });
+                let newer = async {
+                    match handoff_server.as_mut() {
+                        Some(listening) => listening.handed_off().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let name = tokio::select! {
+                    signal = stop_signals.next() => Some(signal),
+                    () = newer => None,
+                };
+                if let Some(listening) = handoff_server {
+                    listening.close().await;
+                }
+                let waits = name.is_none() && after_handoff.waits();
+                handed_off.store(name.is_none(), Ordering::SeqCst);
+                if !waits {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                }
+                tokio::spawn(async move {
+                    if waits {
+                        // After a handoff the first signal only asks to
+                        // exit once drained.
+                        let first = stop_signals.next().await;
+                        tracing::info!(signal = first.name(), "stop signal after the handoff: exiting once drained");
+                        stop_asked.send_replace(true);
+                    }
+                    let second = stop_signals.next().await;
+                    tracing::warn!(signal = second.name(), "second signal: exiting at once");
+                    exit.now(second.exit_code()).await
+                });
+                name.map_or("handoff", |signal| signal.name())
+            }
+        };
+        app.run(shutdown).await?;
+        if handed_off.load(Ordering::SeqCst) && after_handoff.waits() {
+            tracing::info!("handed off and drained; waiting for SIGTERM or SIGINT to exit (--after-handoff wait)");
+            let _ = stop_asked_rx.wait_for(|asked| *asked).await;
+        }
+        Ok(())
     })
+}
+
+/// The environment variable `mc-proxy upgrade` sets for the server it
+/// starts: the datagram socket to report the takeover on.
+const UPGRADE_NOTIFY_ENV: &str = "MC_PROXY_UPGRADE_NOTIFY";
+
+/// The previous server said BYE: this process is the one serving. Records
+/// it for `mc-proxy status`, tells systemd this is the main process now
+/// (`MAINPID`, with `NotifyAccess=all`), and tells `mc-proxy upgrade`.
+fn took_over(
+    stats: &mc_proxy::metrics::Stats,
+    predecessor: Option<handoff::Predecessor>,
+    upgrade: Option<&std::path::Path>,
+) {
+    let at = std::time::SystemTime::now();
+    let record = match predecessor {
+        Some(p) => mc_proxy::metrics::TookOver {
+            at,
+            pid: p.pid,
+            started_at: std::time::UNIX_EPOCH
+                .checked_add(std::time::Duration::from_millis(p.started_unix_ms)),
+            version: p.version,
+        },
+        None => mc_proxy::metrics::TookOver {
+            at,
+            pid: 0,
+            started_at: None,
+            version: String::new(),
+        },
+    };
+    tracing::info!(
+        predecessor_pid = record.pid,
+        predecessor_version = %record.version,
+        "handoff: took over"
+    );
+    let _ = stats.took_over.set(record);
+    let pid = std::process::id();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::MainPid(pid),
+        sd_notify::NotifyState::Ready,
+    ]);
+    if let Some(path) = upgrade {
+        let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|socket| {
+            socket.send_to(format!("TOOK_OVER=1\nMAINPID={pid}\n").as_bytes(), path)
+        });
+        if let Err(e) = sent {
+            tracing::warn!(path = %path.display(), error = %e, "cannot tell mc-proxy upgrade that the takeover is done");
+        }
+    }
+}
+
+/// How long `mc-proxy upgrade` waits for the new server to take over
+/// before it kills it (below the unit's TimeoutStartSec=120, which bounds
+/// ExecReload).
+const UPGRADE_LIMIT: Duration = Duration::from_secs(100);
+
+/// `mc-proxy upgrade`: checks the config, starts `THIS-BINARY server
+/// --config PATH` with a datagram socket to report on, and waits until that
+/// process has taken over (exit 0; it goes on serving) or has exited
+/// (exit 1; the running server was left untouched). Under systemd the new
+/// process tells systemd it is the main process (`NotifyAccess=all`).
+fn cmd_upgrade(config_arg: &ConfigArg) -> ExitCode {
+    let config = match load(config_arg) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Err(code) = check_certificates(&config) {
+        return code;
+    }
+    let handoff_path = handoff::socket_path(&config);
+    let dir = handoff_path
+        .parent()
+        .map_or_else(|| PathBuf::from("."), |d| d.to_path_buf());
+    let report = dir.join(format!("mc-proxy.upgrade.{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&report);
+    let socket = match std::os::unix::net::UnixDatagram::bind(&report) {
+        Ok(socket) => socket,
+        Err(e) => return fail(1, format!("{}: {e}", report.display())),
+    };
+    let outcome = upgrade_with(config_arg, &socket, &report);
+    let _ = std::fs::remove_file(&report);
+    match outcome {
+        Ok(pid) => {
+            println!(
+                "mc-proxy: the new server (pid {pid}) took over; the previous one drains and exits"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(message) => fail(1, message),
+    }
+}
+
+/// Starts the new server and waits for its report (its pid) or its exit.
+fn upgrade_with(
+    config_arg: &ConfigArg,
+    socket: &std::os::unix::net::UnixDatagram,
+    report: &std::path::Path,
+) -> Result<u32, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("this binary's path: {e}"))?;
+    let mut child = std::process::Command::new(&exe)
+        .arg("server")
+        .arg("--config")
+        .arg(config_arg.path())
+        .env(UPGRADE_NOTIFY_ENV, report)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {} server: {e}", exe.display()))?;
+    let pid = child.id();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + UPGRADE_LIMIT;
+    let mut buf = [0u8; 512];
+    loop {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.lines().any(|l| l == "TOOK_OVER=1") {
+                return Ok(pid);
+            }
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return Err(format!(
+                    "the new server exited ({status}) before taking over; the running server was left serving"
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("waiting for the new server: {e}")),
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "the new server did not take over within {}s; it was killed and the running server was left serving",
+                UPGRADE_LIMIT.as_secs()
+            ));
+        }
+    }
 }
 
 /// Reads and checks the L7 routes' certificates (exit 2 naming the TOML

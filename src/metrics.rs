@@ -666,10 +666,36 @@ impl ListenerMetrics {
 #[derive(Debug)]
 pub struct Stats {
     pub started_at: SystemTime,
+    /// Set once this process has taken over from a predecessor (a
+    /// handoff, SPEC §6.4): when, and from whom.
+    pub took_over: std::sync::OnceLock<TookOver>,
     /// One entry per bound listener, in config order.
     pub listeners: Vec<Arc<ListenerStats>>,
     /// The Prometheus metrics (kept whether or not `[metrics]` serves them).
     pub metrics: Arc<Metrics>,
+}
+
+/// The inode of this process's PID namespace (`/proc/self/ns/pid` reads
+/// `pid:[N]`), 0 if unreadable: with the pid, what tells this server from
+/// one in another container.
+pub fn pid_namespace() -> u64 {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|link| {
+            let text = link.to_string_lossy().into_owned();
+            text.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// A completed takeover: the predecessor stopped accepting at `at`.
+#[derive(Debug, Clone)]
+pub struct TookOver {
+    pub at: SystemTime,
+    pub pid: u32,
+    /// When the predecessor started.
+    pub started_at: Option<SystemTime>,
+    pub version: String,
 }
 
 #[derive(Debug)]
@@ -689,6 +715,7 @@ impl Stats {
         let metrics = Arc::new(Metrics::new(&addrs, &crate::version()));
         Stats {
             started_at: SystemTime::now(),
+            took_over: std::sync::OnceLock::new(),
             listeners: addrs
                 .into_iter()
                 .zip(metrics.listeners().iter().cloned())

@@ -535,6 +535,7 @@ impl App {
     pub fn handoff_offer(&mut self) -> handoff::Offer {
         handoff::Offer {
             sockets: std::mem::take(&mut self.handoff),
+            server: handoff::Predecessor::this(self.stats.started_at),
             moved: self.moved.clone(),
             admin_stopped: self.admin_stopped.clone(),
         }

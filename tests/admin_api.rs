@@ -609,7 +609,10 @@ async fn mtls_requires_a_client_certificate_from_the_configured_ca() {
         addr: addr.clone(),
         tls: no_cert,
     };
-    assert_eq!(cli::status(target.clone(), false).await, ExitCode::from(1));
+    assert_eq!(
+        cli::status(target.clone(), false, None).await,
+        ExitCode::from(1)
+    );
 
     // The refusals did not disturb the server.
     assert!(status_over(&addr, &good).await.is_ok());
@@ -1389,7 +1392,10 @@ async fn cli_commands_return_documented_exit_statuses() {
         cli::routes_list(target.clone(), None, true).await,
         ExitCode::SUCCESS
     );
-    assert_eq!(cli::status(target.clone(), false).await, ExitCode::SUCCESS);
+    assert_eq!(
+        cli::status(target.clone(), false, None).await,
+        ExitCode::SUCCESS
+    );
     assert_eq!(
         cli::routes_remove(target.clone(), ":9".into(), "a.test".into()).await,
         ExitCode::from(1)
@@ -1406,7 +1412,10 @@ async fn cli_commands_return_documented_exit_statuses() {
     running.stop().await;
 
     // Nobody listening any more.
-    assert_eq!(cli::status(target.clone(), true).await, ExitCode::from(1));
+    assert_eq!(
+        cli::status(target.clone(), true, None).await,
+        ExitCode::from(1)
+    );
     let err = client::connect(&target.addr, &target.tls)
         .await
         .unwrap_err();
@@ -1421,5 +1430,5 @@ async fn cli_commands_return_documented_exit_statuses() {
         addr: AdminAddr::Tcp("127.0.0.1:1".parse().unwrap()),
         tls: ClientTls::default(),
     };
-    assert_eq!(cli::status(tcp, false).await, ExitCode::from(2));
+    assert_eq!(cli::status(tcp, false, None).await, ExitCode::from(2));
 }

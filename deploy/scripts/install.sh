@@ -18,7 +18,13 @@
 #     config exists. An existing config or database is never touched.
 #   - systemctl daemon-reload, enable mc-proxy.service and
 #     mc-proxy-backup.timer, only when systemd is the running init.
-#     It does not start or restart anything: do that yourself.
+#   - the upgrade: if mc-proxy is running and the binary or its unit
+#     changed, `systemctl reload mc-proxy`, whose ExecReload is
+#     `mc-proxy upgrade`: a new process of the new binary takes the
+#     listening sockets over (a handoff) and the old one drains and exits;
+#     no connection is refused. A failed new process leaves the old one
+#     serving and the reload fails (this script then exits non-zero).
+#     A stopped service is not started: do that yourself.
 #
 # Testing: with --root DIR (or MC_PROXY_ROOT=DIR) every path is put under DIR
 # and the user creation, chown and systemctl steps are skipped, so it runs
@@ -91,13 +97,16 @@ fi
 [ -x "$binary" ] || die "binary is not executable: $binary"
 
 # install_file MODE SRC DST: copy only when the content or mode differs, so a
-# second run changes nothing (not even mtimes).
+# second run changes nothing (not even mtimes). Sets changed=true when it
+# copied.
+changed=false
 install_file() {
     local mode=$1 src=$2 dst=$3
     if [ -f "$dst" ] && cmp -s "$src" "$dst" && [ "$(stat -c %a "$dst")" = "${mode#0}" ]; then
         log "unchanged  $dst"
         return 0
     fi
+    changed=true
     install -D -m "$mode" "$src" "$dst"
     log "installed  $dst"
 }
@@ -143,12 +152,18 @@ fi
 ensure_dir 0700 "$srv_dir"
 ensure_dir 0700 "$srv_dir/backups"
 
-# 3. Binary and helper.
+# 3. Binary and helper. (`install` replaces the file, so a running binary
+# is not written over: the running process keeps its own copy.)
 install_file 0755 "$binary" "$bin_dir/mc-proxy"
+upgrade=$changed
 install_file 0755 "$script_dir/prune-backups.sh" "$lib_dir/prune-backups.sh"
 
 # 4. Units.
+changed=false
+install_file 0644 "$repo_dir/deploy/systemd/mc-proxy.service" "$unit_dir/mc-proxy.service"
+$changed && upgrade=true
 for unit in "${units[@]}"; do
+    [ "$unit" = mc-proxy.service ] && continue
     install_file 0644 "$repo_dir/deploy/systemd/$unit" "$unit_dir/$unit"
 done
 
@@ -171,7 +186,15 @@ elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     systemctl enable mc-proxy.service mc-proxy-backup.timer
     log "enabled    mc-proxy.service mc-proxy-backup.timer"
     if systemctl is-active --quiet mc-proxy.service; then
-        log "mc-proxy is running: 'systemctl restart mc-proxy' to run the new binary"
+        if $upgrade; then
+            # ExecReload= is `mc-proxy upgrade`: a handoff to the new binary.
+            log "upgrading  mc-proxy.service (systemctl reload: the new binary takes the sockets over)"
+            systemctl reload mc-proxy.service ||
+                die "the new binary did not take over; the running one still serves (journalctl -u mc-proxy)"
+            log "upgraded   mc-proxy.service"
+        else
+            log "unchanged  mc-proxy.service (running; nothing to upgrade)"
+        fi
     else
         log "next: edit $config, then 'systemctl start mc-proxy mc-proxy-backup.timer'"
     fi

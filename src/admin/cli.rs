@@ -91,8 +91,8 @@ pub fn client_target(
 
 // ---- commands -------------------------------------------------------------
 
-/// `mc-proxy status [--json]`
-pub async fn status(target: ClientTarget, json: bool) -> ExitCode {
+/// `mc-proxy status [--json] [--expect-pid PID]`
+pub async fn status(target: ClientTarget, json: bool, expect_pid: Option<u32>) -> ExitCode {
     let mut client = match connect(&target).await {
         Ok(client) => client,
         Err(code) => return code,
@@ -100,6 +100,12 @@ pub async fn status(target: ClientTarget, json: bool) -> ExitCode {
     match client.get_status(proto::GetStatusRequest {}).await {
         Ok(response) => {
             let status = response.into_inner();
+            if let Some(want) = expect_pid {
+                if let Err(message) = answered_by(&status, want) {
+                    eprintln!("mc-proxy: {message}");
+                    return ExitCode::from(1);
+                }
+            }
             let text = if json {
                 to_json(&StatusJson::from(&status))
             } else {
@@ -109,6 +115,27 @@ pub async fn status(target: ClientTarget, json: bool) -> ExitCode {
         }
         Err(status) => refused(&target, &status),
     }
+}
+
+/// Checks that the server that answered `status` is process `want` in
+/// this process's PID namespace. In a pod, `--expect-pid 1` passes for the
+/// container's own server only, not for a predecessor or successor in
+/// another pod answering on the shared socket (its namespace differs).
+fn answered_by(status: &proto::GetStatusResponse, want: u32) -> Result<(), String> {
+    let ours = crate::metrics::pid_namespace();
+    let same_namespace = status.pid_namespace == 0 || ours == 0 || status.pid_namespace == ours;
+    if status.pid == want && same_namespace {
+        return Ok(());
+    }
+    let theirs = if same_namespace {
+        format!("pid {}", status.pid)
+    } else {
+        format!(
+            "pid {} in another PID namespace ({} here, {} there)",
+            status.pid, ours, status.pid_namespace
+        )
+    };
+    Err(format!("the server answering is {theirs}, not pid {want}"))
 }
 
 /// `mc-proxy routes list [--listener ADDR] [--json]`
@@ -453,11 +480,23 @@ fn to_json<T: Serialize>(value: &T) -> String {
 #[derive(Debug, Serialize)]
 struct StatusJson {
     version: String,
+    pid: u32,
+    pid_namespace: u64,
     started_at: Option<String>,
     total_connections: i64,
     active_connections: i64,
     blocked_connections: i64,
     listeners: Vec<ListenerJson>,
+    /// `null` after a plain start.
+    took_over: Option<TakeoverJson>,
+}
+
+#[derive(Debug, Serialize)]
+struct TakeoverJson {
+    at: Option<String>,
+    predecessor_pid: u32,
+    predecessor_started_at: Option<String>,
+    predecessor_version: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -472,6 +511,8 @@ impl From<&proto::GetStatusResponse> for StatusJson {
     fn from(status: &proto::GetStatusResponse) -> Self {
         StatusJson {
             version: status.version.clone(),
+            pid: status.pid,
+            pid_namespace: status.pid_namespace,
             started_at: rfc3339(status.started_at.as_ref()).map(|(_, text)| text),
             total_connections: status.total_connections,
             active_connections: status.active_connections,
@@ -486,6 +527,13 @@ impl From<&proto::GetStatusResponse> for StatusJson {
                     total_connections: l.total_connections,
                 })
                 .collect(),
+            took_over: status.took_over.as_ref().map(|t| TakeoverJson {
+                at: rfc3339(t.at.as_ref()).map(|(_, text)| text),
+                predecessor_pid: t.predecessor_pid,
+                predecessor_started_at: rfc3339(t.predecessor_started_at.as_ref())
+                    .map(|(_, text)| text),
+                predecessor_version: t.predecessor_version.clone(),
+            }),
         }
     }
 }
@@ -659,10 +707,25 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 fn render_status(status: &proto::GetStatusResponse, now: SystemTime) -> String {
     let mut out = format!("version      {}\n", status.version);
+    out.push_str(&format!("pid          {}\n", status.pid));
     if let Some((started, text)) = rfc3339(status.started_at.as_ref()) {
         let up = now.duration_since(started).unwrap_or_default();
         let up = humantime::format_duration(Duration::from_secs(up.as_secs()));
         out.push_str(&format!("started      {text} (up {up})\n"));
+    }
+    match &status.took_over {
+        Some(t) => {
+            let at = rfc3339(t.at.as_ref()).map_or_else(|| "?".to_string(), |(_, text)| text);
+            let version = match t.predecessor_version.as_str() {
+                "" => String::new(),
+                v => format!(", {v}"),
+            };
+            out.push_str(&format!(
+                "took over    at {at} from pid {}{version}\n",
+                t.predecessor_pid
+            ));
+        }
+        None => out.push_str("took over    no (bound its own sockets)\n"),
     }
     out.push_str(&format!(
         "connections  total {}, active {}, blocked {}\n",
@@ -1081,10 +1144,15 @@ mod tests {
             total_connections: 9,
             active_connections: 1,
             blocked_connections: 3,
+            took_over: None,
+            pid: 77,
+            pid_namespace: 4026531836,
         };
         let value: serde_json::Value =
             serde_json::from_str(&to_json(&StatusJson::from(&status))).unwrap();
         assert_eq!(value["started_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(value["pid"], 77);
+        assert_eq!(value["pid_namespace"], 4026531836u64);
         assert_eq!(value["blocked_connections"], 3);
         assert_eq!(value["listeners"][0]["route_count"], 2);
         assert_eq!(value["listeners"][0]["addr"], ":443");
@@ -1094,6 +1162,41 @@ mod tests {
         );
         assert!(human.contains("(up 1h 1m 1s)"), "{human}");
         assert!(human.contains(":443      2       1       9"), "{human}");
+        assert!(human.contains("took over    no"), "{human}");
+        assert_eq!(value["took_over"], serde_json::Value::Null);
+
+        let status = proto::GetStatusResponse {
+            took_over: Some(proto::Takeover {
+                at: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_100,
+                    nanos: 0,
+                }),
+                predecessor_pid: 4242,
+                predecessor_started_at: Some(prost_types::Timestamp {
+                    seconds: 1_600_000_000,
+                    nanos: 0,
+                }),
+                predecessor_version: "mc-proxy 0.0.9".into(),
+            }),
+            ..status
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&to_json(&StatusJson::from(&status))).unwrap();
+        assert_eq!(value["took_over"]["at"], "2023-11-14T22:15:00Z");
+        assert_eq!(value["took_over"]["predecessor_pid"], 4242);
+        assert_eq!(
+            value["took_over"]["predecessor_started_at"],
+            "2020-09-13T12:26:40Z"
+        );
+        assert_eq!(value["took_over"]["predecessor_version"], "mc-proxy 0.0.9");
+        let human = render_status(
+            &status,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_003_662),
+        );
+        assert!(
+            human.contains("took over    at 2023-11-14T22:15:00Z from pid 4242, mc-proxy 0.0.9"),
+            "{human}"
+        );
     }
 
     #[test]

@@ -607,6 +607,14 @@ impl ProxyAdminService for AdminService {
                 total_connections: stats.total_connections(),
                 active_connections: stats.active_connections(),
                 blocked_connections: stats.blocked_connections(),
+                pid: std::process::id(),
+                pid_namespace: crate::metrics::pid_namespace(),
+                took_over: stats.took_over.get().map(|t| proto::Takeover {
+                    at: Some(prost_types::Timestamp::from(t.at)),
+                    predecessor_pid: t.pid,
+                    predecessor_started_at: t.started_at.map(prost_types::Timestamp::from),
+                    predecessor_version: t.version.clone(),
+                }),
             })),
         )
     }
