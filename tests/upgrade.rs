@@ -112,6 +112,47 @@ fn running(pid: u32) -> bool {
     }
 }
 
+/// A second server on `old`'s config (started through `wrapper`, if any)
+/// once it has taken over.
+async fn successor(old: &Proxy, wrapper: Option<fn() -> Command>) -> Proxy {
+    let (dir, config) = (old.dir.clone(), old.config.clone());
+    let new = tokio::task::spawn_blocking(move || match wrapper {
+        Some(wrapper) => Proxy::start_wrapped(wrapper(), &dir, &config),
+        None => Proxy::start_existing(&dir, &config),
+    })
+    .await
+    .unwrap();
+    new.wait_log(
+        &["handoff: the previous server stopped accepting"],
+        Duration::from_secs(10),
+    );
+    new
+}
+
+/// `old` handed over, drained (nothing was open) and waits rather than
+/// exits: a container's restart policy has nothing to restart.
+fn assert_waiting(old: &mut Proxy) {
+    old.wait_log(
+        &["handed off and drained; waiting for SIGTERM"],
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "{}",
+        old.log_text()
+    );
+}
+
+fn assert_exit_0(proxy: &mut Proxy) {
+    let status = proxy.wait_exit(Duration::from_secs(30));
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "{status:?}\n{}",
+        proxy.log_text()
+    );
+}
+
 fn wait_gone(pid: u32, limit: Duration) {
     let deadline = Instant::now() + limit;
     while running(pid) {
@@ -150,12 +191,7 @@ async fn upgrade_starts_a_process_that_takes_over_and_tells_systemd_its_pid() {
     let message = notify.wait_for(&format!("MAINPID={new_pid}"), Duration::from_secs(10));
     assert!(message.contains("READY=1"), "{message}");
     // The old one drains and exits 0.
-    let status = old.wait_exit(Duration::from_secs(30));
-    assert!(
-        matches!(status, Some(s) if s.success()),
-        "{status:?}\n{}",
-        old.log_text()
-    );
+    assert_exit_0(&mut old);
     assert!(old.log_text().contains("signal=\"handoff\""));
 
     // The new one serves the same port, answers the admin API, says when
@@ -273,29 +309,8 @@ async fn after_handoff_wait_keeps_the_old_process_until_a_signal_then_exits_0() 
     let old_pid = old.pid().to_string();
     let (code, _, err) = old.cli(&["status", "--expect-pid", &old_pid]);
     assert_eq!(code, 0, "{err}");
-    let config = old.config.clone();
-    let new = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || Proxy::start_existing(&dir, &config)
-    })
-    .await
-    .unwrap();
-    new.wait_log(
-        &["handoff: the previous server stopped accepting"],
-        Duration::from_secs(10),
-    );
-    // Drained (nothing was open) and waiting, not exited: a container
-    // restart policy has nothing to restart.
-    old.wait_log(
-        &["handed off and drained; waiting for SIGTERM"],
-        Duration::from_secs(20),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        old.child.try_wait().unwrap().is_none(),
-        "{}",
-        old.log_text()
-    );
+    let new = successor(&old, None).await;
+    assert_waiting(&mut old);
     // The new process serves everything meanwhile.
     for _ in 0..5 {
         assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
@@ -313,12 +328,7 @@ async fn after_handoff_wait_keeps_the_old_process_until_a_signal_then_exits_0() 
     let (code, _, err) = old.cli(&["status", "--expect-pid", &new.pid().to_string()]);
     assert_eq!(code, 0, "{err}");
     old.signal("TERM");
-    let status = old.wait_exit(Duration::from_secs(10));
-    assert!(
-        matches!(status, Some(s) if s.success()),
-        "{status:?}\n{}",
-        old.log_text()
-    );
+    assert_exit_0(&mut old);
     new.stop();
 }
 
@@ -369,29 +379,11 @@ async fn as_pid_1_in_containers_the_old_server_waits_and_only_the_new_ones_probe
     let (code, err) = probe_in_namespace_of(old_server, &config);
     assert_eq!(code, 0, "{err}");
 
-    let new = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        let config = config.clone();
-        move || Proxy::start_wrapped(in_pid_namespace(), &dir, &config)
-    })
-    .await
-    .unwrap();
+    let new = successor(&old, Some(in_pid_namespace)).await;
     let new_server = server_pid(new.pid());
-    new.wait_log(
-        &["handoff: the previous server stopped accepting"],
-        Duration::from_secs(10),
-    );
     // PID 1 waits after the handoff by default: its exit would be the
     // container's, which a restart policy undoes.
-    old.wait_log(
-        &["handed off and drained; waiting for SIGTERM"],
-        Duration::from_secs(20),
-    );
-    assert!(
-        old.child.try_wait().unwrap().is_none(),
-        "{}",
-        old.log_text()
-    );
+    assert_waiting(&mut old);
     assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
     // Both are PID 1; only the new container's probe passes.
     let (code, err) = probe_in_namespace_of(old_server, &config);
@@ -401,12 +393,7 @@ async fn as_pid_1_in_containers_the_old_server_waits_and_only_the_new_ones_probe
     assert_eq!(code, 0, "{err}");
 
     send_signal(old_server, "TERM");
-    let status = old.wait_exit(Duration::from_secs(10));
-    assert!(
-        matches!(status, Some(s) if s.success()),
-        "{status:?}\n{}",
-        old.log_text()
-    );
+    assert_exit_0(&mut old);
     assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
     send_signal(new_server, "TERM");
     wait_gone(new_server, Duration::from_secs(20));
