@@ -588,6 +588,87 @@ image_config_check() {
     return "$rc"
 }
 
+# Two containers of the image on one state volume (SPEC 6.4): the second
+# takes the first one's sockets over; the first, PID 1 of its container,
+# drains and waits (no exit for a restart policy to undo) until stopped,
+# then exits 0; only the serving container's `status --expect-pid 1` passes.
+image_handoff() {
+    local image=$1 rc=0 out
+    local state=$work/handoff-state port=18553
+    mkdir -p "$state"
+    cat >"$state/mc-proxy.toml" <<TOML
+[database]
+path = "/srv/mc-proxy/mc-proxy.db"
+
+[[listeners]]
+addr = "127.0.0.1:$port"
+
+  [[listeners.routes]]
+  hostname = "a.test"
+  backend = "127.0.0.1:9"
+
+[grpc]
+addr = "unix:/srv/mc-proxy/mc-proxy.sock"
+TOML
+    chmod 0700 "$state"
+    chmod 0600 "$state/mc-proxy.toml"
+    chown -R 65532:65532 "$state" 2>/dev/null || chmod -R a+rwX "$state"
+    local args=(run -d --runtime runc --network host
+        --ulimit nofile=20000:20000 --ulimit nproc=4096:4096
+        -v "$state:/srv/mc-proxy" "$image")
+    local old new
+    old=$($PODMAN "${args[@]}" 2>&1) || {
+        local code=$?
+        if podman_cannot_run "$code"; then
+            echo "podman run failed ($code): $old"
+            echo "FALLBACK unavailable: the handoff between containers needs containers"
+        fi
+        echo "$old"
+        return 1
+    }
+    # shellcheck disable=SC2317 # called through trap
+    cleanup_handoff() { $PODMAN rm -f "$old" "${new:-}" >/dev/null 2>&1 || true; }
+    trap cleanup_handoff RETURN
+    wait_log() { # CONTAINER TEXT: up to 20 s
+        local i
+        for i in $(seq 1 100); do
+            $PODMAN logs "$1" 2>&1 | grep -qF -- "$2" && return 0
+            sleep 0.2
+        done
+        echo "no '$2' in the log of $1:"
+        $PODMAN logs "$1" 2>&1 | tail -n 20
+        return 1
+    }
+    wait_log "$old" "handoff socket listening" || return 1
+    $PODMAN exec "$old" mc-proxy status --expect-pid 1 >/dev/null ||
+        { echo "the first container's probe failed before the handoff"; rc=1; }
+    new=$($PODMAN "${args[@]}" 2>&1) || { echo "$new"; return 1; }
+    wait_log "$new" "handoff: took over" || rc=1
+    wait_log "$old" "handed off and drained; waiting for SIGTERM" || rc=1
+    sleep 1
+    [ "$($PODMAN inspect --format '{{.State.Running}}' "$old")" = true ] ||
+        { echo "the old container exited after the handoff"; rc=1; }
+    out=$($PODMAN exec "$old" mc-proxy status --expect-pid 1 2>&1) &&
+        { echo "the old container's probe passed after the handoff: $out"; rc=1; }
+    echo "old container's probe: $out"
+    $PODMAN exec "$new" mc-proxy status --expect-pid 1 ||
+        { echo "the new container's probe failed"; rc=1; }
+    $PODMAN stop -t 20 "$old" >/dev/null
+    out=$($PODMAN inspect --format '{{.State.ExitCode}}' "$old")
+    [ "$out" = 0 ] || { echo "the old container exited $out"; rc=1; }
+    # The listener is still there, served by the new container.
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "127.0.0.1:$port refused after the old container stopped"
+        rc=1
+    fi
+    [ "$($PODMAN inspect --format '{{.State.Running}}' "$new")" = true ] ||
+        { echo "the new container is not running"; rc=1; }
+    $PODMAN stop -t 20 "$new" >/dev/null
+    out=$($PODMAN inspect --format '{{.State.ExitCode}}' "$new")
+    [ "$out" = 0 ] || { echo "the new container exited $out"; rc=1; }
+    return "$rc"
+}
+
 image_check_main() {
     local image=${1:?usage: packaging-check.sh image-check IMAGE [VERSION]}
     local version=${2:-$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)}
@@ -599,6 +680,8 @@ image_check_main() {
         image_files "$image"
     check "image runs: mc-proxy --version" image_version "$image" "$version"
     check "image runs: mc-proxy check on mc-proxy.toml.example" image_config_check "$image"
+    check "image: a second container takes over from the first (handoff); the first waits, then exits 0" \
+        image_handoff "$image"
 }
 
 # ------------------------------------------------------------------ main ----
