@@ -36,6 +36,10 @@ pub struct Meter {
     /// Whether a byte with no request in flight arms the deadline (HTTP/1.1
     /// until the connection is upgraded).
     arm_on_read: AtomicBool,
+    /// Whether a request has started on this connection yet, and the wake-up
+    /// for one waiting on the first (a drain: see `drive`).
+    seen_request: AtomicBool,
+    first_request: tokio::sync::Notify,
 }
 
 impl Default for Meter {
@@ -54,6 +58,8 @@ impl Meter {
             headers_since: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             arm_on_read: AtomicBool::new(false),
+            seen_request: AtomicBool::new(false),
+            first_request: tokio::sync::Notify::new(),
         }
     }
 
@@ -80,6 +86,21 @@ impl Meter {
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.headers_since.store(0, Ordering::Relaxed);
+        if !self.seen_request.swap(true, Ordering::Relaxed) {
+            self.first_request.notify_one();
+        }
+    }
+
+    /// Whether a request has started on this connection.
+    pub fn seen_request(&self) -> bool {
+        self.seen_request.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the first request has started (at once if it has).
+    pub async fn first_request(&self) {
+        if !self.seen_request() {
+            self.first_request.notified().await;
+        }
     }
 
     /// A request's response ended (or was dropped).

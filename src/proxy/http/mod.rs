@@ -273,6 +273,12 @@ where
     tokio::pin!(connection);
 
     let mut drained = false;
+    // A drain that came before the connection's first request: the graceful
+    // shutdown waits for that request (or `limits.headers`), since closing
+    // now would fail a client that connected before the drain and has not
+    // sent yet (hyper would drop it unanswered). Then it is served, with
+    // `Connection: close` (HTTP/1.1) or a GOAWAY (HTTP/2).
+    let mut drain_deferred: Option<tokio::time::Instant> = None;
     let mut outcome = Outcome::Relayed;
     let mut detail = None;
     let idle = limits.idle;
@@ -294,6 +300,18 @@ where
             }
             () = draining.cancelled(), if !drained => {
                 drained = true;
+                if meter.seen_request() {
+                    connection.as_mut().graceful_shutdown();
+                } else {
+                    drain_deferred = Some(tokio::time::Instant::now() + limits.headers);
+                }
+            }
+            () = meter.first_request(), if drain_deferred.is_some() => {
+                drain_deferred = None;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = sleep_until_some(drain_deferred) => {
+                drain_deferred = None;
                 connection.as_mut().graceful_shutdown();
             }
             () = tokio::time::sleep_until(idle_at) => {
