@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -20,9 +21,13 @@ use common::*;
 /// one listener on `127.0.0.1:0` routing `a.test` to `backend`, and a
 /// drain long enough for the long relays.
 fn handoff_config(dir: &Path, backend: SocketAddr) -> String {
+    handoff_config_with(dir, &listener("127.0.0.1:0", &[route("a.test", backend)]))
+}
+
+/// [`handoff_config`] with `listeners` (`[[listeners]]` blocks) instead.
+fn handoff_config_with(dir: &Path, listeners: &str) -> String {
     let body = format!(
-        "{}{}{}",
-        listener("127.0.0.1:0", &[route("a.test", backend)]),
+        "{listeners}{}{}",
         METRICS_ANY_PORT,
         proxy_section("shutdown_timeout = \"60s\""),
     );
@@ -36,6 +41,32 @@ fn assert_exit_0(proxy: &mut Proxy, what: &str) {
         "{what} did not exit 0: {status:?}\n{}",
         proxy.log_text()
     );
+}
+
+/// Starts `mc-proxy server -c CONFIG` in `dir` beside the running one (off
+/// the runtime: the start blocks) and waits until it has taken over (the
+/// previous server said BYE).
+async fn take_over(dir: &Path, config: &Path) -> Proxy {
+    let (dir, config) = (dir.to_path_buf(), config.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let new = Proxy::start_existing(&dir, &config);
+        new.wait_log(
+            &["handoff: the previous server stopped accepting"],
+            Duration::from_secs(10),
+        );
+        new
+    })
+    .await
+    .unwrap()
+}
+
+/// A TLS connection to `addr` for `sni` that must reach backend `want`.
+async fn reaches(addr: SocketAddr, sni: &str, pki: &Pki, want: &str) -> Result<(), String> {
+    match who(addr, sni, pki).await {
+        Ok(name) if name == want => Ok(()),
+        Ok(other) => Err(format!("answered by {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A long relay: streams `chunks` pseudo-random chunks through the proxy
@@ -90,45 +121,46 @@ async fn long_relay(
     Ok((sent.finalize().to_vec(), received, got))
 }
 
-/// New TLS connections, one every `every`, until `stop`: counts successes
-/// and failures (a refused, reset or cut connection is a failure).
-fn churn(
-    addr: SocketAddr,
-    pki: Arc<Pki>,
-    every: Duration,
+/// Asserts that a long relay of `chunks` chunks came back whole.
+fn assert_relayed(relay: std::io::Result<(Vec<u8>, Vec<u8>, usize)>, chunks: usize) {
+    let (sent, received, got) = relay.expect("a long relay failed");
+    assert_eq!(got, chunks * 16 * 1024, "a long relay lost bytes");
+    assert_eq!(sent, received, "a long relay's bytes differ");
+}
+
+/// New connections, one every `every`, each made by `attempt(n)` (`n`
+/// counts from 0; `Err` says how it failed: a refused, reset or cut
+/// connection, a wrong answer), until [`Churn::finish`].
+struct Churn {
+    task: tokio::task::JoinHandle<Vec<String>>,
+    ok: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-) -> (
-    tokio::task::JoinHandle<Vec<String>>,
-    Arc<AtomicUsize>,
-    Arc<AtomicUsize>,
-) {
+}
+
+fn churn<F, Fut>(every: Duration, attempt: F) -> Churn
+where
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
     let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let (ok2, failed2) = (ok.clone(), failed.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok2, stop2) = (ok.clone(), stop.clone());
     let task = tokio::spawn(async move {
         let mut tasks = Vec::new();
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !stop.load(Ordering::SeqCst) {
+        let mut n = 0;
+        while !stop2.load(Ordering::SeqCst) {
             ticker.tick().await;
-            let pki = pki.clone();
+            let attempt = attempt(n);
+            n += 1;
             let ok = ok2.clone();
-            let failed = failed2.clone();
             tasks.push(tokio::spawn(async move {
-                match who(addr, "a.test", &pki).await {
-                    Ok(name) if name == "A" => {
-                        ok.fetch_add(1, Ordering::SeqCst);
-                        None
-                    }
-                    Ok(other) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        Some(format!("answered by {other:?}"))
-                    }
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        Some(e.to_string())
-                    }
+                let result = attempt.await;
+                if result.is_ok() {
+                    ok.fetch_add(1, Ordering::SeqCst);
                 }
+                result.err()
             }));
         }
         let mut errors = Vec::new();
@@ -139,7 +171,34 @@ fn churn(
         }
         errors
     });
-    (task, ok, failed)
+    Churn { task, ok, stop }
+}
+
+impl Churn {
+    /// Connections served so far.
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops making connections, waits for those under way; returns how
+    /// many were served and the errors of those that failed.
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let errors = self.task.await.unwrap();
+        (self.ok.load(Ordering::SeqCst), errors)
+    }
+}
+
+/// Keeps the load on after a takeover: at least a second and until every
+/// churn has served more than `served` connections in all (however slow
+/// the machine), within a generous bound.
+async fn keep_load_on(churns: &[&Churn], served: usize) {
+    let after = tokio::time::Instant::now();
+    while after.elapsed() < Duration::from_secs(1)
+        || (churns.iter().any(|c| c.ok() <= served) && after.elapsed() < Duration::from_secs(60))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -154,9 +213,14 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
     assert_eq!(file_mode(&handoff_sock) & 0o777, 0o600);
 
-    let stop = Arc::new(AtomicBool::new(false));
     // ~250 new connections a second.
-    let (churning, ok, failed) = churn(addr, pki.clone(), Duration::from_millis(4), stop.clone());
+    let churning = churn(Duration::from_millis(4), {
+        let pki = pki.clone();
+        move |_| {
+            let pki = pki.clone();
+            async move { reaches(addr, "a.test", &pki, "A").await }
+        }
+    });
     // 10 long relays, each 160 chunks of 16 KiB over ~4 s.
     let relays: Vec<_> = (0..10u64)
         .map(|seed| {
@@ -168,21 +232,8 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    let config = old.config.clone();
     let started = Instant::now();
-    let new = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || {
-            let new = Proxy::start_existing(&dir, &config);
-            new.wait_log(
-                &["handoff: the previous server stopped accepting"],
-                Duration::from_secs(10),
-            );
-            new
-        }
-    })
-    .await
-    .unwrap();
+    let new = take_over(dir.path(), &old.config).await;
     let took = started.elapsed();
     old.wait_log(
         &["handoff: the new process is serving; stopping"],
@@ -208,23 +259,12 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     // The old process stops its admin API at once and leaves the socket file.
     old.wait_log(&["admin API stopped"], Duration::from_secs(10));
 
-    // Keep the load on for a while after the takeover: at least a second
-    // and at least 200 connections served in all (however slow the
-    // machine), within a generous bound.
-    let after = tokio::time::Instant::now();
-    while after.elapsed() < Duration::from_secs(1)
-        || (ok.load(Ordering::SeqCst) <= 200 && after.elapsed() < Duration::from_secs(60))
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    let errors = churning.await.unwrap();
+    keep_load_on(&[&churning], 200).await;
+    let (ok, errors) = churning.finish().await;
     for relay in relays {
-        let (sent, received, got) = relay.await.unwrap().expect("a long relay failed");
-        assert_eq!(got, 160 * 16 * 1024, "a long relay lost bytes");
-        assert_eq!(sent, received, "a long relay's bytes differ");
+        assert_relayed(relay.await.unwrap(), 160);
     }
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let failed = errors.len();
     eprintln!("handoff under load: {ok} connections served, {failed} failed; the new process took over in {took:?}");
     assert!(errors.is_empty(), "{failed} failed connections: {errors:?}");
     assert!(ok > 200, "only {ok} connections in the run");
@@ -279,17 +319,7 @@ async fn a_new_process_that_fails_to_start_leaves_the_old_one_serving() {
     assert!(old.child.try_wait().unwrap().is_none());
 
     // And it can still hand over to a good one.
-    let config = old.config.clone();
-    let mut new = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || Proxy::start_existing(&dir, &config)
-    })
-    .await
-    .unwrap();
-    new.wait_log(
-        &["handoff: the previous server stopped accepting"],
-        Duration::from_secs(10),
-    );
+    let mut new = take_over(dir.path(), &old.config).await;
     assert_exit_0(&mut old, "the old process");
     assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
     new.signal("TERM");
@@ -307,17 +337,7 @@ async fn two_handoffs_in_a_row() {
 
     let mut previous = first;
     for round in 0..2 {
-        let mut next = tokio::task::spawn_blocking({
-            let dir = dir.path().to_path_buf();
-            let config = config.clone();
-            move || Proxy::start_existing(&dir, &config)
-        })
-        .await
-        .unwrap();
-        next.wait_log(
-            &["handoff: the previous server stopped accepting"],
-            Duration::from_secs(10),
-        );
+        let mut next = take_over(dir.path(), &config).await;
         next.wait_log(&["handoff socket listening"], Duration::from_secs(10));
         assert_exit_0(&mut previous, &format!("process {round}"));
         assert_eq!(next.addr(), addr);
