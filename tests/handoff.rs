@@ -1,7 +1,7 @@
 //! The listening-socket handoff through the real binary (SPEC §6.4): a
 //! second `mc-proxy server` on the same state directory takes the running
 //! one's sockets, and the first drains and exits 0; nothing is refused or
-//! cut on the way.
+//! cut on the way. Also: the admin API on TCP with mTLS moves on its port.
 
 mod common;
 
@@ -346,4 +346,91 @@ async fn two_handoffs_in_a_row() {
         drop(next);
     }
     previous.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_on_tcp_with_mtls_is_handed_over_on_the_same_port() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test", "before.test", "late.test"]).await;
+    let d = dir.path();
+    let admin_pki = Pki::new("admin CA");
+    let ca = admin_pki.write_ca(d, "admin-ca");
+    let (server_cert, server_key) = admin_pki.leaf(&["127.0.0.1"]).write(d, "admin-server");
+    let (client_cert, client_key) = admin_pki.leaf(&["admin-cli"]).write(d, "admin-client");
+    // The admin API on an ephemeral loopback port, TLS 1.3 with client
+    // certificates required.
+    let grpc = format!(
+        "[grpc]\naddr = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\n",
+        server_cert.display(),
+        server_key.display(),
+        ca.display(),
+    );
+    let body = format!(
+        "{grpc}{}{}",
+        listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
+        proxy_section("shutdown_timeout = \"60s\""),
+    );
+    let mut old = Proxy::start(d, &config(d, &body));
+    let addr = old.addr();
+    let admin = old.admin_tcp_addr().to_string();
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    let tls_flags = [
+        "--addr".to_string(),
+        admin.clone(),
+        "--ca-cert".into(),
+        ca.display().to_string(),
+        "--client-cert".into(),
+        client_cert.display().to_string(),
+        "--client-key".into(),
+        client_key.display().to_string(),
+    ];
+    let backend_text = backend.addr.to_string();
+    let add_route = |proxy: &Proxy, hostname: &str| {
+        let mut args = routes_add_args("127.0.0.1:0", hostname, &backend_text);
+        args.extend(tls_flags.iter().map(String::as_str));
+        proxy.cli(&args)
+    };
+
+    // The old process answers over mTLS.
+    let (code, out, err) = add_route(&old, "before.test");
+    assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
+    assert_eq!(who(addr, "before.test", &pki).await.unwrap(), "A");
+
+    let new = take_over(d, &old.config).await;
+    new.wait_log(
+        &[
+            "handoff: took the running server's sockets",
+            "listeners=1",
+            "admin=true",
+        ],
+        Duration::from_secs(10),
+    );
+    // The very same admin socket.
+    let line = new.wait_log(&["admin API listening (TLS 1.3)"], Duration::from_secs(5));
+    assert!(line.contains("inherited=true"), "{line}");
+    assert_eq!(new.admin_tcp_addr().to_string(), admin);
+    old.wait_log(&["admin API stopped"], Duration::from_secs(10));
+
+    // After the handoff the same port and certificates reach the new
+    // process: the change is applied (and logged) there.
+    let (code, out, err) = add_route(&new, "late.test");
+    assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
+    new.wait_log(
+        &["admin:", "method=\"AddRoute\"", "late.test"],
+        Duration::from_secs(5),
+    );
+    assert_exit_0(&mut old, "the old process");
+    let text = old.log_text();
+    assert!(text.contains("signal=\"handoff\""), "{text}");
+    assert!(!text.contains("late.test"), "{text}");
+    assert_eq!(who(addr, "late.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(addr, "before.test", &pki).await.unwrap(), "A");
+    let (code, out, err) = new.cli(
+        &[
+            &["status"][..],
+            &tls_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    new.stop();
 }
