@@ -1,7 +1,8 @@
 //! The listening-socket handoff through the real binary (SPEC §6.4): a
 //! second `mc-proxy server` on the same state directory takes the running
 //! one's sockets, and the first drains and exits 0; nothing is refused or
-//! cut on the way. Also: the admin API on TCP with mTLS moves on its port.
+//! cut on the way. Also: the admin API on TCP with mTLS moves on its port,
+//! and a new config that keeps, drops and adds listeners.
 
 mod common;
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use common::*;
 
@@ -198,6 +200,53 @@ async fn keep_load_on(churns: &[&Churn], served: usize) {
         || (churns.iter().any(|c| c.ok() <= served) && after.elapsed() < Duration::from_secs(60))
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `text` and a newline through an echoing connection and reads it
+/// back.
+async fn echo_line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    text: &str,
+) {
+    stream
+        .write_all(format!("{text}\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_line(stream).await.unwrap(), text);
+}
+
+/// Connects to `addr` until the connection is refused (within 10 s): a
+/// listening socket that nobody serves any more must be closed, not left
+/// to queue connections nobody will accept.
+async fn wait_refused(addr: SocketAddr, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            Ok(Err(e)) => panic!("{what}: connecting to {addr}: {e}"),
+            // Accepted (by the old process, before it closed the socket),
+            // or queued: ask again.
+            Ok(Ok(stream)) => drop(stream),
+            Err(_) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {addr} still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (within 10 s) until `done` holds.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -432,5 +481,103 @@ async fn the_admin_api_on_tcp_with_mtls_is_handed_over_on_the_same_port() {
         .concat(),
     );
     assert_eq!(code, 0, "{out}{err}");
+    new.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_config_keeps_one_listener_drops_one_and_adds_one() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test"]).await;
+    let pki = Arc::new(pki);
+    let d = dir.path();
+    // Three ephemeral listeners, told apart by their loopback address.
+    let (l1, l2, l3) = ("127.0.0.1:0", "127.0.0.2:0", "127.0.0.3:0");
+    let routes = [route("a.test", backend.addr)];
+    let two = |a: &str, b: &str| format!("{}{}", listener(a, &routes), listener(b, &routes));
+    let mut old = Proxy::start(d, &handoff_config_with(d, &two(l1, l2)));
+    let (addr1, addr2) = (old.listener(l1), old.listener(l2));
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+
+    // On L2 before the handoff: a long relay (80 chunks over ~2 s) and a
+    // connection held open by the test.
+    let relay = tokio::spawn({
+        let pki = pki.clone();
+        async move { long_relay(addr2, &pki, 7, 80, Duration::from_millis(25)).await }
+    });
+    let mut held = tls_connect(addr2, "a.test", pki.client_config())
+        .await
+        .unwrap();
+    assert_eq!(read_line(&mut held).await.unwrap(), "backend=A");
+    echo_line(&mut held, "before the handoff").await;
+    wait_until("both connections reach the backend", || {
+        backend.accepted.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+
+    let new_config = d.join("new.toml");
+    std::fs::write(&new_config, handoff_config_with(d, &two(l1, l3))).unwrap();
+    let new = take_over(d, &new_config).await;
+    new.wait_log(
+        &[
+            "handoff: took the running server's sockets",
+            "listeners=1",
+            "admin=true",
+            "metrics=true",
+        ],
+        Duration::from_secs(10),
+    );
+    let closed = new.wait_log(
+        &["handoff: a socket the config no longer names was closed"],
+        Duration::from_secs(5),
+    );
+    assert!(closed.contains(&format!("listener {addr2}")), "{closed}");
+    // L1: the very same socket; L3: bound fresh.
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.1:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=true"), "{line}");
+    assert_eq!(new.listener(l1), addr1);
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.3:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=false"), "{line}");
+    let addr3 = new.listener(l3);
+    assert_eq!(who(addr1, "a.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(addr3, "a.test", &pki).await.unwrap(), "A");
+
+    // L2: closed to new connections while the old process still drains
+    // what it accepted there.
+    old.wait_log(
+        &[
+            "shutting down: listeners closed, draining",
+            "signal=\"handoff\"",
+        ],
+        Duration::from_secs(10),
+    );
+    wait_refused(addr2, "L2 after the handoff").await;
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process exited with a connection open:\n{}",
+        old.log_text()
+    );
+    echo_line(&mut held, "after the handoff").await;
+    held.shutdown().await.unwrap();
+    drop(held);
+    assert_relayed(relay.await.unwrap(), 80);
+    assert_exit_0(&mut old, "the old process");
+    old.wait_conns(
+        &["listener=127.0.0.2:0", "outcome=relayed"],
+        2,
+        Duration::from_secs(5),
+    );
+    let refused = TcpStream::connect(addr2).await.unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    assert_eq!(who(addr1, "a.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(addr3, "a.test", &pki).await.unwrap(), "A");
     new.stop();
 }
