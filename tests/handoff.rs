@@ -2,7 +2,8 @@
 //! second `mc-proxy server` on the same state directory takes the running
 //! one's sockets, and the first drains and exits 0; nothing is refused or
 //! cut on the way. Also: the admin API on TCP with mTLS moves on its port,
-//! and a new config that keeps, drops and adds listeners.
+//! a new config that keeps, drops and adds listeners, and PROXY-protocol
+//! and L7 traffic through the switch.
 
 mod common;
 
@@ -13,10 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use common::http::*;
 use common::*;
 
 /// The config of every process here: the admin socket, a metrics endpoint,
@@ -579,5 +582,214 @@ async fn a_new_config_keeps_one_listener_drops_one_and_adds_one() {
     );
     assert_eq!(who(addr1, "a.test", &pki).await.unwrap(), "A");
     assert_eq!(who(addr3, "a.test", &pki).await.unwrap(), "A");
+    new.stop();
+}
+
+/// A connection through a PROXY header from `client` (v1), TLS for
+/// `a.test`: must reach backend A.
+async fn l4_from(addr: SocketAddr, pki: &Pki, client: SocketAddr) -> Result<(), String> {
+    let header = format!(
+        "PROXY TCP4 {} {} {} {}\r\n",
+        client.ip(),
+        addr.ip(),
+        client.port(),
+        addr.port()
+    );
+    let attempt = async {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(header.as_bytes()).await?;
+        let mut tls = tls_over(tcp, "a.test", pki.client_config()).await?;
+        read_line(&mut tls).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(line)) if line == "backend=A" => Ok(()),
+        Ok(Ok(line)) => Err(format!("l4 from {client}: answered {line:?}")),
+        Ok(Err(e)) => Err(format!("l4 from {client}: {e}")),
+        Err(_) => Err(format!("l4 from {client}: timed out")),
+    }
+}
+
+/// An L7 connection to the route `web.test` through a PROXY v2 header
+/// from `client`: TLS done, no request sent yet.
+async fn l7_connect(addr: SocketAddr, pki: &Pki, client: SocketAddr) -> Result<L7Client, String> {
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut header = Vec::new();
+    wire::proxy_protocol::encode_v2(client, addr, &mut header);
+    tcp.write_all(&header)
+        .await
+        .map_err(|e| format!("PROXY header: {e}"))?;
+    L7Client::over(tcp, "web.test", pki, false).await
+}
+
+/// `GET /echo` on `l7` (made by [`l7_connect`] for `client`): must be a
+/// 200 from backend W, which sees `client` in X-Forwarded-For.
+async fn l7_echo(l7: &mut L7Client, client: SocketAddr) -> Result<(), String> {
+    let answer = l7
+        .send(request("GET", "web.test", "/echo", true, Bytes::new()))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let field = |key: &str| {
+        answer
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    let seen = (
+        answer.status.as_u16(),
+        field("backend"),
+        field("x-forwarded-for"),
+    );
+    if seen == (200, Some("W".into()), Some(client.ip().to_string())) {
+        Ok(())
+    } else {
+        Err(format!("answered {answer:?}"))
+    }
+}
+
+/// [`l7_connect`] then [`l7_echo`], within 10 s.
+async fn l7_from(addr: SocketAddr, pki: &Pki, client: SocketAddr) -> Result<(), String> {
+    let attempt = async {
+        let mut l7 = l7_connect(addr, pki, client).await?;
+        l7_echo(&mut l7, client).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("l7 from {client}: {e}")),
+        Err(_) => Err(format!("l7 from {client}: timed out")),
+    }
+}
+
+/// The log lines of `proxies` about the clients that `errors` name (each
+/// error starts `l4 from CLIENT:` or `l7 from CLIENT:`).
+fn log_lines_about(errors: &[String], proxies: &[&Proxy]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for error in errors {
+        let Some(client) = error.split_whitespace().nth(2) else {
+            continue;
+        };
+        let needle = format!("client={} ", client.trim_end_matches(':'));
+        for proxy in proxies {
+            let text = proxy.log_text();
+            lines.extend(
+                text.lines()
+                    .filter(|l| l.contains(&needle))
+                    .map(str::to_string),
+            );
+        }
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_under_traffic_on_a_proxy_protocol_listener_with_an_l7_route() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test"]).await;
+    let pki = Arc::new(pki);
+    let d = dir.path();
+    let web = http_backend("W").await;
+    let leaf = pki.leaf(&["web.test"]);
+    let (cert, key) = (d.join("web.pem"), d.join("web.key"));
+    std::fs::write(&cert, leaf.cert_pem.clone() + &pki.ca_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    // One listener behind an upstream proxy: an L4 route and an L7 route.
+    let routes = [
+        route("a.test", backend.addr),
+        common::peers::l7_route("web.test", web, &cert, &key, ""),
+    ];
+    let toml = handoff_config_with(d, &proxy_protocol_listener("127.0.0.1:0", &routes));
+    let mut old = Proxy::start(d, &toml);
+    let addr = old.addr();
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    // Each connection from a client address of its own, carried in the
+    // PROXY header: L4 ~100 a second (v1), L7 ~50 a second (v2).
+    let l4 = churn(Duration::from_millis(10), {
+        let pki = pki.clone();
+        move |n| {
+            let pki = pki.clone();
+            let client = SocketAddr::from(([198, 51, 100, 1 + (n % 250) as u8], 20000 + n as u16));
+            async move { l4_from(addr, &pki, client).await }
+        }
+    });
+    let l7 = churn(Duration::from_millis(20), {
+        let pki = pki.clone();
+        move |n| {
+            let pki = pki.clone();
+            let client = SocketAddr::from(([203, 0, 113, 1 + (n % 250) as u8], 30000 + n as u16));
+            async move { l7_from(addr, &pki, client).await }
+        }
+    });
+    wait_until("traffic on both routes before the handoff", || {
+        l4.ok() >= 20 && l7.ok() >= 10
+    })
+    .await;
+    // An L7 connection the old process accepted, whose first request
+    // comes only once that process drains.
+    let held_client: SocketAddr = "192.0.2.99:4949".parse().unwrap();
+    let mut held = l7_connect(addr, &pki, held_client).await.unwrap();
+
+    let new = take_over(d, &old.config).await;
+    new.wait_log(
+        &["handoff: took the running server's sockets", "listeners=1"],
+        Duration::from_secs(10),
+    );
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.1:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=true"), "{line}");
+    assert_eq!(new.addr(), addr);
+    old.wait_log(
+        &[
+            "shutting down: listeners closed, draining",
+            "signal=\"handoff\"",
+        ],
+        Duration::from_secs(10),
+    );
+    let held = tokio::time::timeout(Duration::from_secs(10), l7_echo(&mut held, held_client))
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+        .map_err(|e| {
+            format!(
+                "l7 from {held_client}: {e} (its first request sent while the old process drains)"
+            )
+        });
+    keep_load_on(&[&l4, &l7], 100).await;
+    let (l4_ok, l4_errors) = l4.finish().await;
+    let (l7_ok, l7_errors) = l7.finish().await;
+    eprintln!("handoff with PROXY headers: l4 {l4_ok} served, l7 {l7_ok} served");
+    assert_exit_0(&mut old, "the old process");
+    let text = old.log_text();
+    assert!(text.contains("signal=\"handoff\""), "{text}");
+
+    // Only the new process serves now: it still takes the client from the
+    // PROXY header (its close line names it) and its L7 route answers 200
+    // with the header's client in X-Forwarded-For.
+    let client: SocketAddr = "192.0.2.77:4242".parse().unwrap();
+    l4_from(addr, &pki, client).await.unwrap();
+    new.wait_conns(
+        &["client=192.0.2.77:4242 ", "outcome=relayed", "sni=a.test"],
+        1,
+        Duration::from_secs(5),
+    );
+    l7_from(addr, &pki, "192.0.2.88:4343".parse().unwrap())
+        .await
+        .unwrap();
+
+    // Nothing failed on the way: no connection of the churns, and not the
+    // held one.
+    let failures: Vec<String> = l4_errors
+        .into_iter()
+        .chain(l7_errors)
+        .chain(held.err())
+        .collect();
+    let lines = log_lines_about(&failures, &[&old, &new]);
+    assert!(
+        failures.is_empty(),
+        "{} connections failed ({l4_ok} L4 and {l7_ok} L7 served): {failures:#?}\nthe servers' lines about them:\n{}",
+        failures.len(),
+        lines.join("\n")
+    );
     new.stop();
 }
