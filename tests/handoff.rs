@@ -1,28 +1,38 @@
 //! The listening-socket handoff through the real binary (SPEC §6.4): a
 //! second `mc-proxy server` on the same state directory takes the running
 //! one's sockets, and the first drains and exits 0; nothing is refused or
-//! cut on the way.
+//! cut on the way. Also: the admin API on TCP with mTLS moves on its port,
+//! a new config that keeps, drops and adds listeners, and PROXY-protocol
+//! and L7 traffic through the switch.
 
 mod common;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
+use common::http::*;
 use common::*;
 
 /// The config of every process here: the admin socket, a metrics endpoint,
 /// one listener on `127.0.0.1:0` routing `a.test` to `backend`, and a
 /// drain long enough for the long relays.
 fn handoff_config(dir: &Path, backend: SocketAddr) -> String {
+    handoff_config_with(dir, &listener("127.0.0.1:0", &[route("a.test", backend)]))
+}
+
+/// [`handoff_config`] with `listeners` (`[[listeners]]` blocks) instead.
+fn handoff_config_with(dir: &Path, listeners: &str) -> String {
     let body = format!(
-        "{}{}{}",
-        listener("127.0.0.1:0", &[route("a.test", backend)]),
+        "{listeners}{}{}",
         METRICS_ANY_PORT,
         proxy_section("shutdown_timeout = \"60s\""),
     );
@@ -36,6 +46,32 @@ fn assert_exit_0(proxy: &mut Proxy, what: &str) {
         "{what} did not exit 0: {status:?}\n{}",
         proxy.log_text()
     );
+}
+
+/// Starts `mc-proxy server -c CONFIG` in `dir` beside the running one (off
+/// the runtime: the start blocks) and waits until it has taken over (the
+/// previous server said BYE).
+async fn take_over(dir: &Path, config: &Path) -> Proxy {
+    let (dir, config) = (dir.to_path_buf(), config.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let new = Proxy::start_existing(&dir, &config);
+        new.wait_log(
+            &["handoff: the previous server stopped accepting"],
+            Duration::from_secs(10),
+        );
+        new
+    })
+    .await
+    .unwrap()
+}
+
+/// A TLS connection to `addr` for `sni` that must reach backend `want`.
+async fn reaches(addr: SocketAddr, sni: &str, pki: &Pki, want: &str) -> Result<(), String> {
+    match who(addr, sni, pki).await {
+        Ok(name) if name == want => Ok(()),
+        Ok(other) => Err(format!("answered by {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A long relay: streams `chunks` pseudo-random chunks through the proxy
@@ -90,45 +126,46 @@ async fn long_relay(
     Ok((sent.finalize().to_vec(), received, got))
 }
 
-/// New TLS connections, one every `every`, until `stop`: counts successes
-/// and failures (a refused, reset or cut connection is a failure).
-fn churn(
-    addr: SocketAddr,
-    pki: Arc<Pki>,
-    every: Duration,
+/// Asserts that a long relay of `chunks` chunks came back whole.
+fn assert_relayed(relay: std::io::Result<(Vec<u8>, Vec<u8>, usize)>, chunks: usize) {
+    let (sent, received, got) = relay.expect("a long relay failed");
+    assert_eq!(got, chunks * 16 * 1024, "a long relay lost bytes");
+    assert_eq!(sent, received, "a long relay's bytes differ");
+}
+
+/// New connections, one every `every`, each made by `attempt(n)` (`n`
+/// counts from 0; `Err` says how it failed: a refused, reset or cut
+/// connection, a wrong answer), until [`Churn::finish`].
+struct Churn {
+    task: tokio::task::JoinHandle<Vec<String>>,
+    ok: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-) -> (
-    tokio::task::JoinHandle<Vec<String>>,
-    Arc<AtomicUsize>,
-    Arc<AtomicUsize>,
-) {
+}
+
+fn churn<F, Fut>(every: Duration, attempt: F) -> Churn
+where
+    F: Fn(usize) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
     let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let (ok2, failed2) = (ok.clone(), failed.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok2, stop2) = (ok.clone(), stop.clone());
     let task = tokio::spawn(async move {
         let mut tasks = Vec::new();
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !stop.load(Ordering::SeqCst) {
+        let mut n = 0;
+        while !stop2.load(Ordering::SeqCst) {
             ticker.tick().await;
-            let pki = pki.clone();
+            let attempt = attempt(n);
+            n += 1;
             let ok = ok2.clone();
-            let failed = failed2.clone();
             tasks.push(tokio::spawn(async move {
-                match who(addr, "a.test", &pki).await {
-                    Ok(name) if name == "A" => {
-                        ok.fetch_add(1, Ordering::SeqCst);
-                        None
-                    }
-                    Ok(other) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        Some(format!("answered by {other:?}"))
-                    }
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        Some(e.to_string())
-                    }
+                let result = attempt.await;
+                if result.is_ok() {
+                    ok.fetch_add(1, Ordering::SeqCst);
                 }
+                result.err()
             }));
         }
         let mut errors = Vec::new();
@@ -139,7 +176,81 @@ fn churn(
         }
         errors
     });
-    (task, ok, failed)
+    Churn { task, ok, stop }
+}
+
+impl Churn {
+    /// Connections served so far.
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops making connections, waits for those under way; returns how
+    /// many were served and the errors of those that failed.
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let errors = self.task.await.unwrap();
+        (self.ok.load(Ordering::SeqCst), errors)
+    }
+}
+
+/// Keeps the load on after a takeover: at least a second and until every
+/// churn has served more than `served` connections in all (however slow
+/// the machine), within a generous bound.
+async fn keep_load_on(churns: &[&Churn], served: usize) {
+    let after = tokio::time::Instant::now();
+    while after.elapsed() < Duration::from_secs(1)
+        || (churns.iter().any(|c| c.ok() <= served) && after.elapsed() < Duration::from_secs(60))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `text` and a newline through an echoing connection and reads it
+/// back.
+async fn echo_line<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    text: &str,
+) {
+    stream
+        .write_all(format!("{text}\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(read_line(stream).await.unwrap(), text);
+}
+
+/// Connects to `addr` until the connection is refused (within 10 s): a
+/// listening socket that nobody serves any more must be closed, not left
+/// to queue connections nobody will accept.
+async fn wait_refused(addr: SocketAddr, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            Ok(Err(e)) => panic!("{what}: connecting to {addr}: {e}"),
+            // Accepted (by the old process, before it closed the socket),
+            // or queued: ask again.
+            Ok(Ok(stream)) => drop(stream),
+            Err(_) => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {addr} still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (within 10 s) until `done` holds.
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -154,9 +265,14 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
     assert_eq!(file_mode(&handoff_sock) & 0o777, 0o600);
 
-    let stop = Arc::new(AtomicBool::new(false));
     // ~250 new connections a second.
-    let (churning, ok, failed) = churn(addr, pki.clone(), Duration::from_millis(4), stop.clone());
+    let churning = churn(Duration::from_millis(4), {
+        let pki = pki.clone();
+        move |_| {
+            let pki = pki.clone();
+            async move { reaches(addr, "a.test", &pki, "A").await }
+        }
+    });
     // 10 long relays, each 160 chunks of 16 KiB over ~4 s.
     let relays: Vec<_> = (0..10u64)
         .map(|seed| {
@@ -168,21 +284,8 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
         .collect();
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    let config = old.config.clone();
     let started = Instant::now();
-    let new = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || {
-            let new = Proxy::start_existing(&dir, &config);
-            new.wait_log(
-                &["handoff: the previous server stopped accepting"],
-                Duration::from_secs(10),
-            );
-            new
-        }
-    })
-    .await
-    .unwrap();
+    let new = take_over(dir.path(), &old.config).await;
     let took = started.elapsed();
     old.wait_log(
         &["handoff: the new process is serving; stopping"],
@@ -208,23 +311,12 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     // The old process stops its admin API at once and leaves the socket file.
     old.wait_log(&["admin API stopped"], Duration::from_secs(10));
 
-    // Keep the load on for a while after the takeover: at least a second
-    // and at least 200 connections served in all (however slow the
-    // machine), within a generous bound.
-    let after = tokio::time::Instant::now();
-    while after.elapsed() < Duration::from_secs(1)
-        || (ok.load(Ordering::SeqCst) <= 200 && after.elapsed() < Duration::from_secs(60))
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    let errors = churning.await.unwrap();
+    keep_load_on(&[&churning], 200).await;
+    let (ok, errors) = churning.finish().await;
     for relay in relays {
-        let (sent, received, got) = relay.await.unwrap().expect("a long relay failed");
-        assert_eq!(got, 160 * 16 * 1024, "a long relay lost bytes");
-        assert_eq!(sent, received, "a long relay's bytes differ");
+        assert_relayed(relay.await.unwrap(), 160);
     }
-    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let failed = errors.len();
     eprintln!("handoff under load: {ok} connections served, {failed} failed; the new process took over in {took:?}");
     assert!(errors.is_empty(), "{failed} failed connections: {errors:?}");
     assert!(ok > 200, "only {ok} connections in the run");
@@ -279,17 +371,7 @@ async fn a_new_process_that_fails_to_start_leaves_the_old_one_serving() {
     assert!(old.child.try_wait().unwrap().is_none());
 
     // And it can still hand over to a good one.
-    let config = old.config.clone();
-    let mut new = tokio::task::spawn_blocking({
-        let dir = dir.path().to_path_buf();
-        move || Proxy::start_existing(&dir, &config)
-    })
-    .await
-    .unwrap();
-    new.wait_log(
-        &["handoff: the previous server stopped accepting"],
-        Duration::from_secs(10),
-    );
+    let mut new = take_over(dir.path(), &old.config).await;
     assert_exit_0(&mut old, "the old process");
     assert_eq!(who(addr, "a.test", &pki).await.unwrap(), "A");
     new.signal("TERM");
@@ -307,17 +389,7 @@ async fn two_handoffs_in_a_row() {
 
     let mut previous = first;
     for round in 0..2 {
-        let mut next = tokio::task::spawn_blocking({
-            let dir = dir.path().to_path_buf();
-            let config = config.clone();
-            move || Proxy::start_existing(&dir, &config)
-        })
-        .await
-        .unwrap();
-        next.wait_log(
-            &["handoff: the previous server stopped accepting"],
-            Duration::from_secs(10),
-        );
+        let mut next = take_over(dir.path(), &config).await;
         next.wait_log(&["handoff socket listening"], Duration::from_secs(10));
         assert_exit_0(&mut previous, &format!("process {round}"));
         assert_eq!(next.addr(), addr);
@@ -326,4 +398,398 @@ async fn two_handoffs_in_a_row() {
         drop(next);
     }
     previous.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_on_tcp_with_mtls_is_handed_over_on_the_same_port() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test", "before.test", "late.test"]).await;
+    let d = dir.path();
+    let admin_pki = Pki::new("admin CA");
+    let ca = admin_pki.write_ca(d, "admin-ca");
+    let (server_cert, server_key) = admin_pki.leaf(&["127.0.0.1"]).write(d, "admin-server");
+    let (client_cert, client_key) = admin_pki.leaf(&["admin-cli"]).write(d, "admin-client");
+    // The admin API on an ephemeral loopback port, TLS 1.3 with client
+    // certificates required.
+    let grpc = format!(
+        "[grpc]\naddr = \"127.0.0.1:0\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\n",
+        server_cert.display(),
+        server_key.display(),
+        ca.display(),
+    );
+    let body = format!(
+        "{grpc}{}{}",
+        listener("127.0.0.1:0", &[route("a.test", backend.addr)]),
+        proxy_section("shutdown_timeout = \"60s\""),
+    );
+    let mut old = Proxy::start(d, &config(d, &body));
+    let addr = old.addr();
+    let admin = old.admin_tcp_addr().to_string();
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    let tls_flags = [
+        "--addr".to_string(),
+        admin.clone(),
+        "--ca-cert".into(),
+        ca.display().to_string(),
+        "--client-cert".into(),
+        client_cert.display().to_string(),
+        "--client-key".into(),
+        client_key.display().to_string(),
+    ];
+    let backend_text = backend.addr.to_string();
+    let add_route = |proxy: &Proxy, hostname: &str| {
+        let mut args = routes_add_args("127.0.0.1:0", hostname, &backend_text);
+        args.extend(tls_flags.iter().map(String::as_str));
+        proxy.cli(&args)
+    };
+
+    // The old process answers over mTLS.
+    let (code, out, err) = add_route(&old, "before.test");
+    assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
+    assert_eq!(who(addr, "before.test", &pki).await.unwrap(), "A");
+
+    let new = take_over(d, &old.config).await;
+    new.wait_log(
+        &[
+            "handoff: took the running server's sockets",
+            "listeners=1",
+            "admin=true",
+        ],
+        Duration::from_secs(10),
+    );
+    // The very same admin socket.
+    let line = new.wait_log(&["admin API listening (TLS 1.3)"], Duration::from_secs(5));
+    assert!(line.contains("inherited=true"), "{line}");
+    assert_eq!(new.admin_tcp_addr().to_string(), admin);
+    old.wait_log(&["admin API stopped"], Duration::from_secs(10));
+
+    // After the handoff the same port and certificates reach the new
+    // process: the change is applied (and logged) there.
+    let (code, out, err) = add_route(&new, "late.test");
+    assert_eq!((code, out.as_str()), (0, "created\n"), "{err}");
+    new.wait_log(
+        &["admin:", "method=\"AddRoute\"", "late.test"],
+        Duration::from_secs(5),
+    );
+    assert_exit_0(&mut old, "the old process");
+    let text = old.log_text();
+    assert!(text.contains("signal=\"handoff\""), "{text}");
+    assert!(!text.contains("late.test"), "{text}");
+    assert_eq!(who(addr, "late.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(addr, "before.test", &pki).await.unwrap(), "A");
+    let (code, out, err) = new.cli(
+        &[
+            &["status"][..],
+            &tls_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    new.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_config_keeps_one_listener_drops_one_and_adds_one() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test"]).await;
+    let pki = Arc::new(pki);
+    let d = dir.path();
+    // Three ephemeral listeners, told apart by their loopback address.
+    let (l1, l2, l3) = ("127.0.0.1:0", "127.0.0.2:0", "127.0.0.3:0");
+    let routes = [route("a.test", backend.addr)];
+    let two = |a: &str, b: &str| format!("{}{}", listener(a, &routes), listener(b, &routes));
+    let mut old = Proxy::start(d, &handoff_config_with(d, &two(l1, l2)));
+    let (addr1, addr2) = (old.listener(l1), old.listener(l2));
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+
+    // On L2 before the handoff: a long relay (80 chunks over ~2 s) and a
+    // connection held open by the test.
+    let relay = tokio::spawn({
+        let pki = pki.clone();
+        async move { long_relay(addr2, &pki, 7, 80, Duration::from_millis(25)).await }
+    });
+    let mut held = tls_connect(addr2, "a.test", pki.client_config())
+        .await
+        .unwrap();
+    assert_eq!(read_line(&mut held).await.unwrap(), "backend=A");
+    echo_line(&mut held, "before the handoff").await;
+    wait_until("both connections reach the backend", || {
+        backend.accepted.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+
+    let new_config = d.join("new.toml");
+    std::fs::write(&new_config, handoff_config_with(d, &two(l1, l3))).unwrap();
+    let new = take_over(d, &new_config).await;
+    new.wait_log(
+        &[
+            "handoff: took the running server's sockets",
+            "listeners=1",
+            "admin=true",
+            "metrics=true",
+        ],
+        Duration::from_secs(10),
+    );
+    let closed = new.wait_log(
+        &["handoff: a socket the config no longer names was closed"],
+        Duration::from_secs(5),
+    );
+    assert!(closed.contains(&format!("listener {addr2}")), "{closed}");
+    // L1: the very same socket; L3: bound fresh.
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.1:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=true"), "{line}");
+    assert_eq!(new.listener(l1), addr1);
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.3:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=false"), "{line}");
+    let addr3 = new.listener(l3);
+    assert_eq!(who(addr1, "a.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(addr3, "a.test", &pki).await.unwrap(), "A");
+
+    // L2: closed to new connections while the old process still drains
+    // what it accepted there.
+    old.wait_log(
+        &[
+            "shutting down: listeners closed, draining",
+            "signal=\"handoff\"",
+        ],
+        Duration::from_secs(10),
+    );
+    wait_refused(addr2, "L2 after the handoff").await;
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old process exited with a connection open:\n{}",
+        old.log_text()
+    );
+    echo_line(&mut held, "after the handoff").await;
+    held.shutdown().await.unwrap();
+    drop(held);
+    assert_relayed(relay.await.unwrap(), 80);
+    assert_exit_0(&mut old, "the old process");
+    old.wait_conns(
+        &["listener=127.0.0.2:0", "outcome=relayed"],
+        2,
+        Duration::from_secs(5),
+    );
+    let refused = TcpStream::connect(addr2).await.unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    assert_eq!(who(addr1, "a.test", &pki).await.unwrap(), "A");
+    assert_eq!(who(addr3, "a.test", &pki).await.unwrap(), "A");
+    new.stop();
+}
+
+/// A connection through a PROXY header from `client` (v1), TLS for
+/// `a.test`: must reach backend A.
+async fn l4_from(addr: SocketAddr, pki: &Pki, client: SocketAddr) -> Result<(), String> {
+    let header = format!(
+        "PROXY TCP4 {} {} {} {}\r\n",
+        client.ip(),
+        addr.ip(),
+        client.port(),
+        addr.port()
+    );
+    let attempt = async {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(header.as_bytes()).await?;
+        let mut tls = tls_over(tcp, "a.test", pki.client_config()).await?;
+        read_line(&mut tls).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(line)) if line == "backend=A" => Ok(()),
+        Ok(Ok(line)) => Err(format!("l4 from {client}: answered {line:?}")),
+        Ok(Err(e)) => Err(format!("l4 from {client}: {e}")),
+        Err(_) => Err(format!("l4 from {client}: timed out")),
+    }
+}
+
+/// An L7 connection to the route `web.test` through a PROXY v2 header
+/// from `client`: TLS done, no request sent yet.
+async fn l7_connect(addr: SocketAddr, pki: &Pki, client: SocketAddr) -> Result<L7Client, String> {
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut header = Vec::new();
+    wire::proxy_protocol::encode_v2(client, addr, &mut header);
+    tcp.write_all(&header)
+        .await
+        .map_err(|e| format!("PROXY header: {e}"))?;
+    L7Client::over(tcp, "web.test", pki, false).await
+}
+
+/// `GET /echo` on `l7` (made by [`l7_connect`] for `client`): must be a
+/// 200 from backend W, which sees `client` in X-Forwarded-For.
+async fn l7_echo(l7: &mut L7Client, client: SocketAddr) -> Result<(), String> {
+    let answer = l7
+        .send(request("GET", "web.test", "/echo", true, Bytes::new()))
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let field = |key: &str| {
+        answer
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    let seen = (
+        answer.status.as_u16(),
+        field("backend"),
+        field("x-forwarded-for"),
+    );
+    if seen == (200, Some("W".into()), Some(client.ip().to_string())) {
+        Ok(())
+    } else {
+        Err(format!("answered {answer:?}"))
+    }
+}
+
+/// [`l7_connect`] then [`l7_echo`], within 10 s.
+async fn l7_from(addr: SocketAddr, pki: &Pki, client: SocketAddr) -> Result<(), String> {
+    let attempt = async {
+        let mut l7 = l7_connect(addr, pki, client).await?;
+        l7_echo(&mut l7, client).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("l7 from {client}: {e}")),
+        Err(_) => Err(format!("l7 from {client}: timed out")),
+    }
+}
+
+/// The log lines of `proxies` about the clients that `errors` name (each
+/// error starts `l4 from CLIENT:` or `l7 from CLIENT:`).
+fn log_lines_about(errors: &[String], proxies: &[&Proxy]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for error in errors {
+        let Some(client) = error.split_whitespace().nth(2) else {
+            continue;
+        };
+        let needle = format!("client={} ", client.trim_end_matches(':'));
+        for proxy in proxies {
+            let text = proxy.log_text();
+            lines.extend(
+                text.lines()
+                    .filter(|l| l.contains(&needle))
+                    .map(str::to_string),
+            );
+        }
+    }
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_under_traffic_on_a_proxy_protocol_listener_with_an_l7_route() {
+    let (dir, pki, backend) = tls_scene("A", &["a.test"]).await;
+    let pki = Arc::new(pki);
+    let d = dir.path();
+    let web = http_backend("W").await;
+    let leaf = pki.leaf(&["web.test"]);
+    let (cert, key) = (d.join("web.pem"), d.join("web.key"));
+    std::fs::write(&cert, leaf.cert_pem.clone() + &pki.ca_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    // One listener behind an upstream proxy: an L4 route and an L7 route.
+    let routes = [
+        route("a.test", backend.addr),
+        common::peers::l7_route("web.test", web, &cert, &key, ""),
+    ];
+    let toml = handoff_config_with(d, &proxy_protocol_listener("127.0.0.1:0", &routes));
+    let mut old = Proxy::start(d, &toml);
+    let addr = old.addr();
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    // Each connection from a client address of its own, carried in the
+    // PROXY header: L4 ~100 a second (v1), L7 ~50 a second (v2).
+    let l4 = churn(Duration::from_millis(10), {
+        let pki = pki.clone();
+        move |n| {
+            let pki = pki.clone();
+            let client = SocketAddr::from(([198, 51, 100, 1 + (n % 250) as u8], 20000 + n as u16));
+            async move { l4_from(addr, &pki, client).await }
+        }
+    });
+    let l7 = churn(Duration::from_millis(20), {
+        let pki = pki.clone();
+        move |n| {
+            let pki = pki.clone();
+            let client = SocketAddr::from(([203, 0, 113, 1 + (n % 250) as u8], 30000 + n as u16));
+            async move { l7_from(addr, &pki, client).await }
+        }
+    });
+    wait_until("traffic on both routes before the handoff", || {
+        l4.ok() >= 20 && l7.ok() >= 10
+    })
+    .await;
+    // An L7 connection the old process accepted, whose first request
+    // comes only once that process drains.
+    let held_client: SocketAddr = "192.0.2.99:4949".parse().unwrap();
+    let mut held = l7_connect(addr, &pki, held_client).await.unwrap();
+
+    let new = take_over(d, &old.config).await;
+    new.wait_log(
+        &["handoff: took the running server's sockets", "listeners=1"],
+        Duration::from_secs(10),
+    );
+    let line = new.wait_log(
+        &[" listening ", " listener=127.0.0.1:0 "],
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("inherited=true"), "{line}");
+    assert_eq!(new.addr(), addr);
+    old.wait_log(
+        &[
+            "shutting down: listeners closed, draining",
+            "signal=\"handoff\"",
+        ],
+        Duration::from_secs(10),
+    );
+    let held = tokio::time::timeout(Duration::from_secs(10), l7_echo(&mut held, held_client))
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+        .map_err(|e| {
+            format!(
+                "l7 from {held_client}: {e} (its first request sent while the old process drains)"
+            )
+        });
+    keep_load_on(&[&l4, &l7], 100).await;
+    let (l4_ok, l4_errors) = l4.finish().await;
+    let (l7_ok, l7_errors) = l7.finish().await;
+    eprintln!("handoff with PROXY headers: l4 {l4_ok} served, l7 {l7_ok} served");
+    assert_exit_0(&mut old, "the old process");
+    let text = old.log_text();
+    assert!(text.contains("signal=\"handoff\""), "{text}");
+
+    // Only the new process serves now: it still takes the client from the
+    // PROXY header (its close line names it) and its L7 route answers 200
+    // with the header's client in X-Forwarded-For.
+    let client: SocketAddr = "192.0.2.77:4242".parse().unwrap();
+    l4_from(addr, &pki, client).await.unwrap();
+    new.wait_conns(
+        &["client=192.0.2.77:4242 ", "outcome=relayed", "sni=a.test"],
+        1,
+        Duration::from_secs(5),
+    );
+    l7_from(addr, &pki, "192.0.2.88:4343".parse().unwrap())
+        .await
+        .unwrap();
+
+    // Nothing failed on the way: no connection of the churns, and not the
+    // held one.
+    let failures: Vec<String> = l4_errors
+        .into_iter()
+        .chain(l7_errors)
+        .chain(held.err())
+        .collect();
+    let lines = log_lines_about(&failures, &[&old, &new]);
+    assert!(
+        failures.is_empty(),
+        "{} connections failed ({l4_ok} L4 and {l7_ok} L7 served): {failures:#?}\nthe servers' lines about them:\n{}",
+        failures.len(),
+        lines.join("\n")
+    );
+    new.stop();
 }

@@ -15,9 +15,9 @@ use hyper::{HeaderMap, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rustls::ClientConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
-use super::clients::tls_connect;
+use super::clients::tls_over;
 use super::pki::Pki;
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -271,25 +271,36 @@ impl Answer {
 impl L7Client {
     /// Connects with TLS for `sni` (trusting `pki`), HTTP/2 if `h2`.
     pub async fn connect(addr: SocketAddr, sni: &str, pki: &Pki, h2: bool) -> L7Client {
-        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let tls = tls_connect(addr, sni, alpn_client(pki, alpn))
+        let tcp = TcpStream::connect(addr).await.expect("TCP to the L7 route");
+        L7Client::over(tcp, sni, pki, h2)
             .await
-            .expect("TLS to the L7 route");
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`L7Client::connect`] over a connection the caller made (after a
+    /// PROXY header, say); a failure is an `Err` naming the step.
+    pub async fn over(tcp: TcpStream, sni: &str, pki: &Pki, h2: bool) -> Result<L7Client, String> {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = tls_over(tcp, sni, alpn_client(pki, alpn))
+            .await
+            .map_err(|e| format!("TLS to the L7 route: {e}"))?;
         let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        assert_eq!(negotiated.as_deref(), Some(alpn[0]), "ALPN");
+        if negotiated.as_deref() != Some(alpn[0]) {
+            return Err(format!("ALPN: {negotiated:?} instead of {:?}", alpn[0]));
+        }
         let io = TokioIo::new(tls);
         if h2 {
             let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
-                .expect("h2 handshake");
+                .map_err(|e| format!("h2 handshake: {e}"))?;
             tokio::spawn(conn);
-            L7Client::H2(send)
+            Ok(L7Client::H2(send))
         } else {
             let (send, conn) = hyper::client::conn::http1::handshake(io)
                 .await
-                .expect("h1 handshake");
+                .map_err(|e| format!("h1 handshake: {e}"))?;
             tokio::spawn(conn.with_upgrades());
-            L7Client::H1(send)
+            Ok(L7Client::H1(send))
         }
     }
 
