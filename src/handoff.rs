@@ -612,25 +612,37 @@ pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
                     by_addr.push(socket);
                 }
             }
-            Kind::Admin(addr) => match &config.grpc {
-                Some(grpc) if grpc.addr == addr => {
-                    received.admin = Some(match addr {
-                        AdminAddr::Unix(_) => {
-                            crate::admin::server::AdminListener::Unix(UnixListener::from(fd))
-                        }
-                        AdminAddr::Tcp(_) => {
-                            crate::admin::server::AdminListener::Tcp(TcpListener::from(fd))
-                        }
-                    });
+            // The admin API's and the metrics endpoint's sockets: by the
+            // configured address, or (TCP) by the address they are bound to
+            // (the old config said `127.0.0.1:0`, the new one the port it got).
+            Kind::Admin(AdminAddr::Unix(path)) => match &config.grpc {
+                Some(grpc) if grpc.addr == AdminAddr::Unix(path.clone()) => {
+                    received.admin = Some(crate::admin::server::AdminListener::Unix(
+                        UnixListener::from(fd),
+                    ));
                 }
-                _ => received.unused.push(format!("admin {addr}")),
+                _ => received
+                    .unused
+                    .push(format!("admin unix:{}", path.display())),
             },
-            Kind::Metrics(addr) => match &config.metrics {
-                Some(metrics) if metrics.addr == addr => {
-                    received.metrics = Some(TcpListener::from(fd));
+            Kind::Admin(AdminAddr::Tcp(addr)) => {
+                let socket = TcpListener::from(fd);
+                match &config.grpc {
+                    Some(grpc) if names_tcp(&grpc.addr, addr, &socket) => {
+                        received.admin = Some(crate::admin::server::AdminListener::Tcp(socket));
+                    }
+                    _ => received.unused.push(format!("admin {addr}")),
                 }
-                _ => received.unused.push(format!("metrics {addr}")),
-            },
+            }
+            Kind::Metrics(addr) => {
+                let socket = TcpListener::from(fd);
+                match &config.metrics {
+                    Some(metrics) if names_tcp(&AdminAddr::Tcp(metrics.addr), addr, &socket) => {
+                        received.metrics = Some(socket);
+                    }
+                    _ => received.unused.push(format!("metrics {addr}")),
+                }
+            }
         }
     }
     for socket in by_addr {
@@ -657,6 +669,15 @@ pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
     }
     received.listeners = listeners;
     received
+}
+
+/// Whether the configured TCP address `wanted` names a socket handed over
+/// as configured at `was` and bound at `socket`'s address.
+fn names_tcp(wanted: &AdminAddr, was: SocketAddr, socket: &TcpListener) -> bool {
+    let AdminAddr::Tcp(wanted) = wanted else {
+        return false;
+    };
+    *wanted == was || socket.local_addr().is_ok_and(|bound| bound == *wanted)
 }
 
 /// The taken sockets, sorted for the config by [`sort`].

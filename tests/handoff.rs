@@ -484,7 +484,35 @@ async fn the_admin_api_on_tcp_with_mtls_is_handed_over_on_the_same_port() {
         .concat(),
     );
     assert_eq!(code, 0, "{out}{err}");
-    new.stop();
+
+    // A config that names the port the admin API was given (not `:0`)
+    // takes the same socket: matched by its bound address.
+    let pinned = d.join("pinned.toml");
+    std::fs::write(
+        &pinned,
+        std::fs::read_to_string(&new.config).unwrap().replace(
+            "addr = \"127.0.0.1:0\"\ntls_cert",
+            &format!("addr = \"{admin}\"\ntls_cert"),
+        ),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&pinned).unwrap().contains(&admin));
+    let mut new = new;
+    let third = take_over(d, &pinned).await;
+    third.wait_log(
+        &["handoff: took the running server's sockets", "admin=true"],
+        Duration::from_secs(10),
+    );
+    assert_exit_0(&mut new, "the second process");
+    let (code, out, err) = third.cli(
+        &[
+            &["status"][..],
+            &tls_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    third.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
