@@ -253,8 +253,49 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The under-load test's load, from `MC_PROXY_HANDOFF_LOAD=RATE,SECONDS,RELAYS`
+/// (new TLS connections a second, how long in all, long relays streaming
+/// throughout); by default `250,3,10`, what a debug build on two shared
+/// cores keeps up with in `make test`. The bar is `500,10,20`, run
+/// on a release build:
+/// `MC_PROXY_HANDOFF_LOAD=500,10,20 cargo test --release --test handoff under_load -- --nocapture`.
+struct Load {
+    rate: u32,
+    seconds: u64,
+    relays: u64,
+}
+
+impl Load {
+    fn from_env() -> Load {
+        let text = std::env::var("MC_PROXY_HANDOFF_LOAD").unwrap_or_default();
+        let parts: Vec<u64> = text
+            .split(',')
+            .filter_map(|p| p.trim().parse().ok())
+            .collect();
+        match parts[..] {
+            [rate, seconds, relays] if rate > 0 && seconds > 0 => Load {
+                rate: rate as u32,
+                seconds,
+                relays,
+            },
+            _ if text.is_empty() => Load {
+                rate: 250,
+                seconds: 3,
+                relays: 10,
+            },
+            _ => panic!("MC_PROXY_HANDOFF_LOAD={text:?}: want RATE,SECONDS,RELAYS"),
+        }
+    }
+
+    /// Chunks per relay: one every 25 ms for the whole run, and a second more.
+    fn chunks(&self) -> usize {
+        (self.seconds as usize + 1) * 40
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() {
+    let load = Load::from_env();
     let (dir, pki, backend) = tls_scene("A", &["a.test", "late.test"]).await;
     let pki = Arc::new(pki);
     let toml = handoff_config(dir.path(), backend.addr);
@@ -265,24 +306,26 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
     assert_eq!(file_mode(&handoff_sock) & 0o777, 0o600);
 
-    // ~250 new connections a second.
-    let churning = churn(Duration::from_millis(4), {
+    let began = Instant::now();
+    let churning = churn(Duration::from_secs(1) / load.rate, {
         let pki = pki.clone();
         move |_| {
             let pki = pki.clone();
             async move { reaches(addr, "a.test", &pki, "A").await }
         }
     });
-    // 10 long relays, each 160 chunks of 16 KiB over ~4 s.
-    let relays: Vec<_> = (0..10u64)
+    // Long relays, 16 KiB every 25 ms each, for the whole run.
+    let chunks = load.chunks();
+    let relays: Vec<_> = (0..load.relays)
         .map(|seed| {
             let pki = pki.clone();
             tokio::spawn(async move {
-                long_relay(addr, &pki, seed + 1, 160, Duration::from_millis(25)).await
+                long_relay(addr, &pki, seed + 1, chunks, Duration::from_millis(25)).await
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The handoff halfway (at least 800 ms in).
+    tokio::time::sleep(Duration::from_millis((load.seconds * 500).max(800))).await;
 
     let started = Instant::now();
     let new = take_over(dir.path(), &old.config).await;
@@ -312,12 +355,23 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
     old.wait_log(&["admin API stopped"], Duration::from_secs(10));
 
     keep_load_on(&[&churning], 200).await;
+    while began.elapsed() < Duration::from_secs(load.seconds) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let loaded = began.elapsed();
     let (ok, errors) = churning.finish().await;
+    let relayed = relays.len();
     for relay in relays {
-        assert_relayed(relay.await.unwrap(), 160);
+        assert_relayed(relay.await.unwrap(), chunks);
     }
     let failed = errors.len();
-    eprintln!("handoff under load: {ok} connections served, {failed} failed; the new process took over in {took:?}");
+    eprintln!(
+        "handoff under load: {ok} TLS connections in {:.1} s ({:.0}/s, asked {}/s), {failed} failed; {relayed} relays of {} KiB intact; the new process took over in {took:?}",
+        loaded.as_secs_f64(),
+        ok as f64 / loaded.as_secs_f64(),
+        load.rate,
+        chunks * 16,
+    );
     assert!(errors.is_empty(), "{failed} failed connections: {errors:?}");
     assert!(ok > 200, "only {ok} connections in the run");
 
