@@ -380,14 +380,18 @@ fn load(config: &ConfigArg) -> Result<Config, ExitCode> {
     })
 }
 
+/// [`load`], then [`check_certificates`].
+fn load_checked(config: &ConfigArg) -> Result<Config, ExitCode> {
+    let config = load(config)?;
+    check_certificates(&config)?;
+    Ok(config)
+}
+
 fn cmd_server(args: &ServerArgs) -> ExitCode {
-    let config = match load(&args.config) {
+    let config = match load_checked(&args.config) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(code) = check_certificates(&config) {
-        return code;
-    }
     let sink = logging::init(&config.log.level);
     if rustls::crypto::ring::default_provider()
         .install_default()
@@ -646,13 +650,10 @@ const UPGRADE_LIMIT: Duration = Duration::from_secs(100);
 /// (exit 1; the running server was left untouched). Under systemd the new
 /// process tells systemd it is the main process (`NotifyAccess=all`).
 fn cmd_upgrade(config_arg: &ConfigArg) -> ExitCode {
-    let config = match load(config_arg) {
+    let config = match load_checked(config_arg) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(code) = check_certificates(&config) {
-        return code;
-    }
     let handoff_path = handoff::socket_path(&config);
     let dir = handoff_path
         .parent()
@@ -747,13 +748,10 @@ fn check_certificates(config: &Config) -> Result<(), ExitCode> {
 }
 
 fn cmd_check(config: &ConfigArg) -> ExitCode {
-    let config = match load(config) {
+    let config = match load_checked(config) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(code) = check_certificates(&config) {
-        return code;
-    }
     if let Some(path) = &config.firewall.geoip_db {
         if let Err(source) = GeoIp::open(path) {
             let e = ServerError::GeoIp {
