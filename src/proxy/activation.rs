@@ -103,12 +103,4 @@ mod tests {
         let v6 = listener("[::1]:8443");
         assert!(names(&v6, "[::1]:8443".parse().unwrap()));
     }
-
-    #[test]
-    fn nothing_passed_is_nothing_matched() {
-        // The test runner is not socket-activated.
-        let activated = from_env(&[listener("127.0.0.1:8443")]);
-        assert!(activated.matched.is_empty());
-        assert!(activated.ignored.is_empty());
-    }
 }
