@@ -530,8 +530,16 @@ fn serve(config: Config, after_handoff: AfterHandoff) -> Result<(), ServerError>
                             }
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "handoff: no BYE from the previous server");
-                            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                            // The previous server went away (or broke off)
+                            // after handing over: this one serves, alone or
+                            // beside it, and says so.
+                            tracing::warn!(error = %e, "handoff: no BYE from the previous server; serving anyway");
+                            if let Some(bound) = bound.as_mut() {
+                                if let Err(e) = bound.place() {
+                                    tracing::warn!(error = %e, "handoff: cannot place this process's handoff socket");
+                                }
+                            }
+                            took_over(&stats, predecessor, upgrade.as_deref());
                         }
                         Err(e) => tracing::warn!(error = %e, "handoff: the exchange failed"),
                     }
