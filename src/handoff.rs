@@ -586,9 +586,14 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
     }
     // Step 5: the new process closes the connection once it has told
     // systemd it is the main process.
+    // (Nothing more is expected: whatever comes is read and dropped, for
+    // at most FAREWELL_LIMIT in all.)
     stream.set_read_timeout(Some(FAREWELL_LIMIT))?;
+    let deadline = std::time::Instant::now() + FAREWELL_LIMIT;
     let mut rest = [0u8; 64];
-    while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
+    while std::time::Instant::now() < deadline
+        && matches!(stream.read(&mut rest), Ok(n) if n > 0)
+    {}
     Ok(true)
 }
 
