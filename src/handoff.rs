@@ -591,9 +591,8 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
     stream.set_read_timeout(Some(FAREWELL_LIMIT))?;
     let deadline = std::time::Instant::now() + FAREWELL_LIMIT;
     let mut rest = [0u8; 64];
-    while std::time::Instant::now() < deadline
-        && matches!(stream.read(&mut rest), Ok(n) if n > 0)
-    {}
+    while std::time::Instant::now() < deadline && matches!(stream.read(&mut rest), Ok(n) if n > 0) {
+    }
     Ok(true)
 }
 
@@ -693,4 +692,196 @@ pub struct Received {
     pub metrics: Option<TcpListener>,
     /// What no part of the config names (already closed).
     pub unused: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, Path::new("/srv/x/mc-proxy.toml")).unwrap()
+    }
+
+    #[test]
+    fn socket_lines_round_trip_and_malformed_ones_are_refused() {
+        for kind in [
+            Kind::Listener(":443".into()),
+            Kind::Listener("127.0.0.1:0".into()),
+            Kind::Admin(AdminAddr::parse("unix:/srv/x/admin.sock").unwrap()),
+            Kind::Admin(AdminAddr::parse("127.0.0.1:9090").unwrap()),
+            Kind::Metrics("127.0.0.1:9100".parse().unwrap()),
+        ] {
+            assert_eq!(Kind::parse(&kind.line()), Some(kind));
+        }
+        for bad in [
+            "",
+            "listener",
+            "admin nonsense",
+            "metrics :x",
+            "metrics 1.2.3.4",
+            "socket 1.2.3.4:5",
+            "\u{0}\u{0}",
+        ] {
+            assert_eq!(Kind::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_server_line_round_trips_and_bounds_the_version() {
+        let me = Predecessor {
+            pid: 42,
+            started_unix_ms: 1_700_000_000_123,
+            version: "mc-proxy 0.1.0 (abc)".into(),
+        };
+        let line = me.line();
+        let rest = line.strip_prefix("server ").unwrap();
+        assert_eq!(Predecessor::parse(rest), Some(me));
+        assert_eq!(Predecessor::parse("x 1 v"), None);
+        assert_eq!(Predecessor::parse("1 y v"), None);
+        assert_eq!(Predecessor::parse(""), None);
+        let long = format!("1 2 {}", "v".repeat(10_000));
+        assert_eq!(Predecessor::parse(&long).unwrap().version.len(), 128);
+    }
+
+    #[test]
+    fn a_line_is_bounded_and_a_cut_one_is_an_error() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"TAKE 1\nrest").unwrap();
+        drop(b);
+        assert_eq!(read_line(&mut a, 64).unwrap().as_deref(), Some("TAKE 1"));
+        assert_eq!(
+            read_line(&mut a, 64).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(&[b'x'; 100]).unwrap();
+        assert_eq!(
+            read_line(&mut a, 64).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        let (mut a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        assert_eq!(read_line(&mut a, 64).unwrap(), None);
+    }
+
+    /// A fake running server at `path` that answers a `TAKE` with `answer`
+    /// (no descriptors) and then closes.
+    fn answering(path: &Path, answer: Vec<u8>) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let _ = read_line(&mut stream, 64);
+            let _ = stream.write_all(&answer);
+        })
+    }
+
+    #[test]
+    fn taking_from_a_broken_or_hostile_server_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET_NAME);
+        // Nobody there: a normal start.
+        assert!(take(&path).unwrap().is_none());
+        // A stale file nobody listens on: a normal start too.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(take(&path).unwrap().is_none());
+        std::fs::remove_file(&path).unwrap();
+
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            // Closes without a word.
+            (Vec::new(), "closed the connection"),
+            // Names a socket but passes none.
+            (
+                b"listener :443\nEND\n".to_vec(),
+                "1 sockets named, 0 passed",
+            ),
+            // Never says END.
+            (b"listener :443\n".to_vec(), "closed the connection"),
+            // An endless list.
+            (vec![b'x'; MAX_TEXT + 10], "too long"),
+        ];
+        for (answer, want) in cases {
+            let _ = std::fs::remove_file(&path);
+            let server = answering(&path, answer);
+            let err = match take(&path) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("took from a server that answered badly ({want})"),
+            };
+            assert!(err.contains(want), "{err} (want {want})");
+            server.join().unwrap();
+        }
+        // No sockets, only who it is: nothing taken, the predecessor known.
+        let _ = std::fs::remove_file(&path);
+        let server = answering(&path, b"server 7 8 mc-proxy 9\nEND\n".to_vec());
+        let taken = take(&path).unwrap().unwrap();
+        assert!(taken.sockets.is_empty());
+        assert_eq!(taken.predecessor.as_ref().map(|p| p.pid), Some(7));
+        server.join().unwrap();
+        // ... and its start failing (the connection closed before
+        // SERVING) is what the old process sees as "did not take over".
+        drop(taken);
+    }
+
+    fn offer() -> (Mutex<Option<Offer>>, watch::Receiver<bool>) {
+        let (moved, moved_rx) = watch::channel(false);
+        let offer = Offer {
+            sockets: Vec::new(),
+            server: Predecessor::this(std::time::SystemTime::now()),
+            moved,
+            admin_stopped: None,
+        };
+        (Mutex::new(Some(offer)), moved_rx)
+    }
+
+    #[test]
+    fn the_running_server_ignores_a_wrong_request_and_survives_a_new_one_that_leaves() {
+        let (offer, moved) = offer();
+        // An unknown request: nothing sent, still offering.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"GIVE ME EVERYTHING\n").unwrap();
+        assert!(!give(a, &offer).unwrap());
+        assert!(offer.lock().unwrap().is_some());
+        // A new process that takes and then goes away before SERVING.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"TAKE 1\n").unwrap();
+        let new = std::thread::spawn(move || {
+            let mut text = vec![0u8; 4096];
+            let n = b.read(&mut text).unwrap();
+            String::from_utf8_lossy(&text[..n]).into_owned()
+        });
+        assert!(give(a, &offer).is_err());
+        let sent = new.join().unwrap();
+        assert!(sent.starts_with("server "), "{sent}");
+        assert!(!*moved.borrow(), "the admin API stopped for a failed start");
+        assert!(offer.lock().unwrap().is_some());
+    }
+
+    #[test]
+    fn received_sockets_are_sorted_by_text_then_by_bound_address() {
+        let one = TcpListener::bind("127.0.0.1:0").unwrap();
+        let two = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stray = TcpListener::bind("127.0.0.1:0").unwrap();
+        let two_addr = two.local_addr().unwrap();
+        let cfg = config(&format!(
+            "[database]\npath = \"/srv/x/mc-proxy.db\"\n\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\n\n\
+             [[listeners]]\naddr = \"{two_addr}\"\n"
+        ));
+        let received = sort(
+            &cfg,
+            vec![
+                (Kind::Listener("127.0.0.1:0".into()), OwnedFd::from(one)),
+                // Configured as :0 before, named by its port now.
+                (Kind::Listener("127.0.0.2:0".into()), OwnedFd::from(two)),
+                (Kind::Listener("127.0.0.3:0".into()), OwnedFd::from(stray)),
+                (
+                    Kind::Metrics("127.0.0.1:9100".parse().unwrap()),
+                    OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap()),
+                ),
+            ],
+        );
+        let texts: Vec<&str> = received.listeners.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, ["127.0.0.1:0", two_addr.to_string().as_str()]);
+        assert_eq!(received.unused.len(), 2, "{:?}", received.unused);
+        assert!(received.metrics.is_none());
+    }
 }
