@@ -94,7 +94,7 @@
 use std::fmt;
 use std::ops::Range;
 
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod build;
 #[cfg(feature = "testing")]
 pub mod checks;
