@@ -65,9 +65,22 @@
 //!   [`MAX_CRYPTO_LEN`] is [`Reject::CryptoTooLarge`]. The stream carries
 //!   the handshake messages without TLS records: once the contiguous prefix
 //!   from offset 0 holds the whole ClientHello message it is read by
-//!   [`hello::parse_message`], the TCP reader's
-//!   checks; its rejections are [`Reject::Hello`]. A wrong handshake type or
-//!   an impossible length is known from the first four bytes.
+//!   [`hello::parse_message`], with the TCP reader's checks; its rejections
+//!   are [`Reject::Hello`]. A wrong handshake type or an impossible length
+//!   is known from the first four bytes.
+//!
+//! # Order
+//!
+//! Once all of a flow's datagrams are in, the answer does not depend on the
+//! order they came in — need-more, or `Done` with the same fields — but for
+//! what follows from answering as soon as the hello is whole and from
+//! stopping at the first problem: when the datagrams hold several problems,
+//! which one is named may depend on the order, and a datagram at odds with
+//! the others (another DCID, conflicting CRYPTO bytes) rejects the flow
+//! only if it comes before the hello is whole. Packet numbers are decoded
+//! against the largest one decrypted, so an Initial reordered by more than
+//! half the window of its packet number's encoding fails to decrypt; a
+//! client's few first Initials are far from that.
 //!
 //! Not checked here: the 1,200-byte minimum of a datagram carrying a client
 //! Initial (RFC 9000 §14.1), which is the caller's to apply to a flow's

@@ -622,6 +622,37 @@ fn overlapping_crypto_ranges_must_agree() {
     }
 }
 
+/// The `quic_initial` fuzz target's first finding: the checks demanded the
+/// same rejection in every order, but a datagram can hold two problems.
+#[test]
+fn a_rejection_may_name_another_problem_in_another_order() {
+    let client = client(Version::V1);
+    let first = client.initial(0, &build::crypto(0, &[1, 0, 0, 9]));
+    let mut second = build::crypto(2, &[1]);
+    second.push(0x22);
+    let second = client.initial(1, &second);
+    assert_eq!(read_last(&[&first, &second]), Err(Reject::CryptoConflict));
+    assert_eq!(
+        read_last(&[&second, &first]),
+        Err(Reject::ForbiddenFrame(0x22))
+    );
+    checks::check(&checks::join(&[&build::crypto(0, &[1, 0, 0, 9]), &{
+        let mut second = build::crypto(2, &[1]);
+        second.push(0x22);
+        second
+    }]));
+}
+
+/// The second finding: after a datagram holding a whole hello, one at odds
+/// with it is never read; before it, it rejects the flow.
+#[test]
+fn a_whole_hello_first_is_done_before_a_datagram_at_odds_with_it() {
+    assert_eq!(read_last(&[CHROMIUM_1, AIOQUIC]), Err(Reject::OtherFlow));
+    let hello = done(read_all(&[AIOQUIC, CHROMIUM_1]).remove(0));
+    assert_eq!(hello.sni.as_deref(), Some("h3-aioquic.test"));
+    checks::check(&checks::join(&[CHROMIUM_1, AIOQUIC]));
+}
+
 #[test]
 fn frames_not_allowed_in_an_initial_are_rejected() {
     let client = client(Version::V1);
@@ -1011,4 +1042,68 @@ fn display_names_the_reason() {
     );
     assert_eq!(ConnectionId::new(&[0xab, 1]).unwrap().to_string(), "ab01");
     assert_eq!(ConnectionId::new(&[0; 21]), None);
+}
+
+// ---- the fuzz seed corpus --------------------------------------------------
+
+/// Writes the `quic_initial` fuzz target's seeds into `$QUIC_SEED_DIR`
+/// (run by hand: `QUIC_SEED_DIR=fuzz/corpus/quic_initial cargo test -p
+/// mc-proxy-wire --lib write_fuzz_seeds -- --ignored`): the datagrams of
+/// tests/data/quic/ as they are, Chromium's pair as one input, built
+/// Initials, and plaintext inputs (frames the checks encrypt; see
+/// `quic::checks`).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let dir = std::path::PathBuf::from(std::env::var("QUIC_SEED_DIR").expect("QUIC_SEED_DIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let message = message("seed.test", 0);
+    let v2 = client(Version::V2);
+    let mut coalesced = build::long_packet(Version::V2, PacketKind::ZeroRtt, DCID, SCID, &[1; 20]);
+    coalesced.extend(v2.initial(0, &build::crypto(40, &message[40..])));
+    coalesced.extend(build::long_packet(
+        Version::V2,
+        PacketKind::Handshake,
+        DCID,
+        SCID,
+        &[2; 20],
+    ));
+    coalesced.extend([0; 64]);
+    let mut first = build::crypto(0, &message[..40]);
+    first.extend(build::ack(2, 0, &[], Some([1, 0, 0])));
+    let small: Vec<u8> = (0..message.len())
+        .rev()
+        .flat_map(|at| build::crypto(at as u64, &message[at..at + 1]))
+        .collect();
+    let mut split_payload = vec![PING];
+    split_payload.extend(build::crypto(60, &message[60..]));
+    split_payload.extend([PADDING; 8]);
+    split_payload.extend(build::crypto(0, &message[..70]));
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("aioquic", AIOQUIC.to_vec()),
+        ("chromium-1", CHROMIUM_1.to_vec()),
+        ("chromium-2", CHROMIUM_2.to_vec()),
+        ("chromium-pair", checks::join(&[CHROMIUM_1, CHROMIUM_2])),
+        ("rfc9001-a2", RFC9001_A2.to_vec()),
+        ("rfc9369-a2", RFC9369_A2.to_vec()),
+        ("built-v1", client(Version::V1).datagram(&message)),
+        (
+            "built-v2-coalesced",
+            checks::join(&[&coalesced, &v2.initial(1, &first)]),
+        ),
+        (
+            "plain-one-frame",
+            checks::join(&[&build::crypto(0, &message)]),
+        ),
+        ("plain-two-packets", checks::join(&[&split_payload, &first])),
+        ("plain-one-byte-frames", checks::join(&[&small])),
+        (
+            "plain-forbidden",
+            checks::join(&[&[0x06, 0x00, 0x01, 0x01, 0x1c, 0x00, 0x00, 0x00]]),
+        ),
+    ];
+    for (name, data) in seeds {
+        checks::check(&data);
+        std::fs::write(dir.join(name), data).unwrap();
+    }
 }
