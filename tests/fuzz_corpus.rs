@@ -53,6 +53,14 @@ fn check_hello(data: &[u8]) {
     wire::hello::checks::check(data);
 }
 
+/// The QUIC Initial reader: the `quic_initial` fuzz target's own checks
+/// (`wire::quic::checks`: the datagrams as they are and as encrypted
+/// plaintext frames; answers repeated, skipped datagrams inert, any order
+/// the same, v1 and v2 alike, a re-encrypted hello the same).
+fn check_quic_initial(data: &[u8]) {
+    wire::quic::checks::check(data);
+}
+
 /// The admin socket's `:authority` rewriter: the `authority` fuzz target's
 /// own checks (`wire::authority::checks`: chunked feeding gives the answer
 /// of one call, its output is accepted and unchanged by a second pass).
@@ -134,6 +142,7 @@ macro_rules! replay {
 
 replay! {
     hello => check_hello;
+    quic_initial => check_quic_initial;
     config => check_config;
     proxy_protocol => check_proxy_protocol;
     authority => check_authority;

@@ -14,6 +14,9 @@
 //! - `Err(reject)`: the bytes seen so far cannot begin a valid ClientHello.
 //!
 //! [`parse`] is the same for one buffer: `HelloReader::new().advance(buf)`.
+//! [`parse_message`] reads the handshake message without records, as QUIC's
+//! CRYPTO stream carries it (for the QUIC Initial reader), with the same
+//! checks and answers.
 //!
 //! # When a rejection is known
 //!
@@ -91,7 +94,7 @@
 use std::fmt;
 use std::ops::Range;
 
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod build;
 #[cfg(feature = "testing")]
 pub mod checks;
@@ -206,6 +209,49 @@ impl std::error::Error for Reject {}
 /// module documentation for what is accepted.
 pub fn parse(buf: &[u8]) -> Result<Parse, Reject> {
     HelloReader::new().advance(buf)
+}
+
+/// Reads a ClientHello handshake message given without TLS records, as
+/// QUIC's CRYPTO stream carries it (RFC 9001 §4): `message` is the stream
+/// from its first byte. The checks are those of [`parse`] on the same
+/// message framed in records, made in the same byte order, so the answer is
+/// the same: `NeedMore` while the message is not all in `message`, `Done`
+/// once it is, or the first problem. A `Done`'s
+/// [`record_len`](ClientHello::record_len) is the message length, its 4-byte
+/// header included; bytes after it are not looked at.
+///
+/// Not incremental: each call reads `message` from its start (the QUIC
+/// Initial reader calls it once, when the whole message is in, and on at
+/// most 4 bytes before that).
+pub fn parse_message(message: &[u8]) -> Result<Parse, Reject> {
+    let Some(&handshake_type) = message.first() else {
+        return Ok(Parse::NeedMore);
+    };
+    if handshake_type != HANDSHAKE_TYPE_CLIENT_HELLO {
+        return Err(Reject::NotClientHello);
+    }
+    let Some(&[_, high, mid, low]) = message.first_chunk::<HANDSHAKE_HEADER_LEN>() else {
+        return Ok(Parse::NeedMore);
+    };
+    let body_len = u24(high, mid, low);
+    if body_len > MAX_HELLO_LEN {
+        return Err(Reject::TooLarge);
+    }
+    let msg_len = HANDSHAKE_HEADER_LEN + body_len;
+    let body = &message[HANDSHAKE_HEADER_LEN..message.len().min(msg_len)];
+    work(body.len());
+    let mut found = Found::default();
+    let mut seen = Vec::new();
+    let mut checked = Body::Head;
+    let complete = checked.advance(body, body_len, &mut found, &mut seen)?;
+    if body.len() < body_len {
+        return Ok(Parse::NeedMore);
+    }
+    // With the whole body in hand its check cannot stop short.
+    if !complete {
+        return Err(Reject::Malformed("hello body"));
+    }
+    found.into_hello(body, msg_len).map(Parse::Done)
 }
 
 /// An incremental ClientHello reader: one per connection, fed the growing
@@ -1011,6 +1057,63 @@ mod tests {
                 assert_eq!(hello.alpn, protocols, "{name}");
                 assert_eq!(hello.record_len, records.len(), "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn fixture_messages_without_records_parse_the_same() {
+        for &(name, bytes, sni, protocols) in FIXTURES {
+            let message = unframe(bytes);
+            let hello = done(parse_message(&message));
+            assert_eq!(hello.sni.as_deref(), Some(sni), "{name}");
+            assert_eq!(hello.alpn, protocols, "{name}");
+            assert_eq!(hello.record_len, message.len(), "{name}");
+            for len in 0..message.len() {
+                assert_eq!(
+                    parse_message(&message[..len]),
+                    Ok(Parse::NeedMore),
+                    "{name} {len}"
+                );
+            }
+            // Bytes after the message are not looked at.
+            let mut longer = message.clone();
+            longer.extend_from_slice(&[0xff; 9]);
+            assert_eq!(
+                done(parse_message(&longer)).record_len,
+                message.len(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn mutated_messages_without_records_answer_as_in_records() {
+        let (_, bytes, _, _) = FIXTURES[2];
+        let message = unframe(bytes);
+        let mut mutated = message.clone();
+        for i in 0..mutated.len() {
+            let original = mutated[i];
+            for value in [!original, 0, 0xff, original.wrapping_add(1)] {
+                mutated[i] = value;
+                for len in [i + 1, mutated.len()] {
+                    let in_records = parse(&frame(&mutated[..len], 100)).map(|parse| match parse {
+                        Parse::Done(hello) => Parse::Done(ClientHello {
+                            record_len: 0,
+                            ..hello
+                        }),
+                        need_more => need_more,
+                    });
+                    let bare = parse_message(&mutated[..len]).map(|parse| match parse {
+                        Parse::Done(hello) => Parse::Done(ClientHello {
+                            record_len: 0,
+                            ..hello
+                        }),
+                        need_more => need_more,
+                    });
+                    assert_eq!(bare, in_records, "byte {i} = {value:#x}, {len} bytes");
+                }
+            }
+            mutated[i] = original;
         }
     }
 

@@ -7,6 +7,8 @@
 //!   `proxy_protocol` listener, and the v2 header written to backends.
 //! - [`hello`]: the ClientHello reader: bytes in, need-more / done / reject
 //!   out.
+//! - [`quic`]: the QUIC Initial reader: a client's first datagrams in,
+//!   need-more / done (the ClientHello's SNI and ALPN) / reject out.
 //! - [`route`]: normalised hostnames, backends, and the immutable
 //!   hostname → target map a lookup runs on.
 //! - [`rule`]: firewall rule values (IP, CIDR, country code, user-agent
@@ -18,7 +20,8 @@
 //!   derived from one list.
 //!
 //! With the `testing` feature: `hello::build` (hand-built ClientHellos),
-//! `hello::checks` and `authority::checks` (the properties shared by the
+//! `quic::build` (hand-built, encrypted client Initials), `hello::checks`,
+//! `quic::checks` and `authority::checks` (the properties shared by the
 //! fuzz targets and the corpus replay).
 #![forbid(unsafe_code)]
 
@@ -27,5 +30,6 @@ mod labels;
 pub mod authority;
 pub mod hello;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod route;
 pub mod rule;

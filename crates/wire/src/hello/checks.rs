@@ -14,12 +14,18 @@
 //! - Every strict prefix of a hello is `NeedMore`, bytes after `record_len`
 //!   change nothing, and re-framing the same handshake message into other
 //!   record sizes gives the same SNI and ALPN.
+//! - [`parse_message`] (the message without records, as QUIC carries it)
+//!   answers as [`parse`] does on the same bytes framed in records, for the
+//!   input itself and for the message of a hello.
 
-use crate::hello::{parse, ClientHello, HelloReader, Parse, Reject, MAX_RECORDS_LEN};
+use crate::hello::{
+    parse, parse_message, ClientHello, HelloReader, Parse, Reject, MAX_RECORDS_LEN,
+};
 
 pub fn check(data: &[u8]) {
     let result = parse(data);
     check_chunked(data, &result);
+    check_message(data);
     match &result {
         Ok(Parse::Done(found)) => {
             assert!(found.record_len <= data.len());
@@ -110,6 +116,15 @@ fn check_reframed(records: &[u8], data: &[u8], found: &ClientHello) {
     let msg_len =
         4 + (usize::from(stream[1]) << 16 | usize::from(stream[2]) << 8 | usize::from(stream[3]));
     let message = &stream[..msg_len];
+    check_message(message);
+    match parse_message(&stream) {
+        Ok(Parse::Done(again)) => {
+            assert_eq!(again.sni, found.sni);
+            assert_eq!(again.alpn, found.alpn);
+            assert_eq!(again.record_len, msg_len);
+        }
+        other => panic!("the hello's message without records gave {other:?}"),
+    }
 
     let mut rng = rng_for(data, 0);
     let mut random_size = move || 1 + (rng() % 300) as usize;
@@ -167,4 +182,33 @@ fn frame(mut message: &[u8], next_size: &mut dyn FnMut() -> usize) -> Vec<u8> {
         message = &message[size..];
     }
     records
+}
+
+/// `parse_message(message)` gives the answer `parse` gives on `message`
+/// framed in records (of 16384 bytes and of a hash-chosen size), but for a
+/// `Done`'s `record_len`, which counts the message alone.
+fn check_message(message: &[u8]) {
+    let bare = parse_message(message);
+    if let Ok(Parse::Done(hello)) = &bare {
+        let body_len = message.get(1..4).map_or(0, |len| {
+            usize::from(len[0]) << 16 | usize::from(len[1]) << 8 | usize::from(len[2])
+        });
+        assert_eq!(hello.record_len, 4 + body_len);
+        assert!(hello.record_len <= message.len());
+    }
+    let mut rng = rng_for(message, 4);
+    let mut random_size = move || 1 + (rng() % 300) as usize;
+    for records in [
+        frame(message, &mut || 16384),
+        frame(message, &mut random_size),
+    ] {
+        let framed = parse(&records);
+        match (&bare, &framed) {
+            (Ok(Parse::Done(bare)), Ok(Parse::Done(framed))) => {
+                assert_eq!(bare.sni, framed.sni);
+                assert_eq!(bare.alpn, framed.alpn);
+            }
+            _ => assert_eq!(bare, framed, "the message alone and in records"),
+        }
+    }
 }
