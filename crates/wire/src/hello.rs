@@ -96,7 +96,7 @@ use std::ops::Range;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod build;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod checks;
 
 /// Maximum ClientHello handshake message body length (the 24-bit handshake

@@ -49,7 +49,8 @@ pub fn check(data: &[u8]) {
 
 /// A deterministic xorshift64 seeded from the input, so the cut points are
 /// the fuzzer's to choose (through the input) and a replay repeats them.
-fn rng_for(data: &[u8], salt: u64) -> impl FnMut() -> u64 {
+/// (The QUIC Initial checks use it too.)
+pub(crate) fn rng_for(data: &[u8], salt: u64) -> impl FnMut() -> u64 {
     let mut seed = data.iter().fold(0x9e37_79b9_7f4a_7c15_u64 ^ salt, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     }) | 1;

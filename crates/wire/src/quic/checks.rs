@@ -34,6 +34,7 @@
 
 use super::build::{self, Client, PADDING, PING};
 use super::{peek, InitialHello, InitialReader, PacketKind, Parse, Peek, Reject, Version};
+use crate::hello::checks::rng_for;
 
 /// At most this many datagrams are read from one input.
 pub const MAX_DATAGRAMS: usize = 16;
@@ -77,20 +78,6 @@ pub fn join(datagrams: &[&[u8]]) -> Vec<u8> {
 }
 
 type Answer = Result<Parse, Reject>;
-
-/// A deterministic xorshift64 seeded from the input, so the choices are
-/// the fuzzer's (through the input) and a replay repeats them.
-fn rng_for(data: &[u8], salt: u64) -> impl FnMut() -> u64 {
-    let mut seed = data.iter().fold(0x9e37_79b9_7f4a_7c15_u64 ^ salt, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    }) | 1;
-    move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    }
-}
 
 fn below(rng: &mut impl FnMut() -> u64, n: usize) -> usize {
     (rng() % n.max(1) as u64) as usize
