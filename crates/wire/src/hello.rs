@@ -825,6 +825,7 @@ fn u24(high: u8, mid: u8, low: u8) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::checks::XorShift;
     use super::*;
 
     thread_local! {
@@ -873,22 +874,6 @@ mod tests {
     ];
 
     // ---- helpers ----------------------------------------------------------
-
-    /// Deterministic xorshift64 so reframing tests need no rand crate.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
 
     fn done(result: Result<Parse, Reject>) -> ClientHello {
         match result {

@@ -47,6 +47,31 @@ pub fn check(data: &[u8]) {
     }
 }
 
+/// Deterministic xorshift64 for the unit tests' random splits and orders
+/// (no rand crate): the hello's and the QUIC Initial reader's.
+#[cfg(test)]
+pub(crate) struct XorShift(pub(crate) u64);
+
+#[cfg(test)]
+impl XorShift {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+}
+
 /// A deterministic xorshift64 seeded from the input, so the cut points are
 /// the fuzzer's to choose (through the input) and a replay repeats them.
 /// (The QUIC Initial checks use it too.)

@@ -1,6 +1,7 @@
 use super::build::{self, Client, PADDING, PING};
 use super::*;
 use crate::hello::build::hello_message;
+use crate::hello::checks::XorShift;
 
 thread_local! {
     /// What [`work`] counted on this thread.
@@ -67,28 +68,6 @@ fn read_all(datagrams: &[&[u8]]) -> Vec<Result<Parse, Reject>> {
 /// The answer after the last datagram.
 fn read_last(datagrams: &[&[u8]]) -> Result<Parse, Reject> {
     read_all(datagrams).pop().expect("a datagram")
-}
-
-/// Deterministic xorshift64, so the property tests need no rand crate.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
 }
 
 const DCID: &[u8] = &[0xd1, 0xc1, 0xd0, 1, 2, 3, 4, 5];
