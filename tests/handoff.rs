@@ -293,6 +293,19 @@ impl Load {
     }
 }
 
+/// `new` says it took one listener, the admin API and the metrics endpoint.
+fn took_one_listener_admin_and_metrics(new: &Proxy) {
+    new.wait_log(
+        &[
+            "handoff: took the running server's sockets",
+            "listeners=1",
+            "admin=true",
+            "metrics=true",
+        ],
+        Duration::from_secs(10),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() {
     let load = Load::from_env();
@@ -334,15 +347,7 @@ async fn a_second_process_takes_over_under_load_and_nothing_is_refused_or_cut() 
         &["handoff: the new process is serving; stopping"],
         Duration::from_secs(10),
     );
-    new.wait_log(
-        &[
-            "handoff: took the running server's sockets",
-            "listeners=1",
-            "admin=true",
-            "metrics=true",
-        ],
-        Duration::from_secs(10),
-    );
+    took_one_listener_admin_and_metrics(&new);
     // The very same sockets.
     assert_eq!(new.addr(), addr);
     assert_eq!(new.metrics_addr(), metrics);
@@ -601,15 +606,7 @@ async fn a_new_config_keeps_one_listener_drops_one_and_adds_one() {
     let new_config = d.join("new.toml");
     std::fs::write(&new_config, handoff_config_with(d, &two(l1, l3))).unwrap();
     let new = take_over(d, &new_config).await;
-    new.wait_log(
-        &[
-            "handoff: took the running server's sockets",
-            "listeners=1",
-            "admin=true",
-            "metrics=true",
-        ],
-        Duration::from_secs(10),
-    );
+    took_one_listener_admin_and_metrics(&new);
     let closed = new.wait_log(
         &["handoff: a socket the config no longer names was closed"],
         Duration::from_secs(5),

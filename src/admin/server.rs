@@ -136,6 +136,24 @@ pub enum AdminListener {
     Tcp(std::net::TcpListener),
 }
 
+impl AdminListener {
+    /// The Unix socket, if that is what this is (a TCP one is closed).
+    fn unix(self) -> Option<std::os::unix::net::UnixListener> {
+        match self {
+            AdminListener::Unix(listener) => Some(listener),
+            AdminListener::Tcp(_) => None,
+        }
+    }
+
+    /// The TCP socket, if that is what this is (a Unix one is closed).
+    fn tcp(self) -> Option<std::net::TcpListener> {
+        match self {
+            AdminListener::Tcp(listener) => Some(listener),
+            AdminListener::Unix(_) => None,
+        }
+    }
+}
+
 /// What the listening-socket handoff asks of the admin API.
 #[derive(Default)]
 pub struct Handoff {
@@ -305,10 +323,7 @@ async fn serve_unix(
             source,
         }
     };
-    let inherited = match handoff.inherited {
-        Some(AdminListener::Unix(listener)) => Some(listener),
-        Some(AdminListener::Tcp(_)) | None => None,
-    };
+    let inherited = handoff.inherited.and_then(AdminListener::unix);
     let handed = inherited.is_some();
     let listener = match inherited {
         // The socket file stays the previous process's, now ours.
@@ -581,10 +596,7 @@ async fn serve_tls(
         addr: addr.to_string(),
         source,
     };
-    let inherited = match handoff.inherited {
-        Some(AdminListener::Tcp(listener)) => Some(listener),
-        Some(AdminListener::Unix(_)) | None => None,
-    };
+    let inherited = handoff.inherited.and_then(AdminListener::tcp);
     let handed = inherited.is_some();
     let listener = match inherited {
         Some(listener) => listener
