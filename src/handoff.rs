@@ -344,7 +344,7 @@ pub struct Farewell {
 
 // ---- the running process --------------------------------------------------
 
-/// The handoff socket, served: see [`listen`].
+/// The handoff socket, served: see [`serve`].
 pub struct HandoffServer {
     path: PathBuf,
     identity: (u64, u64),
@@ -400,12 +400,6 @@ impl Drop for Bound {
             let _ = std::fs::remove_file(staging);
         }
     }
-}
-
-/// Binds the handoff socket at `path` and serves `offer`: [`bind`], then
-/// [`serve`].
-pub async fn listen(path: &Path, offer: Offer) -> io::Result<HandoffServer> {
-    serve(bind(path)?, offer)
 }
 
 /// Places `bound` (if not yet) and serves `offer` to whoever asks, one at

@@ -531,7 +531,7 @@ impl App {
 
     /// This server's copies of its listening sockets, and the switch that
     /// stops its admin API and metrics endpoint, for
-    /// [`handoff::listen`] (once: later calls offer nothing).
+    /// [`handoff::serve`] (once: later calls offer nothing).
     pub fn handoff_offer(&mut self) -> handoff::Offer {
         handoff::Offer {
             sockets: std::mem::take(&mut self.handoff),

@@ -86,7 +86,11 @@ impl Meter {
     pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.headers_since.store(0, Ordering::Relaxed);
-        if !self.seen_request.swap(true, Ordering::Relaxed) {
+        // A load first: after the first request this is a read, not a
+        // read-modify-write, per request.
+        if !self.seen_request.load(Ordering::Relaxed)
+            && !self.seen_request.swap(true, Ordering::Relaxed)
+        {
             self.first_request.notify_one();
         }
     }
