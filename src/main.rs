@@ -512,36 +512,36 @@ fn serve(config: Config, after_handoff: AfterHandoff) -> Result<(), ServerError>
                 let mut bound = bound;
                 if let Some(taken) = taken {
                     let predecessor = taken.predecessor.clone();
-                    match tokio::task::spawn_blocking(move || taken.serving()).await {
-                        Ok(Ok(farewell)) => {
-                            if let Some(bound) = bound.as_mut() {
-                                if let Err(e) = bound.place() {
-                                    tracing::warn!(error = %e, "handoff: cannot place this process's handoff socket");
-                                }
-                            }
-                            took_over(&stats, predecessor, upgrade.as_deref());
-                            // The previous server exits once this closes.
-                            drop(farewell);
-                            tracing::info!("handoff: the previous server stopped accepting");
-                            // Admin calls it answered after this process
-                            // loaded the tables are in the database now.
-                            if let Err(e) = store.reload().await {
-                                tracing::error!(error = %e, "handoff: cannot re-read the database; admin changes made during the handoff may be missing until a restart");
-                            }
-                        }
+                    let farewell = match tokio::task::spawn_blocking(move || taken.serving()).await {
+                        Ok(Ok(farewell)) => Some(farewell),
+                        // The previous server went away or broke off after
+                        // handing over: this one serves, alone or beside it.
                         Ok(Err(e)) => {
-                            // The previous server went away (or broke off)
-                            // after handing over: this one serves, alone or
-                            // beside it, and says so.
                             tracing::warn!(error = %e, "handoff: no BYE from the previous server; serving anyway");
-                            if let Some(bound) = bound.as_mut() {
-                                if let Err(e) = bound.place() {
-                                    tracing::warn!(error = %e, "handoff: cannot place this process's handoff socket");
-                                }
-                            }
-                            took_over(&stats, predecessor, upgrade.as_deref());
+                            None
                         }
-                        Err(e) => tracing::warn!(error = %e, "handoff: the exchange failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "handoff: the exchange failed; serving anyway");
+                            None
+                        }
+                    };
+                    // Either way this process serves now: its handoff socket
+                    // takes the path, and the takeover is recorded and told.
+                    if let Some(bound) = bound.as_mut() {
+                        if let Err(e) = bound.place() {
+                            tracing::warn!(error = %e, "handoff: cannot place this process's handoff socket");
+                        }
+                    }
+                    took_over(&stats, predecessor, upgrade.as_deref());
+                    if let Some(farewell) = farewell {
+                        // The previous server exits once this closes.
+                        drop(farewell);
+                        tracing::info!("handoff: the previous server stopped accepting");
+                        // Admin calls it answered after this process loaded
+                        // the tables are in the database now.
+                        if let Err(e) = store.reload().await {
+                            tracing::error!(error = %e, "handoff: cannot re-read the database; admin changes made during the handoff may be missing until a restart");
+                        }
                     }
                 }
                 let _ = admin_begin.send(());
