@@ -55,6 +55,9 @@ pub struct ListenerConfig {
     pub addr: ListenAddr,
     /// Expect a PROXY v1/v2 header before the ClientHello.
     pub proxy_protocol: bool,
+    /// Also bind UDP on the same address and route QUIC flows by the SNI
+    /// of their Initial (SPEC §6.5). Never with `proxy_protocol`.
+    pub quic: bool,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -242,7 +245,15 @@ pub struct ProxyConfig {
     /// At most this many backends of a route are tried per connection
     /// (SPEC §6.3 failover), 1 to [`MAX_CONNECT_ATTEMPTS`].
     pub connect_attempts: u32,
+    /// QUIC flows (pending and established) held at once over all `quic`
+    /// listeners, 1 to [`MAX_QUIC_FLOWS`].
+    pub max_quic_flows: u32,
 }
+
+/// `proxy.max_quic_flows` when not set.
+pub const DEFAULT_QUIC_FLOWS: u32 = 100_000;
+/// The largest `proxy.max_quic_flows`: each flow holds a UDP socket.
+pub const MAX_QUIC_FLOWS: u32 = 10_000_000;
 
 /// `proxy.connect_attempts` when not set.
 pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
@@ -260,6 +271,7 @@ impl Default for ProxyConfig {
             response_timeout: Some(Duration::from_secs(60)),
             max_connections: None,
             connect_attempts: DEFAULT_CONNECT_ATTEMPTS,
+            max_quic_flows: DEFAULT_QUIC_FLOWS,
         }
     }
 }
@@ -404,6 +416,12 @@ pub enum ConfigCause {
     /// `proxy.connect_attempts` out of range.
     #[error("{0} is not from 1 to {MAX_CONNECT_ATTEMPTS}")]
     ConnectAttempts(u32),
+    /// `proxy.max_quic_flows` out of range.
+    #[error("{0} is not from 1 to {MAX_QUIC_FLOWS}")]
+    QuicFlows(u32),
+    /// `quic = true` on a `proxy_protocol` listener.
+    #[error("not allowed with proxy_protocol = true: a PROXY header is TCP only, so QUIC datagrams could not carry the client's address")]
+    QuicWithProxyProtocol,
     /// `backends = []`.
     #[error("must list at least one backend")]
     EmptyBackends,
@@ -538,6 +556,8 @@ struct RawListener {
     #[serde(default)]
     proxy_protocol: bool,
     #[serde(default)]
+    quic: bool,
+    #[serde(default)]
     routes: Vec<RawRoute>,
 }
 
@@ -607,6 +627,7 @@ struct RawProxy {
     #[serde(default)]
     max_connections: u32,
     connect_attempts: Option<u32>,
+    max_quic_flows: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -871,6 +892,12 @@ impl Config {
                     ConfigCause::DuplicateListener(addr.text.clone()),
                 ));
             }
+            if listener.quic && listener.proxy_protocol {
+                return Err(fail(
+                    &format!("listeners[{i}].quic"),
+                    ConfigCause::QuicWithProxyProtocol,
+                ));
+            }
             let mut hostnames = HashSet::new();
             let mut routes = Vec::with_capacity(listener.routes.len());
             for (j, route) in listener.routes.into_iter().enumerate() {
@@ -909,6 +936,7 @@ impl Config {
             listeners.push(ListenerConfig {
                 addr,
                 proxy_protocol: listener.proxy_protocol,
+                quic: listener.quic,
                 routes,
             });
         }
@@ -1022,7 +1050,14 @@ impl Config {
                 .proxy
                 .connect_attempts
                 .unwrap_or(defaults.connect_attempts),
+            max_quic_flows: raw.proxy.max_quic_flows.unwrap_or(defaults.max_quic_flows),
         };
+        if !(1..=MAX_QUIC_FLOWS).contains(&proxy.max_quic_flows) {
+            return Err(fail(
+                "proxy.max_quic_flows",
+                ConfigCause::QuicFlows(proxy.max_quic_flows),
+            ));
+        }
         if !(1..=MAX_CONNECT_ATTEMPTS).contains(&proxy.connect_attempts) {
             return Err(fail(
                 "proxy.connect_attempts",
@@ -1377,6 +1412,24 @@ level = "debug"
         );
         // Regression: a [metrics] section without addr named only "metrics".
         assert_eq!(key_of(&format!("{MINIMAL}[metrics]\n")), "metrics.addr");
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[[listeners]]\naddr = \":1\"\nproxy_protocol = true\nquic = true\n"
+            )),
+            "listeners[0].quic"
+        );
+        assert_eq!(
+            key_of(&format!(
+                "{MINIMAL}[[listeners]]\naddr = \":1\"\nquic = 1\n"
+            )),
+            "listeners[0].quic"
+        );
+        for bad in ["0", "10000001"] {
+            assert_eq!(
+                key_of(&format!("{MINIMAL}[proxy]\nmax_quic_flows = {bad}\n")),
+                "proxy.max_quic_flows"
+            );
+        }
         assert_eq!(
             key_of(&format!(
                 "{MINIMAL}[[listeners]]\naddr = \":1\"\nproxy_protocol = 1\n"

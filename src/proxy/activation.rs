@@ -86,6 +86,7 @@ mod tests {
         ListenerConfig {
             addr: ListenAddr::parse(text).unwrap(),
             proxy_protocol: false,
+            quic: false,
             routes: Vec::new(),
         }
     }
