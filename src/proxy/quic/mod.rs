@@ -1015,3 +1015,19 @@ fn log_line(
         "flow closed"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an established flow holds in the table (its slot; the map
+    /// entries and the kernel's socket come on top): kept small, since
+    /// `max_quic_flows` of them may be held (SPEC §6.5: a few hundred
+    /// bytes a flow).
+    #[test]
+    fn a_flow_slot_stays_small() {
+        let flow = std::mem::size_of::<Flow>();
+        eprintln!("Flow: {flow} bytes");
+        assert!(flow <= 160, "Flow is {flow} bytes");
+    }
+}
