@@ -53,6 +53,11 @@ impl Scene {
     /// `hosts` (chain `NAME.pem`, leaf first; key `NAME.key`); `None`
     /// (after [`skip`]) without python3 or aioquic.
     fn backend(&self, test: &str, name: &str, hosts: &[&str]) -> Option<Backend> {
+        self.backend_on(test, name, hosts, 0)
+    }
+
+    /// [`Scene::backend`] on UDP port `port` (0: the kernel picks).
+    fn backend_on(&self, test: &str, name: &str, hosts: &[&str], port: u16) -> Option<Backend> {
         let leaf = self.pki.leaf(hosts);
         let cert = self.path().join(format!("{name}.pem"));
         let key = self.path().join(format!("{name}.key"));
@@ -68,6 +73,8 @@ impl Scene {
                 &key.display().to_string(),
                 "--name",
                 name,
+                "--port",
+                &port.to_string(),
             ],
         )?;
         Some(Backend {
@@ -176,6 +183,7 @@ fn relayed_flow(proxy: &Proxy, sni: &str, backend: SocketAddr) -> String {
         // the server's handshake down.
         assert!(n >= 1200, "{field}={n}: {line}");
     }
+    eprintln!("{line}");
     line
 }
 
@@ -203,6 +211,7 @@ fn two_hostnames_reach_their_own_aioquic_backends_through_one_quic_listener() {
     let listen = proxy.wait_log(&[" listening ", " listener=127.0.0.1:0 "], FLOW_LIMIT);
     assert_eq!(log_field(&listen, "quic"), Some("true"), "{listen}");
     let port = proxy.addr().port();
+    let mut clients = Vec::new();
     for (host, backend, name) in [("a.test", &a, "backend-a"), ("b.test", &b, "backend-b")] {
         let url = format!("https://{host}:{port}/");
         let Some(got) = h3_get(TEST, &proxy, &url, &scene.ca(), &["--trace"], GET_LIMIT) else {
@@ -227,10 +236,14 @@ fn two_hostnames_reach_their_own_aioquic_backends_through_one_quic_listener() {
             "{name} read {:?}, the client sent {hello_bytes} bytes for {host}",
             backend.hellos()
         );
-        let line = relayed_flow(&proxy, host, backend.addr());
+        clients.push((host, backend.addr(), got["local_port"].clone()));
+    }
+    // The flows' lines (both flows idle out meanwhile).
+    for (host, backend, client_port) in clients {
+        let line = relayed_flow(&proxy, host, backend);
         assert_eq!(
             log_field(&line, "client"),
-            Some(format!("127.0.0.1:{}", got["local_port"]).as_str()),
+            Some(format!("127.0.0.1:{client_port}").as_str()),
             "{line}"
         );
     }
@@ -342,6 +355,7 @@ fn a_256_mib_http3_download_arrives_intact() {
     let proxy = scene.proxy(&[("big.test", big.addr())], METRICS_ANY_PORT);
     let port = proxy.addr().port();
     let url = format!("https://big.test:{port}/download?bytes={SIZE}");
+    let cpu_before = proc_cpu(proxy.pid());
     let started = Instant::now();
     let Some(got) = h3_get(
         TEST,
@@ -355,8 +369,10 @@ fn a_256_mib_http3_download_arrives_intact() {
     };
     let took = started.elapsed();
     eprintln!(
-        "256 MiB over HTTP/3 through the proxy: {took:?} ({} MiB/s by the client)",
-        got["mib_per_s"]
+        "256 MiB over HTTP/3 through the proxy: {took:?} ({} MiB/s by the client), \
+         proxy CPU {:?}",
+        got["mib_per_s"],
+        proc_cpu(proxy.pid()) - cpu_before
     );
     assert_eq!(got["status"], 200, "{got}");
     assert_eq!(got["length"], SIZE, "{got}");
@@ -395,14 +411,18 @@ fn headless_chromium_loads_a_page_over_http3_through_the_proxy() {
         return;
     }
     let scene = Scene::new();
-    let Some(h3) = scene.backend(TEST, "backend-h3", &["h3.test"]) else {
+    // A TCP fallback would be seen: the route's backend port, on TCP, is
+    // held by this listener, which must never see a connection. (Bound
+    // first; the backend then takes the same number on UDP, free or not
+    // is checked just before.)
+    let tcp_trap = TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp_trap.set_nonblocking(true).unwrap();
+    let trap_port = tcp_trap.local_addr().unwrap().port();
+    drop(std::net::UdpSocket::bind(("127.0.0.1", trap_port)).expect("the same port on UDP"));
+    let Some(h3) = scene.backend_on(TEST, "backend-h3", &["h3.test"], trap_port) else {
         return;
     };
-    // A TCP fallback would be seen: the route's backend port, on TCP, is
-    // held by this listener, which must never see a connection.
-    let tcp_trap = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], h3.addr().port())))
-        .expect("the backend's port number is free on TCP");
-    tcp_trap.set_nonblocking(true).unwrap();
+    assert_eq!(h3.addr().port(), trap_port);
     let proxy = scene.proxy(&[("h3.test", h3.addr())], "");
     let port = proxy.addr().port();
     let profile = scene.path().join("chromium-profile");
