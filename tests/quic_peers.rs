@@ -3,7 +3,8 @@
 //! HTTP/3 client (`tests/python/quic_h3.py`) and headless Chromium as
 //! clients. Each test checks which backend answered (its name is in the
 //! body), the bytes, what the backend saw (its ClientHello: SNI, size) and
-//! the proxy's `flow closed` line (sni, backend, `transport=quic`).
+//! the proxy's `flow closed` line (sni, backend, `transport=quic`). A
+//! client whose SNI has no route gets not one datagram back.
 //!
 //! A missing tool skips a test with a printed reason; with
 //! `MC_PROXY_TEST_STRICT=1` (`.ci/run`) it fails it.
@@ -302,6 +303,41 @@ fn a_client_hello_spanning_two_initials_is_still_routed() {
     );
     assert!(other.hellos().is_empty(), "{:?}", other.hellos());
     relayed_flow(&proxy, "a.test", a.addr());
+    proxy.stop();
+}
+
+#[test]
+fn an_aioquic_client_with_an_unknown_sni_gets_nothing_back() {
+    const TEST: &str = "quic_unknown_sni";
+    let scene = Scene::new();
+    let Some(a) = scene.backend(TEST, "backend-a", &["a.test", "unknown.test"]) else {
+        return;
+    };
+    let proxy = scene.proxy(&[("a.test", a.addr())], "");
+    let port = proxy.addr().port();
+    let url = format!("https://unknown.test:{port}/");
+    let ca = scene.ca();
+    let args = ["get", &url, "--ca", &ca, "--timeout", "4"];
+    let Some(output) = run_python_within(TEST, "quic_h3.py", &args, GET_LIMIT) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let got: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    // The client retransmitted its Initial until it gave up; not one
+    // datagram came back.
+    assert!(!output.status.success(), "{got}");
+    assert_eq!(got["error"], "timeout after 4.0s", "{got}");
+    assert_eq!(got["datagrams_received"], 0, "{got}");
+    let line = proxy.wait_log(
+        &["flow closed", " sni=unknown.test ", "transport=quic"],
+        FLOW_LIMIT,
+    );
+    eprintln!("{line}");
+    assert_eq!(log_field(&line, "outcome"), Some("no_route"), "{line}");
+    assert_eq!(log_field(&line, "down"), Some("0"), "{line}");
+    assert_eq!(log_field(&line, "backend"), None, "{line}");
+    assert!(a.hellos().is_empty(), "{:?}", a.hellos());
     proxy.stop();
 }
 

@@ -24,8 +24,8 @@
       Prints one JSON object: {status, length, sha256, first_bytes (hex of
       the first 16), body (the text if under 64 KiB), hello_bytes, alpn,
       elapsed_ms, mib_per_s, local_port (the client's UDP port),
-      initial_crypto_packets (with --trace)}; on a
-      failure {"error": ...} and exit 1.
+      initial_crypto_packets (with --trace), datagrams_received}; on a
+      failure {"error", "datagrams_received"} and exit 1.
 
 The counter pattern: the big-endian u32 sequence 0, 1, 2, ... (byte i is
 byte i % 4 of the word i // 4), so a lost, repeated or misplaced range
@@ -202,7 +202,16 @@ async def serve(args):
 
 # ---- the client ------------------------------------------------------------
 
+# Datagrams the client received (reported on a failure too: a refused
+# client gets none).
+RECEIVED = [0]
+
+
 class H3Client(QuicConnectionProtocol):
+    def datagram_received(self, data, addr):
+        RECEIVED[0] += 1
+        super().datagram_received(data, addr)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._h3 = H3Connection(self._quic)
@@ -298,6 +307,7 @@ async def get(args):
         "local_port": local,
         "alpn": negotiated,
         "elapsed_ms": int(elapsed * 1000),
+        "datagrams_received": RECEIVED[0],
         "mib_per_s": round(result["length"] / (1 << 20) / elapsed, 1),
     }
     if logger is not None:
@@ -328,10 +338,12 @@ def main():
     try:
         out = asyncio.run(asyncio.wait_for(get(args), args.timeout))
     except (asyncio.TimeoutError, TimeoutError):
-        print(json.dumps({"error": f"timeout after {args.timeout}s"}))
+        print(json.dumps({"error": f"timeout after {args.timeout}s",
+                          "datagrams_received": RECEIVED[0]}))
         sys.exit(1)
     except Exception as err:  # noqa: BLE001  (the test reads the JSON)
-        print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+        print(json.dumps({"error": f"{type(err).__name__}: {err}",
+                          "datagrams_received": RECEIVED[0]}))
         sys.exit(1)
     print(json.dumps(out))
 
