@@ -280,6 +280,10 @@ struct Engine {
     /// Backends that failed QUIC, until when (ms since the epoch): see
     /// [`QUIC_BACKOFF`].
     failing: std::collections::HashMap<SocketAddr, u64>,
+    /// Client addresses the firewall refused lately, until when: their
+    /// retransmitted Initials are dropped without asking it again or a line
+    /// each (at most [`MAX_REFUSED`], for `handshake_timeout`).
+    blocked: std::collections::HashMap<SocketAddr, u64>,
 }
 
 /// Serves a `quic = true` listener's UDP socket. See the module docs.
@@ -345,6 +349,7 @@ async fn run(
         draining: false,
         refused: 0,
         failing: std::collections::HashMap::new(),
+        blocked: std::collections::HashMap::new(),
     };
     let mut buffer = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let draining = shutdown.draining().cancelled();
@@ -427,25 +432,36 @@ impl Engine {
         }
     }
 
+    /// A client's datagram: its flow by connection ID first (one client
+    /// address and port may carry several connections: a QUIC endpoint
+    /// reuses its socket), else a new flow if it is an Initial, else the
+    /// flow of its address.
     fn client_datagram(&mut self, datagram: &[u8], from: SocketAddr, poller: &OwnedFd) {
-        if let Some(id) = self.table.by_addr(&from) {
+        if let Some(id) = self.table.by_datagram(datagram) {
+            if self.table.addr(id) != Some(from) {
+                // A known connection ID from another address: NAT
+                // rebinding. Only an established flow follows (a pending
+                // one has nothing to follow yet); replies go to the new
+                // address unless another flow has it.
+                let open = self
+                    .table
+                    .get(id)
+                    .is_some_and(|flow| matches!(flow.state, State::Open(_)));
+                if !open {
+                    return self.metrics.dropped(QuicDrop::NoFlow);
+                }
+                self.table.move_addr(id, from);
+            }
             return self.forward(id, datagram, poller);
         }
-        if let Some(id) = self.table.by_datagram(datagram) {
-            // A known connection ID from a new address: NAT rebinding. Only
-            // an established flow moves (a pending one has nothing to
-            // follow yet).
-            let open = self
-                .table
-                .get(id)
-                .is_some_and(|flow| matches!(flow.state, State::Open(_)));
-            if open && self.table.move_addr(id, from) {
-                return self.forward(id, datagram, poller);
-            }
-            self.metrics.dropped(QuicDrop::NoFlow);
-            return;
+        if matches!(quic::peek(datagram), Peek::Long(header) if header.kind == PacketKind::Initial)
+        {
+            return self.start(datagram, from, poller);
         }
-        self.start(datagram, from, poller);
+        match self.table.by_addr(&from) {
+            Some(id) => self.forward(id, datagram, poller),
+            None => self.metrics.dropped(QuicDrop::NoFlow),
+        }
     }
 
     /// A datagram from nobody known: a new flow if it is a client's first
@@ -461,10 +477,22 @@ impl Engine {
         if datagram.len() < quic::MIN_INITIAL_DATAGRAM_LEN {
             return self.metrics.dropped(QuicDrop::ShortInitial);
         }
+        if self
+            .blocked
+            .get(&from)
+            .is_some_and(|&until| until > self.now)
+        {
+            return;
+        }
         let client = SocketAddr::new(from.ip().to_canonical(), from.port());
         let counted = match self.listener.firewall.admit_flow(client.ip()) {
             Ok(counted) => counted.then_some(client.ip()),
             Err(reason) => {
+                if self.blocked.len() < MAX_REFUSED {
+                    let until =
+                        self.now + self.listener.timeouts.handshake_timeout.as_millis() as u64;
+                    self.blocked.insert(from, until);
+                }
                 self.metrics.blocked(reason);
                 log_line(
                     &self.listener,
@@ -979,6 +1007,7 @@ impl Engine {
             self.close(id, end);
         }
         self.failing.retain(|_, until| *until > now);
+        self.blocked.retain(|_, until| *until > now);
         for id in refused {
             self.release(id);
         }
