@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use wire::quic::build::{long_packet, Client};
 use wire::quic::{PacketKind, Version};
@@ -63,11 +62,14 @@ fn server_config(pki: &Pki, names: &[&str]) -> quinn::ServerConfig {
     config
 }
 
-fn client_config(pki: &Pki, idle: Duration) -> quinn::ClientConfig {
+/// `alpn` offered after [`ALPN`]: extra protocols make the ClientHello as
+/// large as wanted.
+fn client_config(pki: &Pki, idle: Duration, alpn: &[Vec<u8>]) -> quinn::ClientConfig {
     let mut tls = rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
         .with_root_certificates(pki.roots())
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols.extend_from_slice(alpn);
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -84,7 +86,24 @@ fn client_config(pki: &Pki, idle: Duration) -> quinn::ClientConfig {
 /// trusting `pki`, giving up on a silent peer after `idle`.
 fn client(pki: &Pki, bind: &str, idle: Duration) -> quinn::Endpoint {
     let mut endpoint = quinn::Endpoint::client(bind.parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(client_config(pki, idle));
+    endpoint.set_default_client_config(client_config(pki, idle, &[]));
+    endpoint
+}
+
+/// A quinn client whose ClientHello offers 40 made-up 100-byte ALPN
+/// protocols besides [`ALPN`]: over 4 KB, so quinn sends it in several
+/// Initials, one datagram each.
+fn big_hello_client(pki: &Pki) -> quinn::Endpoint {
+    let alpn: Vec<Vec<u8>> = (0..40u8)
+        .map(|i| {
+            let mut protocol = vec![b'x'; 100];
+            protocol[0] = b'a' + i % 26;
+            protocol[1] = b'0' + i / 26;
+            protocol
+        })
+        .collect();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(pki, Duration::from_secs(10), &alpn));
     endpoint
 }
 
@@ -179,19 +198,21 @@ async fn serve_stream(
         }
     } else if let Some(n) = command.strip_prefix("bytes ") {
         let total: u64 = n.parse().unwrap();
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
+        let pattern = pattern();
+        let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
         let mut offset = 0u64;
         while offset < total {
-            let len = (total - offset).min(buf.len() as u64) as usize;
-            fill_pattern(offset, &mut buf[..len]);
-            hash.update(&buf[..len]);
-            if send.write_all(&buf[..len]).await.is_err() {
+            let at = (offset % pattern.len() as u64) as usize;
+            let len = (total - offset).min((pattern.len() - at) as u64) as usize;
+            let chunk = &pattern[at..at + len];
+            hash.update(chunk);
+            if send.write_all(chunk).await.is_err() {
                 return;
             }
             offset += len as u64;
         }
-        *sent.lock().unwrap() = Some((hash.finalize().into(), total));
+        let digest = hash.finish().as_ref().try_into().unwrap();
+        *sent.lock().unwrap() = Some((digest, total));
     }
     let _ = send.finish();
     // The stream's data is delivered as long as the connection lives; the
@@ -199,14 +220,11 @@ async fn serve_stream(
     let _ = send.stopped().await;
 }
 
-/// Bytes of the download pattern from `offset` (a multiple of 8) on.
-fn fill_pattern(offset: u64, buf: &mut [u8]) {
-    let first = offset / 8;
-    for (i, word) in buf.chunks_mut(8).enumerate() {
-        let n = first + i as u64;
-        let value = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (n >> 5);
-        word.copy_from_slice(&value.to_le_bytes()[..word.len()]);
-    }
+/// The download pattern, repeated: pseudo-random bytes over a prime length
+/// (so that no power-of-two shift of the stream lines it up with itself).
+fn pattern() -> Vec<u8> {
+    let mut state = XorShift(0x9e37_79b9_7f4a_7c15);
+    (0..1_048_583).map(|_| state.byte()).collect()
 }
 
 /// Connects `endpoint` to `to` for `sni` within `limit`.
@@ -476,7 +494,7 @@ async fn quinn_peers_work_directly() {
     let conn = connect(&endpoint, a.addr, "a.test", Duration::from_secs(10))
         .await
         .unwrap();
-    let (size, took) = download(&conn, &a, 32 << 20).await;
+    let (size, took) = download(&conn, &a, 64 << 20).await;
     eprintln!(
         "direct download: {size} bytes in {took:?}, {:.1} MB/s",
         size as f64 / took.as_secs_f64() / 1e6
@@ -490,6 +508,11 @@ async fn quinn_peers_work_directly() {
     // Straight to the backend, the path change is the backend's to see.
     let peers: HashSet<SocketAddr> = a.peers.lock().unwrap().iter().copied().collect();
     assert!(peers.len() >= 3, "{peers:?}");
+
+    // A ClientHello over several Initials, straight to the backend.
+    let big = big_hello_client(&pki);
+    assert_eq!(who_quic(&big, a.addr, "a.test").await.as_deref(), Ok("A"));
+    shut(&big).await;
 
     // A raw Initial reaches a quinn endpoint as a connection attempt (so
     // the count is a fair witness of a relayed raw client elsewhere).
@@ -534,14 +557,14 @@ async fn download(conn: &quinn::Connection, backend: &QuicBackend, size: u64) ->
         .await
         .unwrap();
     send.finish().unwrap();
-    let mut hash = Sha256::new();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let mut got = 0u64;
     while let Some(chunk) = recv.read_chunk(1 << 20, true).await.unwrap() {
         hash.update(&chunk.bytes);
         got += chunk.bytes.len() as u64;
     }
     let took = started.elapsed();
-    let digest: [u8; 32] = hash.finalize().into();
+    let digest: [u8; 32] = hash.finish().as_ref().try_into().unwrap();
     assert_eq!(got, size);
     let sent = *backend.sent.lock().unwrap();
     assert_eq!(
@@ -808,6 +831,40 @@ async fn each_hostname_reaches_its_own_quinn_backend() {
         down as f64,
         "{quic:#?}"
     );
+}
+
+/// A ClientHello too large for one Initial (a long ALPN list, as a
+/// post-quantum key share would be) arrives over several datagrams: the
+/// proxy reassembles it and routes by its SNI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_over_several_initials_is_routed_by_its_sni() {
+    let pki = Pki::new("quic test CA");
+    let a = quic_backend(&pki, "A", &["a.test"]).await;
+    let b = quic_backend(&pki, "B", &["b.test"]).await;
+    let (proxy, to) = start(
+        &[route("a.test", a.addr), route("b.test", b.addr)],
+        "idle_timeout = \"2s\"",
+        "",
+    );
+    for (sni, name) in [("b.test", "B"), ("a.test", "A")] {
+        let endpoint = big_hello_client(&pki);
+        let got = who_quic(&endpoint, to, sni).await;
+        assert_eq!(got.as_deref(), Ok(name), "{sni}:\n{}", proxy.log_text());
+        shut(&endpoint).await;
+    }
+    let lines = wait_flows(
+        &proxy,
+        &["transport=quic", "outcome=relayed"],
+        2,
+        Duration::from_secs(20),
+    );
+    for (sni, backend) in [("a.test", a.addr), ("b.test", b.addr)] {
+        assert!(
+            lines.iter().any(|l| log_field(l, "sni") == Some(sni)
+                && log_field(l, "backend") == Some(&*backend.to_string())),
+            "{sni}: {lines:#?}"
+        );
+    }
 }
 
 /// Two connections from one client socket (one address and port, two
