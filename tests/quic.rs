@@ -1475,6 +1475,172 @@ async fn hostile_datagrams_get_nothing_back_and_a_good_client_is_served_after() 
     );
 }
 
+/// A pool whose first member is a closed UDP port: the first flow to it
+/// fails (ICMP port unreachable) as `backend_unreachable`, the member is
+/// marked down, and the client's retransmitted Initial starts a flow to the
+/// live member; every client gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_member_that_is_down_is_skipped_by_the_retransmitted_initial() {
+    let pki = Pki::new("quic test CA");
+    let a = quic_backend(&pki, "A", &["pool.test"]).await;
+    let dead = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let pool = format!(
+        "  [[listeners.routes]]\n  hostname = \"pool.test\"\n  backends = [\"{dead}\", \"{}\"]\n",
+        a.addr
+    );
+    let (proxy, to) = start(&[pool], "idle_timeout = \"2s\"", "");
+    for i in 0..3 {
+        let endpoint = client(&pki, "127.0.0.1:0", Duration::from_secs(10));
+        let got = who_quic(&endpoint, to, "pool.test").await;
+        assert_eq!(got.as_deref(), Ok("A"), "client {i}:\n{}", proxy.log_text());
+        shut(&endpoint).await;
+    }
+    let line = wait_flows(
+        &proxy,
+        &[&format!("backend={dead} "), "transport=quic"],
+        1,
+        Duration::from_secs(20),
+    )
+    .remove(0);
+    assert_eq!(
+        log_field(&line, "outcome"),
+        Some("backend_unreachable"),
+        "{line}"
+    );
+    let relayed = wait_flows(
+        &proxy,
+        &["outcome=relayed", "transport=quic"],
+        3,
+        Duration::from_secs(20),
+    );
+    let a_addr = a.addr.to_string();
+    assert!(
+        relayed
+            .iter()
+            .all(|l| log_field(l, "backend") == Some(&*a_addr)),
+        "{relayed:#?}"
+    );
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 3);
+}
+
+/// `rate_limit` and `max_connections_per_ip` apply to QUIC flows: the flow
+/// over either gets nothing back and is logged `blocked:rate` /
+/// `blocked:conn_limit`; other addresses are served; a per-IP slot comes
+/// back when the flow idles out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_and_per_ip_limit_drop_quic_flows_silently() {
+    let echo = udp_echo().await;
+    let routes = [route("flows.test", echo.addr)];
+
+    let (proxy, to) = start(
+        &routes,
+        "idle_timeout = \"2s\"",
+        "[firewall]\nrate_limit = 2\nrate_window = \"60s\"\n",
+    );
+    for i in 0..2 {
+        let socket = udp("127.0.0.5:0").await;
+        let hello = initial("flows.test", &dcid(9, i));
+        assert!(
+            echoed(&socket, to, &hello, Duration::from_secs(10)).await,
+            "flow {i}"
+        );
+    }
+    let third = udp("127.0.0.5:0").await;
+    third
+        .send_to(&initial("flows.test", &dcid(9, 2)), to)
+        .await
+        .unwrap();
+    assert_silent(&third, "over the rate limit").await;
+    let other = udp("127.0.0.6:0").await;
+    let hello = initial("flows.test", &dcid(9, 3));
+    assert!(echoed(&other, to, &hello, Duration::from_secs(10)).await);
+    let third_addr = third.local_addr().unwrap();
+    let line = wait_flows(
+        &proxy,
+        &[&format!("client={third_addr} ")],
+        1,
+        Duration::from_secs(10),
+    )
+    .remove(0);
+    assert_eq!(log_field(&line, "outcome"), Some("blocked:rate"), "{line}");
+    assert_eq!(echo.sources.lock().unwrap().len(), 3);
+    drop(proxy);
+
+    let echo = udp_echo().await;
+    let (proxy, to) = start(
+        &[route("flows.test", echo.addr)],
+        "idle_timeout = \"2s\"",
+        "[firewall]\nmax_connections_per_ip = 1\n",
+    );
+    let first = udp("127.0.0.7:0").await;
+    let hello = initial("flows.test", &dcid(9, 4));
+    assert!(echoed(&first, to, &hello, Duration::from_secs(10)).await);
+    let second = udp("127.0.0.7:0").await;
+    second
+        .send_to(&initial("flows.test", &dcid(9, 5)), to)
+        .await
+        .unwrap();
+    assert_silent(&second, "over the per-IP limit").await;
+    let second_addr = second.local_addr().unwrap();
+    let line = wait_flows(
+        &proxy,
+        &[&format!("client={second_addr} ")],
+        1,
+        Duration::from_secs(10),
+    )
+    .remove(0);
+    assert_eq!(
+        log_field(&line, "outcome"),
+        Some("blocked:conn_limit"),
+        "{line}"
+    );
+    let other = udp("127.0.0.8:0").await;
+    let hello = initial("flows.test", &dcid(9, 6));
+    assert!(echoed(&other, to, &hello, Duration::from_secs(10)).await);
+    // The first flow idles out; its address may start another.
+    let first_addr = first.local_addr().unwrap();
+    wait_flows(
+        &proxy,
+        &[&format!("client={first_addr} "), "outcome=relayed"],
+        1,
+        Duration::from_secs(15),
+    );
+    let again = udp("127.0.0.7:0").await;
+    let hello = initial("flows.test", &dcid(9, 7));
+    assert!(
+        echoed(&again, to, &hello, Duration::from_secs(5)).await,
+        "{}",
+        proxy.log_text()
+    );
+}
+
+/// SIGTERM ends the open flows (`outcome=shutdown`) and the server exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_flows_as_shutdown() {
+    let pki = Pki::new("quic test CA");
+    let a = quic_backend(&pki, "A", &["a.test"]).await;
+    let (proxy, to) = start(&[route("a.test", a.addr)], "idle_timeout = \"60s\"", "");
+    let endpoint = client(&pki, "127.0.0.1:0", Duration::from_secs(10));
+    let conn = connect(&endpoint, to, "a.test", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(ask(&conn, "who").await, b"A");
+    let log = proxy.log.clone();
+    proxy.stop();
+    let text = log.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("flow closed") && l.contains("transport=quic"))
+        .unwrap_or_else(|| panic!("no flow line:\n{text}"));
+    assert_eq!(log_field(line, "outcome"), Some("shutdown"), "{line}");
+    assert_eq!(log_field(line, "sni"), Some("a.test"), "{line}");
+    assert!(field_u64(line, "down") > 0, "{line}");
+    shut(&endpoint).await;
+}
+
 /// Junk datagrams sent from one address in the hostile test.
 const FLOOD: usize = 5000;
 
