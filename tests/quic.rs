@@ -1072,6 +1072,7 @@ async fn a_thousand_concurrent_flows_are_all_served_then_idle_out() {
         "idle_timeout = \"10s\"",
         "",
     );
+    let fds_before = proc_fds(proxy.pid());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..FLOWS {
@@ -1097,6 +1098,12 @@ async fn a_thousand_concurrent_flows_are_all_served_then_idle_out() {
     eprintln!("{served} flows served in {:?}", started.elapsed());
     assert_eq!(served, FLOWS as usize);
     assert_eq!(echo.sources.lock().unwrap().len(), FLOWS as usize);
+    // A socket per flow.
+    let fds_open = proc_fds(proxy.pid());
+    assert!(
+        fds_open >= fds_before + FLOWS as usize,
+        "{fds_before} -> {fds_open}"
+    );
     let metrics = proxy.metrics_addr();
     let values = scrape(metrics).await;
     assert_eq!(
@@ -1123,6 +1130,13 @@ async fn a_thousand_concurrent_flows_are_all_served_then_idle_out() {
         Duration::from_secs(10),
     );
     assert_eq!(lines.len(), FLOWS as usize);
+    // Every flow's socket is closed again.
+    let fds_after = proc_fds(proxy.pid());
+    eprintln!("proxy descriptors: {fds_before} -> {fds_open} -> {fds_after}");
+    assert!(
+        fds_after <= fds_before + 2,
+        "{fds_before} -> {fds_open} -> {fds_after}"
+    );
 }
 
 /// A NAT between client and proxy changes the client's source port
