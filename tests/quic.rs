@@ -1631,28 +1631,89 @@ async fn rate_limit_and_per_ip_limit_drop_quic_flows_silently() {
     );
 }
 
-/// SIGTERM ends the open flows (`outcome=shutdown`) and the server exits 0.
+/// SIGTERM drains: an open flow keeps relaying, a new client gets
+/// nothing back, and at `shutdown_timeout` the flow still open is ended as
+/// `shutdown`; the server exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_ends_open_flows_as_shutdown() {
+async fn sigterm_keeps_open_flows_until_shutdown_timeout_then_ends_them() {
     let pki = Pki::new("quic test CA");
     let a = quic_backend(&pki, "A", &["a.test"]).await;
-    let (proxy, to) = start(&[route("a.test", a.addr)], "idle_timeout = \"60s\"", "");
+    let (mut proxy, to) = start(
+        &[route("a.test", a.addr)],
+        "idle_timeout = \"60s\"\nshutdown_timeout = \"3s\"",
+        "",
+    );
     let endpoint = client(&pki, "127.0.0.1:0", Duration::from_secs(10));
     let conn = connect(&endpoint, to, "a.test", Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(ask(&conn, "who").await, b"A");
     let log = proxy.log.clone();
-    proxy.stop();
+    let signalled = Instant::now();
+    // Once: a second signal makes the server exit at once.
+    proxy.signal("TERM");
+    proxy.wait_log(&["draining"], Duration::from_secs(5));
+    // The open flow still relays.
+    assert_eq!(ask(&conn, "who").await, b"A");
+    // A new flow is not admitted.
+    let late = udp("127.0.0.1:0").await;
+    late.send_to(&initial("a.test", &dcid(10, 1)), to)
+        .await
+        .unwrap();
+    assert_silent(&late, "a new client while draining").await;
+    assert_eq!(a.incoming.load(Ordering::SeqCst), 1);
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    let waited = signalled.elapsed();
     let text = log.text();
-    let line = text
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "{status:?}\n{text}"
+    );
+    let lines: Vec<&str> = text
         .lines()
-        .find(|l| l.contains("flow closed") && l.contains("transport=quic"))
-        .unwrap_or_else(|| panic!("no flow line:\n{text}"));
+        .filter(|l| l.contains("flow closed") && l.contains("transport=quic"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let line = lines[0];
     assert_eq!(log_field(line, "outcome"), Some("shutdown"), "{line}");
     assert_eq!(log_field(line, "sni"), Some("a.test"), "{line}");
     assert!(field_u64(line, "down") > 0, "{line}");
+    assert!(waited >= Duration::from_secs(3), "exited after {waited:?}");
     shut(&endpoint).await;
+}
+
+/// SIGTERM with a flow whose client has gone: the flow idles out as usual
+/// (`relayed`) and the server exits then, well before `shutdown_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_once_the_open_flows_idle_out() {
+    let pki = Pki::new("quic test CA");
+    let a = quic_backend(&pki, "A", &["a.test"]).await;
+    let (mut proxy, to) = start(
+        &[route("a.test", a.addr)],
+        "idle_timeout = \"2s\"\nshutdown_timeout = \"60s\"",
+        "",
+    );
+    let endpoint = client(&pki, "127.0.0.1:0", Duration::from_secs(10));
+    assert_eq!(who_quic(&endpoint, to, "a.test").await.as_deref(), Ok("A"));
+    shut(&endpoint).await;
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    let status = proxy.wait_exit(Duration::from_secs(20));
+    let waited = signalled.elapsed();
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "{status:?}\n{}",
+        proxy.log_text()
+    );
+    assert!(waited < Duration::from_secs(10), "exited after {waited:?}");
+    let lines = flow_lines(&proxy, &["transport=quic"]);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(
+        log_field(&lines[0], "outcome"),
+        Some("relayed"),
+        "{}",
+        lines[0]
+    );
 }
 
 /// Junk datagrams sent from one address in the hostile test.
