@@ -76,9 +76,16 @@ use table::{FlowId, Table};
 pub const PENDING_FLOW_BYTES: usize = quic::MAX_CRYPTO_LEN + 16 * 1024;
 
 /// Datagram bytes all of one listener's pending flows may keep at once
-/// (about 13,000 one-datagram hellos). Beyond it new flows' datagrams are
-/// dropped (`pending_limit`) until pending flows complete or expire.
+/// (about 13,000 one-datagram partial hellos). A flow whose hello is still
+/// incomplete when they are over it ends (`pending_limit`); one whose first
+/// datagram holds the whole hello never waits, so it is never refused by
+/// this.
 pub const PENDING_BYTES: usize = 16 * 1024 * 1024;
+
+/// Refused flows one listener keeps to absorb their clients' retransmits
+/// ([`State::Refused`]); beyond it a refused flow is forgotten at once (its
+/// retransmits are then refused, and logged, again).
+pub const MAX_REFUSED: usize = 4096;
 
 /// Datagrams read from one socket before the task looks at the others.
 const BATCH: usize = 64;
@@ -237,6 +244,8 @@ struct Engine {
     resolved: mpsc::UnboundedSender<(FlowId, io::Result<SocketAddr>)>,
     /// The server drains: no new flows; the open ones run to their end.
     draining: bool,
+    /// Flows in [`State::Refused`].
+    refused: usize,
 }
 
 /// Serves a `quic = true` listener's UDP socket. See the module docs.
@@ -300,6 +309,7 @@ async fn run(
         scratch: Vec::new(),
         resolved,
         draining: false,
+        refused: 0,
     };
     let mut buffer = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let draining = shutdown.draining().cancelled();
@@ -440,10 +450,6 @@ impl Engine {
                 engine.listener.firewall.release_flow(ip);
             }
         };
-        if self.pending_bytes + datagram.len() > PENDING_BYTES {
-            release(self);
-            return self.metrics.dropped(QuicDrop::PendingLimit);
-        }
         if !self.budget.take() {
             release(self);
             return self.metrics.dropped(QuicDrop::FlowLimit);
@@ -506,9 +512,6 @@ impl Engine {
                 ),
             );
         }
-        if self.pending_bytes + datagram.len() > PENDING_BYTES {
-            return self.metrics.dropped(QuicDrop::PendingLimit);
-        }
         pending.datagrams.extend_from_slice(datagram);
         pending.ends.push(pending.datagrams.len() as u32);
         self.pending_bytes += datagram.len();
@@ -516,9 +519,21 @@ impl Engine {
             return;
         }
         match pending.reader.read(datagram, &mut self.scratch) {
+            Ok(Parse::NeedMore | Parse::Skipped(_)) if self.pending_bytes > PENDING_BYTES => {
+                self.metrics.dropped(QuicDrop::PendingLimit);
+                self.close(
+                    id,
+                    End::because(
+                        Outcome::HelloTimeout,
+                        "pending flows over their byte budget with this hello incomplete",
+                    ),
+                );
+            }
             Ok(Parse::NeedMore | Parse::Skipped(_)) => {}
             Ok(Parse::Done(hello)) => self.route(id, hello, poller),
-            Err(reject) => self.refuse(id, End::because(Outcome::BadHello, reject.to_string())),
+            // Not kept: a datagram that does not decrypt or parse is
+            // cheap to send, and its sender is no client to wait for.
+            Err(reject) => self.close(id, End::because(Outcome::BadHello, reject.to_string())),
         }
     }
 
@@ -913,8 +928,12 @@ impl Engine {
 
     /// Ends a pending flow that cannot go anywhere: its line and count now,
     /// its datagrams dropped; it stays in the table ([`State::Refused`])
-    /// until `handshake_timeout` after its start.
+    /// until `handshake_timeout` after its start, unless [`MAX_REFUSED`]
+    /// are kept already.
     fn refuse(&mut self, id: FlowId, end: End) {
+        if self.refused >= MAX_REFUSED {
+            return self.close(id, end);
+        }
         self.report(id, &end);
         let Some(flow) = self.table.get_mut(id) else {
             return;
@@ -923,6 +942,7 @@ impl Engine {
             self.pending_bytes -= pending.datagrams.len();
         }
         flow.lease = None;
+        self.refused += 1;
     }
 
     /// Takes the flow out of the table and gives back what it held.
@@ -930,8 +950,10 @@ impl Engine {
         let Some((_, flow)) = self.table.remove(id) else {
             return;
         };
-        if let State::Pending(pending) = &flow.state {
-            self.pending_bytes -= pending.datagrams.len();
+        match &flow.state {
+            State::Pending(pending) => self.pending_bytes -= pending.datagrams.len(),
+            State::Refused => self.refused -= 1,
+            State::Open(_) => {}
         }
         if let Some(ip) = flow.counted {
             self.listener.firewall.release_flow(ip);
