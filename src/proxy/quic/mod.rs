@@ -551,15 +551,8 @@ impl Engine {
         flow.last = now;
         let pending = match &mut flow.state {
             State::Open(socket) => {
-                match socket.send(datagram) {
-                    Ok(n) => {
-                        flow.up += n as u64;
-                        self.metrics.up(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.metrics.dropped(QuicDrop::SendFailed);
-                    }
-                    Err(e) => self.backend_failed(id, e),
+                if let Err(e) = send_up(socket, datagram, &mut flow.up, &self.metrics) {
+                    self.backend_failed(id, e);
                 }
                 return;
             }
@@ -703,18 +696,9 @@ impl Engine {
         for &end in &pending.ends {
             let datagram = &pending.datagrams[start..end as usize];
             start = end as usize;
-            match socket.send(datagram) {
-                Ok(n) => {
-                    flow.up += n as u64;
-                    self.metrics.up(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.metrics.dropped(QuicDrop::SendFailed);
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            if let Err(e) = send_up(socket, datagram, &mut flow.up, &self.metrics) {
+                failed = Some(e);
+                break;
             }
         }
         if let Some(e) = failed {
@@ -1088,6 +1072,30 @@ impl Engine {
 #[allow(deprecated)]
 fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+}
+
+/// Sends one client datagram on a flow's socket, counted in `up`; a full
+/// send buffer drops it (counted, as on a congested path: QUIC resends).
+/// An error is the socket's failure (ECONNREFUSED after an ICMP port
+/// unreachable, and the like).
+fn send_up(
+    socket: &StdUdpSocket,
+    datagram: &[u8],
+    up: &mut u64,
+    metrics: &QuicMetrics,
+) -> io::Result<()> {
+    match socket.send(datagram) {
+        Ok(n) => {
+            *up += n as u64;
+            metrics.up(n);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            metrics.dropped(QuicDrop::SendFailed);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A flow's own socket: unbound (the kernel picks the port), connected to
