@@ -105,6 +105,9 @@ const EVENTS: usize = 256;
 /// `net.core.rmem_max`).
 const RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
 
+/// A flow socket's receive buffer asked for (see [`backend_socket`]).
+const FLOW_RECEIVE_BUFFER: usize = 1024 * 1024;
+
 /// The largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -391,7 +394,7 @@ async fn run(
             ready = poller.readable() => {
                 let Ok(mut guard) = ready else { break };
                 engine.clock();
-                if engine.read_backends(&socket, poller.get_ref(), &mut buffer) == 0 {
+                if engine.read_backends(&socket, poller.get_ref(), &mut buffer) {
                     guard.clear_ready();
                 }
             }
@@ -707,9 +710,14 @@ impl Engine {
     }
 
     /// Reads the backend sockets epoll says are ready, at most [`BATCH`]
-    /// datagrams each. Returns how many sockets were ready (0: none; the
-    /// caller then clears the epoll descriptor's readiness).
-    fn read_backends(&mut self, socket: &UdpSocket, poller: &OwnedFd, buffer: &mut [u8]) -> usize {
+    /// datagrams each. Returns whether every ready socket was read dry
+    /// (fewer than [`EVENTS`] were ready, and none was left with
+    /// datagrams): the caller then clears the epoll descriptor's readiness
+    /// without another `epoll_wait` to find it empty. (Safe: a datagram
+    /// arriving on any flow socket after this wakes tokio's registration of
+    /// the epoll descriptor again, and a readiness seen after the guard was
+    /// taken is not cleared.)
+    fn read_backends(&mut self, socket: &UdpSocket, poller: &OwnedFd, buffer: &mut [u8]) -> bool {
         let zero = rustix::event::Timespec {
             tv_sec: 0,
             tv_nsec: 0,
@@ -719,11 +727,10 @@ impl Engine {
         let mut events = [std::mem::MaybeUninit::<epoll::Event>::uninit(); EVENTS];
         let ready = match epoll::wait(poller, &mut events[..], Some(&zero)) {
             Ok((ready, _)) => ready,
+            Err(rustix::io::Errno::INTR) => return false,
             Err(e) => {
-                if e != rustix::io::Errno::INTR {
-                    tracing::warn!(error = %e, "QUIC: epoll_wait failed");
-                }
-                return 0;
+                tracing::warn!(error = %e, "QUIC: epoll_wait failed");
+                return true;
             }
         };
         let mut ids = [0u64; EVENTS];
@@ -731,27 +738,33 @@ impl Engine {
             *id = event.data.u64();
         }
         let count = ready.len();
+        let mut dry = count < EVENTS;
         for &id in &ids[..count] {
-            self.backend_datagrams(FlowId::unpack(id), socket, buffer);
+            dry &= self.backend_datagrams(FlowId::unpack(id), socket, buffer);
         }
-        count
+        dry
     }
 
-    fn backend_datagrams(&mut self, id: FlowId, socket: &UdpSocket, buffer: &mut [u8]) {
+    /// Relays a flow's datagrams from its backend, at most [`BATCH`].
+    /// Returns whether its socket was read dry (or the flow is gone).
+    fn backend_datagrams(&mut self, id: FlowId, socket: &UdpSocket, buffer: &mut [u8]) -> bool {
         for _ in 0..BATCH {
             let Some(client) = self.table.addr(id) else {
-                return;
+                return true;
             };
             let Some(flow) = self.table.get_mut(id) else {
-                return;
+                return true;
             };
             let State::Open(backend) = &flow.state else {
-                return;
+                return true;
             };
             let n = match backend.recv(buffer) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => return self.backend_failed(id, e),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    self.backend_failed(id, e);
+                    return true;
+                }
             };
             let datagram = &buffer[..n];
             flow.last = self.now;
@@ -781,6 +794,8 @@ impl Engine {
                 }
             }
         }
+        // BATCH datagrams read: there may be more.
+        false
     }
 
     /// A send or receive on the flow's backend socket failed (an ICMP
@@ -1104,6 +1119,10 @@ fn send_up(
 fn backend_socket(addr: SocketAddr, id: FlowId, poller: &OwnedFd) -> io::Result<StdUdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
+    // Room for a backend's burst (the kernel's default, 208 KiB, is about
+    // 90 datagrams): charged only for what is queued; capped by
+    // net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(FLOW_RECEIVE_BUFFER);
     socket.connect(&addr.into())?;
     epoll::add(
         poller,
