@@ -34,7 +34,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -88,6 +88,8 @@ pub enum Kind {
     Admin(AdminAddr),
     /// The metrics endpoint, by its configured address.
     Metrics(SocketAddr),
+    /// A `quic = true` listener's UDP socket, by the listener's `addr`.
+    Quic(String),
 }
 
 impl Kind {
@@ -96,6 +98,7 @@ impl Kind {
             Kind::Listener(text) => format!("listener {text}"),
             Kind::Admin(addr) => format!("admin {addr}"),
             Kind::Metrics(addr) => format!("metrics {addr}"),
+            Kind::Quic(text) => format!("quic {text}"),
         }
     }
 
@@ -105,6 +108,7 @@ impl Kind {
             "listener" => Some(Kind::Listener(rest.to_string())),
             "admin" => AdminAddr::parse(rest).ok().map(Kind::Admin),
             "metrics" => rest.parse().ok().map(Kind::Metrics),
+            "quic" => Some(Kind::Quic(rest.to_string())),
             _ => None,
         }
     }
@@ -598,6 +602,7 @@ pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
     let mut received = Received::default();
     let mut listeners: Vec<(String, TcpListener)> = Vec::new();
     let mut by_addr: Vec<TcpListener> = Vec::new();
+    let mut quic_by_addr: Vec<UdpSocket> = Vec::new();
     for (kind, fd) in sockets {
         match kind {
             Kind::Listener(text) => {
@@ -630,6 +635,19 @@ pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
                         received.admin = Some(crate::admin::server::AdminListener::Tcp(socket));
                     }
                     _ => received.unused.push(format!("admin {addr}")),
+                }
+            }
+            Kind::Quic(text) => {
+                let socket = UdpSocket::from(fd);
+                if config
+                    .listeners
+                    .iter()
+                    .any(|l| l.quic && l.addr.text == text)
+                    && !received.quic.iter().any(|(t, _)| *t == text)
+                {
+                    received.quic.push((text, socket));
+                } else {
+                    quic_by_addr.push(socket);
                 }
             }
             Kind::Metrics(addr) => {
@@ -665,6 +683,27 @@ pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
             )),
         }
     }
+    for socket in quic_by_addr {
+        let local = socket.local_addr().ok();
+        let named = local.and_then(|local| {
+            config
+                .listeners
+                .iter()
+                .find(|l| {
+                    l.quic
+                        && crate::proxy::activation::names(l, local)
+                        && !received.quic.iter().any(|(t, _)| *t == l.addr.text)
+                })
+                .map(|l| l.addr.text.clone())
+        });
+        match named {
+            Some(text) => received.quic.push((text, socket)),
+            None => received.unused.push(format!(
+                "quic {}",
+                local.map_or_else(|| "?".to_string(), |a| a.to_string())
+            )),
+        }
+    }
     received.listeners = listeners;
     received
 }
@@ -684,6 +723,8 @@ pub struct Received {
     pub listeners: Vec<(String, TcpListener)>,
     pub admin: Option<crate::admin::server::AdminListener>,
     pub metrics: Option<TcpListener>,
+    /// `quic = true` listeners' UDP sockets, by listener `addr`.
+    pub quic: Vec<(String, UdpSocket)>,
     /// What no part of the config names (already closed).
     pub unused: Vec<String>,
 }
@@ -704,6 +745,7 @@ mod tests {
             Kind::Admin(AdminAddr::parse("unix:/srv/x/admin.sock").unwrap()),
             Kind::Admin(AdminAddr::parse("127.0.0.1:9090").unwrap()),
             Kind::Metrics("127.0.0.1:9100".parse().unwrap()),
+            Kind::Quic(":443".into()),
         ] {
             assert_eq!(Kind::parse(&kind.line()), Some(kind));
         }

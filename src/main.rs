@@ -459,11 +459,13 @@ fn serve(config: Config, after_handoff: AfterHandoff) -> Result<(), ServerError>
                     listeners = received.listeners.len(),
                     admin = received.admin.is_some(),
                     metrics = received.metrics.is_some(),
+                    quic = received.quic.len(),
                     "handoff: took the running server's sockets"
                 );
                 inherited.listeners = received.listeners;
                 inherited.admin = received.admin;
                 inherited.metrics = received.metrics;
+                inherited.quic = received.quic;
                 inherited.admin_begin = Some(admin_began);
                 Some(taken)
             }

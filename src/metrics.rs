@@ -91,6 +91,12 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabel {
     rule: &'static str,
 }
@@ -383,6 +389,8 @@ pub struct ListenerMetrics {
     connect_seconds: Histogram,
     /// L7 requests on this listener.
     pub requests: Arc<RequestMetrics>,
+    /// QUIC flows on this listener's UDP socket.
+    pub quic: QuicMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -490,6 +498,7 @@ impl Metrics {
             "Connections to L7 backends open now (pooled ones included)",
             upstream_open.clone(),
         );
+        let quic = QuicFamilies::register(&mut registry);
         registry.register_collector(Box::new(LogLinesDropped));
         let backends = BackendMetrics::default();
         let balancer_slot = backends.0.clone();
@@ -541,6 +550,7 @@ impl Metrics {
                         requests.clone(),
                         durations.clone(),
                     )),
+                    quic: quic.listener(addr),
                 }
             })
             .collect();
@@ -660,6 +670,181 @@ impl ListenerMetrics {
 
     pub fn connect_took(&self, took: Duration) {
         self.connect_seconds.observe(took.as_secs_f64());
+    }
+}
+
+/// Why a QUIC datagram was dropped without a flow to count it against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuicDrop {
+    /// Not a v1/v2 Initial, from an address and with connection IDs no
+    /// flow knows.
+    NoFlow,
+    /// A new flow's first datagram under 1,200 bytes (RFC 9000 §14.1).
+    ShortInitial,
+    /// `[proxy] max_quic_flows` flows were open.
+    FlowLimit,
+    /// The bytes buffered by pending flows were at their budget.
+    PendingLimit,
+    /// The socket's send buffer was full (the datagram is lost, as on a
+    /// congested path; QUIC resends).
+    SendFailed,
+}
+
+impl QuicDrop {
+    pub const LABELS: [&'static str; 5] = [
+        "no_flow",
+        "short_initial",
+        "flow_limit",
+        "pending_limit",
+        "send_failed",
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The QUIC metric families (SPEC §6.5: per listener, like TCP's).
+struct QuicFamilies {
+    opened: Family<ListenerLabel, Counter>,
+    active: Family<ListenerLabel, Gauge>,
+    closed: Family<OutcomeLabels, Counter>,
+    blocked: Family<BlockedLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    dropped: Family<DropLabels, Counter>,
+}
+
+impl QuicFamilies {
+    fn register(registry: &mut Registry) -> QuicFamilies {
+        let families = QuicFamilies {
+            opened: Family::default(),
+            active: Family::default(),
+            closed: Family::default(),
+            blocked: Family::default(),
+            bytes: Family::default(),
+            dropped: Family::default(),
+        };
+        registry.register(
+            "quic_flows_opened",
+            "QUIC flows started (a first Initial from a client the firewall admitted)",
+            families.opened.clone(),
+        );
+        registry.register(
+            "quic_flows_active",
+            "QUIC flows held now, pending (hello incomplete) and established",
+            families.active.clone(),
+        );
+        registry.register(
+            "quic_flows_closed",
+            "QUIC flows ended, by outcome (the outcome= of the flow's log line; blocked without its rule)",
+            families.closed.clone(),
+        );
+        registry.register(
+            "quic_flows_blocked",
+            "QUIC flows the firewall refused (their datagrams dropped), by the type of rule or limit",
+            families.blocked.clone(),
+        );
+        registry.register_with_unit(
+            "quic_relayed",
+            "QUIC datagram bytes relayed, counted as they pass (up = client to backend, down = backend to client)",
+            Unit::Bytes,
+            families.bytes.clone(),
+        );
+        registry.register(
+            "quic_datagrams_dropped",
+            "QUIC datagrams dropped outside any flow's accounting, by reason",
+            families.dropped.clone(),
+        );
+        families
+    }
+
+    fn listener(&self, addr: &str) -> QuicMetrics {
+        let listener = ListenerLabel {
+            listener: addr.to_string(),
+        };
+        QuicMetrics {
+            opened: self.opened.get_or_create_owned(&listener),
+            active: self.active.get_or_create_owned(&listener),
+            closed: Outcome::LABELS.map(|outcome| {
+                self.closed.get_or_create_owned(&OutcomeLabels {
+                    listener: addr.to_string(),
+                    outcome,
+                })
+            }),
+            blocked: BlockReason::LABELS.map(|rule| {
+                self.blocked.get_or_create_owned(&BlockedLabels {
+                    listener: addr.to_string(),
+                    rule,
+                })
+            }),
+            bytes_up: self.bytes.get_or_create_owned(&BytesLabels {
+                listener: addr.to_string(),
+                direction: "up",
+            }),
+            bytes_down: self.bytes.get_or_create_owned(&BytesLabels {
+                listener: addr.to_string(),
+                direction: "down",
+            }),
+            dropped: QuicDrop::LABELS.map(|reason| {
+                self.dropped.get_or_create_owned(&DropLabels {
+                    listener: addr.to_string(),
+                    reason,
+                })
+            }),
+        }
+    }
+}
+
+/// One listener's QUIC handles, resolved at start: the datagram path does
+/// relaxed atomic adds only.
+#[derive(Debug, Clone)]
+pub struct QuicMetrics {
+    opened: Counter,
+    active: Gauge,
+    /// Indexed by [`Outcome::index`].
+    closed: [Counter; Outcome::LABELS.len()],
+    /// Indexed by [`BlockReason::index`].
+    blocked: [Counter; BlockReason::LABELS.len()],
+    bytes_up: Counter,
+    bytes_down: Counter,
+    /// Indexed by [`QuicDrop`].
+    dropped: [Counter; QuicDrop::LABELS.len()],
+}
+
+impl QuicMetrics {
+    /// A flow was admitted (active until [`closed`](Self::closed)).
+    pub fn opened(&self) {
+        self.opened.inc();
+        self.active.inc();
+    }
+
+    /// An admitted flow ended.
+    pub fn closed(&self, outcome: Outcome) {
+        self.active.dec();
+        self.closed[outcome.index()].inc();
+    }
+
+    /// A client the firewall refused (no flow was made).
+    pub fn blocked(&self, reason: BlockReason) {
+        self.closed[Outcome::Blocked(reason).index()].inc();
+        self.blocked[reason.index()].inc();
+    }
+
+    pub fn up(&self, bytes: usize) {
+        self.bytes_up.inc_by(bytes as u64);
+    }
+
+    pub fn down(&self, bytes: usize) {
+        self.bytes_down.inc_by(bytes as u64);
+    }
+
+    pub fn dropped(&self, why: QuicDrop) {
+        self.dropped[why.index()].inc();
+    }
+
+    /// Flows held now.
+    pub fn active(&self) -> i64 {
+        self.active.get()
     }
 }
 

@@ -29,6 +29,9 @@ wire::labelled_enum! {
         TlsFailed => "tls_failed",
         IdleTimeout => "idle_timeout",
         Shutdown => "shutdown",
+        /// QUIC only: the SNI names an L7 route, which cannot take QUIC
+        /// (SPEC §6.5); the flow's datagrams are dropped.
+        L7Route => "l7_route",
     }
 }
 

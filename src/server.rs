@@ -220,6 +220,8 @@ struct BoundListener {
     routes: Arc<ListenerRoutes>,
     stats: Arc<ListenerStats>,
     proxy_protocol: bool,
+    /// The UDP socket of a `quic = true` listener (same address and port).
+    quic: Option<tokio::net::UdpSocket>,
 }
 
 /// The addresses an [`App`] listens on, as bound.
@@ -274,6 +276,8 @@ pub struct Inherited {
     pub admin_begin: Option<oneshot::Receiver<()>>,
     /// The metrics endpoint's socket (for the configured `[metrics] addr`).
     pub metrics: Option<std::net::TcpListener>,
+    /// Listener `addr` text → its UDP socket (a `quic = true` listener's).
+    pub quic: Vec<(String, std::net::UdpSocket)>,
 }
 
 impl App {
@@ -315,6 +319,7 @@ impl App {
             admin: inherited_admin,
             admin_begin,
             metrics: inherited_metrics,
+            quic: mut inherited_quic,
         } = inherited;
         let source = &config.source;
         let mut handoff = Vec::new();
@@ -399,10 +404,29 @@ impl App {
             };
             let routes = routes.listener(text).cloned().ok_or_else(missing)?;
             let stats = stats.listener(text).cloned().ok_or_else(missing)?;
+            // A quic listener's UDP socket: same address, the port TCP got.
+            let quic = if listener.quic {
+                let handed = inherited_quic.iter().position(|(name, _)| name == text);
+                let socket = match handed {
+                    Some(i) => {
+                        let (_, socket) = inherited_quic.swap_remove(i);
+                        socket.set_nonblocking(true).map(|()| socket)
+                    }
+                    None => proxy::quic::bind(&listener.addr, local_addr.port()),
+                }
+                .and_then(tokio::net::UdpSocket::from_std)
+                .map_err(cannot_listen)?;
+                let copy = socket.as_fd().try_clone_to_owned().map_err(cannot_listen)?;
+                handoff.push((handoff::Kind::Quic(text.clone()), copy));
+                Some(socket)
+            } else {
+                None
+            };
             tracing::info!(
                 listener = %text,
                 addr = %local_addr,
                 inherited = handed.is_some(),
+                quic = listener.quic,
                 "listening"
             );
             listeners.push(BoundListener {
@@ -411,6 +435,7 @@ impl App {
                 routes,
                 stats,
                 proxy_protocol: listener.proxy_protocol,
+                quic,
             });
         }
 
@@ -651,6 +676,7 @@ impl App {
         drop(unused_copies);
         let source = config.source.display().to_string();
         let drain = Shutdown::new();
+        let flows = Arc::new(proxy::quic::FlowBudget::new(config.proxy.max_quic_flows));
         let http = Arc::new(proxy::http::Shared::new(
             certs.clone(),
             &config.proxy,
@@ -675,6 +701,14 @@ impl App {
                 proxy_protocol: bound.proxy_protocol,
                 capacity: capacity.clone(),
             });
+            if let Some(udp) = bound.quic {
+                drain.spawn(proxy::quic::serve(
+                    udp,
+                    listener.clone(),
+                    flows.clone(),
+                    drain.clone(),
+                ));
+            }
             drain.spawn(proxy::accept_loop(bound.socket, listener, drain.clone()));
         }
         firewall.spawn_geoip_watcher(GEOIP_POLL, stop.subscribe());

@@ -872,3 +872,81 @@ async fn a_handoff_under_traffic_on_a_proxy_protocol_listener_with_an_l7_route()
     );
     new.stop();
 }
+
+/// A UDP backend that answers each datagram with `name` and the
+/// datagram's first 8 bytes (not a long header: the proxy learns no CID).
+async fn udp_echo(name: &'static str) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buffer = vec![0u8; 65_535];
+        while let Ok((n, from)) = socket.recv_from(&mut buffer).await {
+            let mut reply = name.as_bytes().to_vec();
+            reply.extend_from_slice(&buffer[..n.min(8)]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+/// A new QUIC flow (a client Initial for `sni`) to `addr`: the first reply.
+async fn quic_flow(addr: SocketAddr, sni: &str, dcid: u8) -> Result<Vec<u8>, String> {
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let initial = wire::quic::build::Client::new(wire::quic::Version::V1, &[dcid; 8], &[7; 4])
+        .datagram(&hello_message(Some(sni), 0));
+    let mut reply = vec![0u8; 2048];
+    // Resent like a client's Initial until an answer comes.
+    for _ in 0..20 {
+        client
+            .send_to(&initial, addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(250), client.recv(&mut reply)).await
+        {
+            reply.truncate(n);
+            return Ok(reply);
+        }
+    }
+    Err(format!("no reply for {sni} from {addr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_listeners_udp_socket_is_handed_over_on_the_same_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = udp_echo("Q:").await;
+    let toml = handoff_config_with(
+        dir.path(),
+        &format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\nquic = true\n{}\n",
+            route("q.test", backend)
+        ),
+    );
+    let mut old = Proxy::start(dir.path(), &toml);
+    let addr = old.addr();
+    old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
+    assert!(old.log_text().contains("quic=true"), "{}", old.log_text());
+    let reply = quic_flow(addr, "q.test", 1).await.unwrap();
+    assert_eq!(&reply[..2], b"Q:");
+
+    let mut new = take_over(dir.path(), &old.config).await;
+    new.wait_log(&["quic=1"], Duration::from_secs(10));
+    assert_exit_0(&mut old, "the old process");
+    // The same UDP port, now served by the new process only.
+    let reply = quic_flow(addr, "q.test", 2).await.unwrap();
+    assert_eq!(&reply[..2], b"Q:");
+    assert_eq!(
+        &reply[2..],
+        &wire::quic::build::Client::new(wire::quic::Version::V1, &[2; 8], &[7; 4])
+            .datagram(&hello_message(Some("q.test"), 0))[..8]
+    );
+    let listening = new.wait_log(
+        &["listening", "inherited=true", "quic=true"],
+        Duration::from_secs(5),
+    );
+    assert!(listening.contains("inherited=true"), "{listening}");
+    new.signal("TERM");
+    assert_exit_0(&mut new, "the new process");
+}

@@ -300,6 +300,27 @@ impl Firewall {
         }
     }
 
+    /// [`admit`](Self::admit) for a QUIC flow, whose table holds the count
+    /// itself: `Ok(true)` when a per-client count was taken, to be given
+    /// back with [`release_flow`](Self::release_flow) when the flow ends.
+    pub fn admit_flow(&self, ip: IpAddr) -> Result<bool, BlockReason> {
+        if let Verdict::Block(reason) = self.check(ip) {
+            return Err(reason);
+        }
+        match &self.conns {
+            None => Ok(false),
+            Some(conns) if conns.try_count(ip) => Ok(true),
+            Some(_) => Err(BlockReason::ConnLimit),
+        }
+    }
+
+    /// Gives back the per-client count of a flow [`admit_flow`](Self::admit_flow) counted.
+    pub fn release_flow(&self, ip: IpAddr) {
+        if let Some(conns) = &self.conns {
+            conns.uncount(ip);
+        }
+    }
+
     /// The decision on `ip` by the rules and the rate limit (a rate-limit
     /// admission is counted), without the open-connection limit.
     pub fn check(&self, ip: IpAddr) -> Verdict {

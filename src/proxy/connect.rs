@@ -153,6 +153,30 @@ async fn connect_one(
     }
 }
 
+/// The address a QUIC flow to `backend` uses: its IP, or the first of its
+/// name's addresses (the resolver's preference), within `timeout`. (UDP has
+/// no handshake to race addresses with.)
+pub async fn resolve_one(backend: &Backend, timeout: Duration) -> io::Result<SocketAddr> {
+    if let Some(addr) = backend.socket_addr() {
+        return Ok(addr);
+    }
+    let addrs = tokio::time::timeout(timeout, resolve(backend))
+        .await
+        .map_err(|_| {
+            let (host, _) = backend.host_port();
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("resolving {host} did not finish within connect_timeout ({timeout:?})"),
+            )
+        })??;
+    addrs.first().copied().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "backend name resolved to no address",
+        )
+    })
+}
+
 /// Resolves a backend name with the system resolver (`getaddrinfo`: hosts
 /// file, DNS, whatever nsswitch says) on the blocking pool. The turn is held
 /// by the lookup itself, so lookups stuck on a dead resolver keep counting

@@ -20,6 +20,7 @@ pub mod connect;
 pub mod http;
 mod listener;
 pub mod probe;
+pub mod quic;
 pub mod relay;
 mod sys;
 
