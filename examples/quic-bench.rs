@@ -214,7 +214,10 @@ fn initial(dcid: &[u8; DCID_LEN]) -> Vec<u8> {
 }
 
 fn timed_out(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Bigger socket buffers for the endpoints, so that what is lost is lost in
@@ -225,12 +228,16 @@ fn big_buffers(socket: &UdpSocket) {
     let _ = s.set_send_buffer_size(4 << 20);
 }
 
-#[derive(Clone, Copy, Default, Debug)]
+#[derive(Default, Debug)]
 struct Sent {
     sent: u64,
     stalls: u64,
     /// The receiver's (datagrams, bytes), if its DONE arrived.
     done: Option<(u64, u64)>,
+    /// A datagram other than DONE, ACK or DATA that arrived while waiting
+    /// for DONE (the client's next command, faster direct than the DONE
+    /// through the proxy): the caller's to handle.
+    next: Option<(Vec<u8>, SocketAddr)>,
 }
 
 /// The windowed sender: DATA datagrams of `size` bytes for `dur`, at most
@@ -275,7 +282,7 @@ fn send_windowed(
     let mut result = Sent {
         sent: next,
         stalls,
-        done: None,
+        ..Sent::default()
     };
     let mut end_pkt = [0u8; HDR];
     put(&mut end_pkt, dcid, cmd::END, next, 0);
@@ -283,12 +290,17 @@ fn send_windowed(
         send(&end_pkt)?;
         loop {
             match sock.recv_from(&mut buf) {
-                Ok((n, _)) => {
-                    if let Some((cmd::DONE, got, bytes)) = parse(&buf[..n]) {
+                Ok((n, src)) => match parse(&buf[..n]) {
+                    Some((cmd::DONE, got, bytes)) => {
                         result.done = Some((got, bytes));
                         break 'tries;
                     }
-                }
+                    Some((cmd::ACK | cmd::DATA, _, _)) => {}
+                    _ => {
+                        result.next = Some((buf[..n].to_vec(), src));
+                        break 'tries;
+                    }
+                },
                 Err(e) if timed_out(&e) => break,
                 Err(e) => return Err(e),
             }
@@ -389,15 +401,25 @@ fn udp_backend(sock: &UdpSocket) -> io::Result<()> {
     let mut buf = vec![0u8; 65536];
     let mut reply = [0u8; HDR];
     let (mut got, mut bytes, mut highest, mut since, mut every) = (0u64, 0u64, 0u64, 0u64, 8u64);
+    let debug = std::env::var_os("QUIC_BENCH_DEBUG").is_some();
+    let mut next: Option<(Vec<u8>, SocketAddr)> = None;
     loop {
-        sock.set_read_timeout(None)?;
-        let (n, src) = match sock.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-            Err(e) => return Err(e),
+        let (n, src) = if let Some((d, src)) = next.take() {
+            buf[..d.len()].copy_from_slice(&d);
+            (d.len(), src)
+        } else {
+            sock.set_read_timeout(None)?;
+            match sock.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            }
         };
         let d = &buf[..n];
         let dcid = dcid_of(d);
+        if debug && !matches!(parse(d), Some((cmd::DATA, _, _))) {
+            eprintln!("[backend] from {src}: {n} B {:?}", parse(d));
+        }
         match parse(d) {
             Some((cmd::DATA, seq, _)) => {
                 got += 1;
@@ -420,7 +442,7 @@ fn udp_backend(sock: &UdpSocket) -> io::Result<()> {
             }
             Some((cmd::START_DOWN, ms, packed)) => {
                 let (window, size) = (packed >> 32, (packed & 0xffff_ffff) as usize);
-                let _ = send_windowed(
+                let sent = send_windowed(
                     sock,
                     Some(src),
                     &dcid,
@@ -428,6 +450,12 @@ fn udp_backend(sock: &UdpSocket) -> io::Result<()> {
                     window,
                     Duration::from_millis(ms),
                 );
+                if debug {
+                    eprintln!("[backend] download to {src}: {sent:?}");
+                }
+                if let Ok(sent) = sent {
+                    next = sent.next;
+                }
             }
             Some((cmd::ACK | cmd::DONE, _, _)) => {}
             _ => {
@@ -510,7 +538,11 @@ fn start_backend() -> Result<Backend> {
     let mut proc = Proc { child, log: None };
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    let Some(port) = line.trim().strip_prefix("PORT ").and_then(|p| p.parse().ok()) else {
+    let Some(port) = line
+        .trim()
+        .strip_prefix("PORT ")
+        .and_then(|p| p.parse().ok())
+    else {
         proc.check()?;
         bail!("backend said {line:?}");
     };
@@ -557,9 +589,11 @@ fn start_proxy(bin: &Path, backend_port: u16, max_flows: usize) -> Result<Proxy>
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().map(strip_ansi).find(|l| {
-            l.contains("listening") && l.contains(" listener=") && l.contains(" addr=")
-        }) {
+        if let Some(line) = text
+            .lines()
+            .map(strip_ansi)
+            .find(|l| l.contains("listening") && l.contains(" listener=") && l.contains(" addr="))
+        {
             let addr = field(&line, "addr")
                 .and_then(|a| a.parse().ok())
                 .with_context(|| format!("no addr= in {line:?}"))?;
@@ -668,6 +702,51 @@ fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// The socket inodes a process holds.
+fn socket_inodes(pid: u32) -> std::collections::HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Datagrams dropped (receive buffer full) on the UDP sockets of `pid`,
+/// from the `drops` column of /proc/net/udp and udp6: (on the socket bound
+/// to `listen_port`, on the others — the flows' backend sockets).
+fn udp_drops(pid: u32, listen_port: u16) -> (u64, u64) {
+    let inodes = socket_inodes(pid);
+    let mut drops = (0, 0);
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let inode = f.get(9).and_then(|v| v.parse::<u64>().ok());
+            if inode.is_some_and(|i| inodes.contains(&i)) {
+                let n = f.last().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let port = f
+                    .get(1)
+                    .and_then(|a| a.rsplit_once(':'))
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+                if port == Some(listen_port) {
+                    drops.0 += n;
+                } else {
+                    drops.1 += n;
+                }
+            }
+        }
+    }
+    drops
+}
+
 /// UDP `RcvbufErrors` and `SndbufErrors` of the machine (/proc/net/snmp).
 fn udp_errors() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
@@ -694,11 +773,13 @@ struct Snap {
     client: f64,
     busy: f64,
     udp_errors: (u64, u64),
+    proxy_drops: (u64, u64),
 }
 
 struct Meter<'a> {
     procfs: &'a ProcFs,
-    proxy: Option<u32>,
+    /// pid, listening port.
+    proxy: Option<(u32, u16)>,
     backend: u32,
 }
 
@@ -708,11 +789,14 @@ impl Meter<'_> {
             at: Instant::now(),
             proxy: self
                 .proxy
-                .map_or(0.0, |p| self.procfs.cpu_s(&p.to_string())),
+                .map_or(0.0, |(p, _)| self.procfs.cpu_s(&p.to_string())),
             backend: self.procfs.cpu_s(&self.backend.to_string()),
             client: self.procfs.cpu_s("self"),
             busy: self.procfs.busy_s(),
             udp_errors: udp_errors(),
+            proxy_drops: self
+                .proxy
+                .map_or((0, 0), |(pid, port)| udp_drops(pid, port)),
         }
     }
 }
@@ -725,6 +809,7 @@ struct Span {
     client: f64,
     foreign_pct: f64,
     rcvbuf_errors: u64,
+    proxy_drops: (u64, u64),
 }
 
 impl Span {
@@ -743,6 +828,10 @@ impl Span {
             client,
             foreign_pct: 100.0 * foreign / secs / ncpu,
             rcvbuf_errors: b.udp_errors.0.saturating_sub(a.udp_errors.0),
+            proxy_drops: (
+                b.proxy_drops.0.saturating_sub(a.proxy_drops.0),
+                b.proxy_drops.1.saturating_sub(a.proxy_drops.1),
+            ),
         }
     }
 }
@@ -839,7 +928,13 @@ fn spread(values: &[f64], digits: usize) -> String {
     if values.len() < 2 {
         return format!("{:.*}", digits, median(values));
     }
-    format!("{:.*} ({lo:.*}–{hi:.*})", digits, median(values), digits, digits)
+    format!(
+        "{:.*} ({lo:.*}–{hi:.*})",
+        digits,
+        median(values),
+        digits,
+        digits
+    )
 }
 
 // ---- run ---------------------------------------------------------------------------
@@ -887,7 +982,10 @@ fn run(args: Args) -> Result<()> {
          load average at start {}, args: `{}`\n",
         bin.display(),
         procfs.ncpu,
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     ));
     let mut quiet = Quiet {
@@ -899,21 +997,10 @@ fn run(args: Args) -> Result<()> {
     let mut summary = Summary::default();
     for phase in args.phases.split(',').map(str::trim) {
         match phase {
-            "throughput" => throughput_phase(
-                &args,
-                &bin,
-                &procfs,
-                &mut quiet,
-                &mut report,
-                &mut summary,
-            )?,
-            "latency" => latency_phase(
-                &args,
-                &bin,
-                &mut quiet,
-                &mut report,
-                &mut summary,
-            )?,
+            "throughput" => {
+                throughput_phase(&args, &bin, &procfs, &mut quiet, &mut report, &mut summary)?
+            }
+            "latency" => latency_phase(&args, &bin, &mut quiet, &mut report, &mut summary)?,
             "flows" => {
                 if args.direct_only {
                     report.line("(flows: skipped, --direct-only)\n");
@@ -1010,17 +1097,18 @@ fn throughput_phase(
     if let Some(p) = &proxy {
         paths.push(Path2 {
             name: "proxy",
-            sock: open_flow(local, p.addr, &flow_dcid(0xd2, 1)).context("a flow through the proxy")?,
+            sock: open_flow(local, p.addr, &flow_dcid(0xd2, 1))
+                .context("a flow through the proxy")?,
             dcid: flow_dcid(0xd2, 1),
         });
     }
     let meter = Meter {
         procfs,
-        proxy: proxy.as_ref().map(|p| p.proc.pid()),
+        proxy: proxy.as_ref().map(|p| (p.proc.pid(), p.addr.port())),
         backend: backend.proc.pid(),
     };
     let mut ours = vec![backend.proc.pid()];
-    ours.extend(meter.proxy);
+    ours.extend(meter.proxy.map(|(pid, _)| pid));
     report.line(format!(
         "## throughput: windowed bulk transfer over one flow\n\n\
          {} repetitions × {} s per transfer; datagrams of {} B (UDP payload); the receiver \
@@ -1030,10 +1118,10 @@ fn throughput_phase(
          received; `ends` = client + backend.\n",
         args.reps, args.secs, args.size, args.ack_every, windows
     ));
-    report.line("| rep | window | dir | path | sent | received | loss % | stalls | MiB/s | datagrams/s | proxy CPU s/GiB | ends CPU s/GiB | proxy µs/datagram | rcvbuf errors | foreign % |");
-    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    report.line("| rep | window | dir | path | sent | received | loss % | stalls | MiB/s | datagrams/s | proxy CPU s/GiB | ends CPU s/GiB | proxy µs/datagram | machine rcvbuf errors | proxy drops: listening socket | proxy drops: flow sockets | foreign % |");
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // (window, dir, path) → per-rep (MiB/s, loss %, proxy s/GiB, ends s/GiB, proxy µs/dg)
-    let mut results: std::collections::BTreeMap<(u64, &str, &str), Vec<[f64; 5]>> =
+    let mut results: std::collections::BTreeMap<(u64, &str, &str), Vec<[f64; 8]>> =
         Default::default();
     let dur = Duration::from_secs_f64(args.secs);
     for rep in 0..args.reps {
@@ -1046,7 +1134,10 @@ fn throughput_phase(
                         p.proc.check()?;
                     }
                     backend.proc.check()?;
-                    quiet.wait(&format!("rep {} {window} {dir} {}", rep + 1, path.name), &ours);
+                    quiet.wait(
+                        &format!("rep {} {window} {dir} {}", rep + 1, path.name),
+                        &ours,
+                    );
                     drain(&path.sock);
                     let a = meter.snap();
                     let (sent, got, bytes, stalls) = match dir {
@@ -1060,9 +1151,12 @@ fn throughput_phase(
                                 window << 32 | args.size as u64,
                             );
                             path.sock.send(&start)?;
-                            let r =
-                                receive_windowed(&path.sock, args.ack_every, Duration::from_secs(3))
-                                    .with_context(|| format!("download over {}", path.name))?;
+                            let r = receive_windowed(
+                                &path.sock,
+                                args.ack_every,
+                                Duration::from_secs(3),
+                            )
+                            .with_context(|| format!("download over {}", path.name))?;
                             (r.sent, r.got, r.bytes, None)
                         }
                         _ => {
@@ -1098,7 +1192,7 @@ fn throughput_phase(
                     let ends_per_gib = (span.client + span.backend) / gib;
                     let proxy_us = span.proxy * 1e6 / got.max(1) as f64;
                     report.line(format!(
-                        "| {} | {window} | {dir} | {} | {sent} | {got} | {loss:.3} | {} | {mibs:.1} | {:.0} | {} | {ends_per_gib:.2} | {} | {} | {:.1} |",
+                        "| {} | {window} | {dir} | {} | {sent} | {got} | {loss:.3} | {} | {mibs:.1} | {:.0} | {} | {ends_per_gib:.2} | {} | {} | {} | {} | {:.1} |",
                         rep + 1,
                         path.name,
                         stalls.map_or("(backend)".into(), |s| s.to_string()),
@@ -1106,12 +1200,20 @@ fn throughput_phase(
                         if path.name == "direct" { format!("({proxy_per_gib:.2} idle)") } else { format!("{proxy_per_gib:.2}") },
                         if path.name == "direct" { "–".into() } else { format!("{proxy_us:.2}") },
                         span.rcvbuf_errors,
+                        span.proxy_drops.0,
+                        span.proxy_drops.1,
                         span.foreign_pct
                     ));
-                    results
-                        .entry((window, dir, path.name))
-                        .or_default()
-                        .push([mibs, loss, proxy_per_gib, ends_per_gib, proxy_us]);
+                    results.entry((window, dir, path.name)).or_default().push([
+                        mibs,
+                        loss,
+                        proxy_per_gib,
+                        ends_per_gib,
+                        proxy_us,
+                        span.proxy_drops.0 as f64,
+                        sent.saturating_sub(got) as f64,
+                        span.proxy_drops.1 as f64,
+                    ]);
                 }
             }
         }
@@ -1138,20 +1240,40 @@ fn throughput_phase(
                     "| {window} | {dir} | {name} | {} | {} | {} | {} | {} | {} | {} |",
                     spread(&col(name, 0), 1),
                     spread(&col(name, 1), 3),
-                    if is_proxy { spread(&col(name, 2), 2) } else { "–".into() },
+                    if is_proxy {
+                        spread(&col(name, 2), 2)
+                    } else {
+                        "–".into()
+                    },
                     spread(&col(name, 3), 2),
-                    if is_proxy { spread(&col(name, 4), 2) } else { "–".into() },
-                    if is_proxy { format!("{ratio_tp:.3}") } else { "".into() },
-                    if is_proxy { format!("{ratio_cpu:.3}") } else { "".into() },
+                    if is_proxy {
+                        spread(&col(name, 4), 2)
+                    } else {
+                        "–".into()
+                    },
+                    if is_proxy {
+                        format!("{ratio_tp:.3}")
+                    } else {
+                        "".into()
+                    },
+                    if is_proxy {
+                        format!("{ratio_cpu:.3}")
+                    } else {
+                        "".into()
+                    },
                 ));
                 if is_proxy {
                     summary.rows.push(format!(
                         "| goodput {dir}, window {window} (MiB/s) | {:.1} | {direct_mibs:.1} | {ratio_tp:.3} | |",
                         median(&col(name, 0))
                     ));
+                    let lost: f64 = col(name, 6).iter().sum();
+                    let at_listen: f64 = col(name, 5).iter().sum();
+                    let at_flow: f64 = col(name, 7).iter().sum();
                     summary.rows.push(format!(
-                        "| loss {dir}, window {window} (%) | {:.3} | {:.3} | | counted |",
+                        "| loss {dir}, window {window} (%) | {:.3} ({lost:.0} datagrams lost over {} runs; dropped on the proxy's listening socket: {at_listen:.0}, on its flow socket: {at_flow:.0}) | {:.3} | | counted |",
                         median(&col(name, 1)),
+                        col(name, 1).len(),
                         median(&col("direct", 1))
                     ));
                     summary.rows.push(format!(
@@ -1473,9 +1595,20 @@ fn flows_phase(
     quiet.wait("flows", &[pid, backend.proc.pid()]);
     let slab = || kb_field("/proc/meminfo", "Slab:").unwrap_or(0) as f64;
     let (rss0, fds0, slab0) = (vm_rss(pid), fds(pid), slab());
-    let started = Instant::now();
-    let (ok, retried) = open(warm..warm + n, &mut proxy)?;
-    let took = started.elapsed().as_secs_f64();
+    // Five slices, RSS read after each (the flow table grows by doubling,
+    // so the figure per flow depends on where N falls).
+    let (mut ok, mut retried, mut took) = (0, 0, 0.0);
+    let mut checkpoints = Vec::new();
+    let slices = 5;
+    for k in 0..slices {
+        let range = warm + n * k / slices..warm + n * (k + 1) / slices;
+        let started = Instant::now();
+        let (o, r) = open(range, &mut proxy)?;
+        took += started.elapsed().as_secs_f64();
+        (ok, retried) = (ok + o, retried + r);
+        std::thread::sleep(Duration::from_millis(300));
+        checkpoints.push((ok, vm_rss(pid)));
+    }
     std::thread::sleep(Duration::from_secs(1));
     let (rss1, fds1, slab1) = (vm_rss(pid), fds(pid), slab());
     proxy.proc.check()?;
@@ -1510,6 +1643,15 @@ fn flows_phase(
         rss0 as f64 / 1048576.0,
         rss1 as f64 / 1048576.0,
     ));
+    let mut line =
+        String::from("RSS growth per flow at each checkpoint (cumulative since before):");
+    for (flows, rss) in &checkpoints {
+        line.push_str(&format!(
+            " {flows} flows: {:.0} B;",
+            (*rss as f64 - rss0 as f64) / (*flows).max(1) as f64
+        ));
+    }
+    report.line(format!("{}\n", line.trim_end_matches(';')));
     summary.rows.push(format!(
         "| proxy RSS per established flow (B) | {per_flow:.0} | | | < 512: **{}** |",
         if per_flow < 512.0 && ok == n {
