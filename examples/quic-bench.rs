@@ -29,9 +29,14 @@
 //!   fits every socket buffer on the path (64 × 1,200 B) measures the relay
 //!   at its own pace; a larger one (256) overruns the default 208 KiB
 //!   receive buffers whenever a hop falls behind and shows what the relay
-//!   drops under overload. Goodput is received bytes ÷ the transfer's
+//!   drops under overload. Where datagrams were dropped is read from the
+//!   `drops` column of /proc/net/udp for the proxy's own sockets (its
+//!   listening socket apart from its flows' backend sockets) beside the
+//!   machine's `RcvbufErrors`. Goodput is received bytes ÷ the transfer's
 //!   wall time; CPU per GiB is the proxy's CPU ÷ received GiB, next to the
-//!   two endpoints' CPU per GiB in the direct run.
+//!   two endpoints' CPU per GiB in the direct run; the proxy's % of a core
+//!   shows whether it was the bottleneck (client, proxy and backend share
+//!   the machine's CPUs).
 //! - `latency`: sequential ping-pong of `--lat-size`-byte messages on
 //!   established paths, sample by sample across four targets: UDP direct,
 //!   UDP through the proxy's flow, TCP direct and TCP through the proxy's
@@ -56,7 +61,7 @@
 //!
 //! ```text
 //! cargo build --release --bin mc-proxy --example quic-bench
-//! target/release/examples/quic-bench --out bench/results-quic-….md     # ~2 min
+//! target/release/examples/quic-bench --out bench/results-quic-….md     # ~3 min
 //! target/release/examples/quic-bench --direct-only --phases throughput,latency   # the baseline alone
 //! ```
 //!
@@ -119,7 +124,7 @@ struct Args {
     direct_only: bool,
     /// throughput: repetitions (each runs every window, direction and
     /// target once, the targets' order alternating).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     reps: usize,
     /// throughput: seconds per transfer.
     #[arg(long, default_value_t = 3.0)]
@@ -1118,8 +1123,8 @@ fn throughput_phase(
          received; `ends` = client + backend.\n",
         args.reps, args.secs, args.size, args.ack_every, windows
     ));
-    report.line("| rep | window | dir | path | sent | received | loss % | stalls | MiB/s | datagrams/s | proxy CPU s/GiB | ends CPU s/GiB | proxy µs/datagram | machine rcvbuf errors | proxy drops: listening socket | proxy drops: flow sockets | foreign % |");
-    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    report.line("| rep | window | dir | path | sent | received | loss % | stalls | MiB/s | datagrams/s | proxy CPU s/GiB | ends CPU s/GiB | proxy µs/datagram | proxy % of a core | machine rcvbuf errors | proxy drops: listening socket | proxy drops: flow sockets | foreign % |");
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // (window, dir, path) → per-rep (MiB/s, loss %, proxy s/GiB, ends s/GiB, proxy µs/dg)
     let mut results: std::collections::BTreeMap<(u64, &str, &str), Vec<[f64; 8]>> =
         Default::default();
@@ -1192,13 +1197,14 @@ fn throughput_phase(
                     let ends_per_gib = (span.client + span.backend) / gib;
                     let proxy_us = span.proxy * 1e6 / got.max(1) as f64;
                     report.line(format!(
-                        "| {} | {window} | {dir} | {} | {sent} | {got} | {loss:.3} | {} | {mibs:.1} | {:.0} | {} | {ends_per_gib:.2} | {} | {} | {} | {} | {:.1} |",
+                        "| {} | {window} | {dir} | {} | {sent} | {got} | {loss:.3} | {} | {mibs:.1} | {:.0} | {} | {ends_per_gib:.2} | {} | {:.0} | {} | {} | {} | {:.1} |",
                         rep + 1,
                         path.name,
                         stalls.map_or("(backend)".into(), |s| s.to_string()),
                         got as f64 / span.secs,
                         if path.name == "direct" { format!("({proxy_per_gib:.2} idle)") } else { format!("{proxy_per_gib:.2}") },
                         if path.name == "direct" { "–".into() } else { format!("{proxy_us:.2}") },
+                        100.0 * span.proxy / span.secs,
                         span.rcvbuf_errors,
                         span.proxy_drops.0,
                         span.proxy_drops.1,
