@@ -50,6 +50,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{AdminAddr, Config};
+use crate::proxy::quic::Carried;
 
 /// The handoff socket's file name, beside the database.
 pub const SOCKET_NAME: &str = "mc-proxy.handoff.sock";
@@ -143,6 +144,9 @@ pub struct Offer {
     /// calls committed is in the database before the new process re-reads
     /// it.
     pub admin_stopped: Option<watch::Receiver<bool>>,
+    /// The QUIC listener tasks, asked for their open flows when the new
+    /// process asks for them after `BYE`.
+    pub carriers: crate::proxy::quic::Carriers,
 }
 
 /// The process that handed its sockets over: what `mc-proxy status` shows
@@ -320,17 +324,32 @@ pub fn take(path: &Path) -> Result<Option<Taken>, HandoffError> {
 }
 
 impl Taken {
-    /// Tells the old process this one is serving and waits for its `BYE`.
-    /// Dropping what this returns closes the connection: the old process
-    /// waits for that before it exits (step 5).
-    pub fn serving(mut self) -> Result<Farewell, HandoffError> {
+    /// Tells the old process this one is serving and waits for its `BYE`,
+    /// then asks for its open QUIC flows (`FLOWS`; an old process that
+    /// does not answer within a few seconds carries none). Dropping the
+    /// [`Farewell`] closes the connection: the old process waits for that
+    /// before it exits (step 5).
+    pub fn serving(mut self) -> Result<(Farewell, Vec<Carried>), HandoffError> {
         let io_error = |source| HandoffError::Io {
             path: self.path.clone(),
             source,
         };
         self.conn.write_all(b"SERVING\n").map_err(io_error)?;
         match read_line(&mut self.conn, 64).map_err(io_error)? {
-            Some(line) if line == "BYE" => Ok(Farewell { _conn: self.conn }),
+            Some(line) if line == "BYE" => {
+                let flows = match self
+                    .conn
+                    .write_all(b"FLOWS\n")
+                    .and_then(|()| receive_flows(&self.conn))
+                {
+                    Ok(flows) => flows,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "handoff: no QUIC flows carried over");
+                        Vec::new()
+                    }
+                };
+                Ok((Farewell { _conn: self.conn }, flows))
+            }
             Some(line) => Err(HandoffError::Protocol {
                 path: self.path,
                 answer: line,
@@ -545,9 +564,13 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
             sockets = offer.sockets.len(),
             "handoff: sockets sent; waiting for the new process to serve"
         );
-        (offer.moved.clone(), offer.admin_stopped.clone())
+        (
+            offer.moved.clone(),
+            offer.admin_stopped.clone(),
+            offer.carriers.clone(),
+        )
     };
-    let (moved, admin_stopped) = moved;
+    let (moved, admin_stopped, carriers) = moved;
     stream.set_read_timeout(Some(START_LIMIT))?;
     match read_line(&mut stream, 64) {
         Ok(Some(line)) if line == "SERVING" => {}
@@ -582,16 +605,120 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
         tracing::warn!(error = %e, "handoff: cannot say BYE (the new process serves anyway)");
         return Ok(true);
     }
-    // Step 5: the new process closes the connection once it has told
-    // systemd it is the main process.
-    // (Nothing more is expected: whatever comes is read and dropped, for
+    // Step 5: a new process that carries QUIC flows asks for them
+    // (`FLOWS`); then it closes the connection once it has told systemd it
+    // is the main process. (Whatever else comes is read and dropped, for
     // at most FAREWELL_LIMIT in all.)
     stream.set_read_timeout(Some(FAREWELL_LIMIT))?;
+    if let Ok(Some(line)) = read_line(&mut stream, 64) {
+        if line == "FLOWS" {
+            let flows =
+                tokio::runtime::Handle::current().block_on(async { carriers.export().await });
+            if let Err(e) = send_flows(&stream, flows) {
+                tracing::warn!(error = %e, "handoff: cannot hand over the QUIC flows");
+            }
+        }
+    }
     let deadline = std::time::Instant::now() + FAREWELL_LIMIT;
     let mut rest = [0u8; 64];
     while std::time::Instant::now() < deadline && matches!(stream.read(&mut rest), Ok(n) if n > 0) {
     }
     Ok(true)
+}
+
+/// Flows per `sendmsg` (their descriptors go with the first byte).
+const FLOWS_PER_MESSAGE: usize = 64;
+
+/// How long the new process waits for each part of the flows' answer.
+const FLOWS_LIMIT: Duration = Duration::from_secs(2);
+
+/// The old process's answer to `FLOWS`: a `flow` line per flow, in
+/// messages of at most [`FLOWS_PER_MESSAGE`] lines that carry their
+/// descriptors in order, then `END`. A flow that cannot be written on one
+/// line is closed.
+fn send_flows(mut stream: &UnixStream, flows: Vec<Carried>) -> io::Result<()> {
+    let flows: Vec<(String, Carried)> = flows
+        .into_iter()
+        .filter_map(|flow| flow.line().map(|line| (line, flow)))
+        .collect();
+    for batch in flows.chunks(FLOWS_PER_MESSAGE) {
+        let mut text = String::new();
+        for (line, _) in batch {
+            text.push_str(line);
+            text.push('\n');
+        }
+        let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, f)| f.socket.as_fd()).collect();
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other(
+                "the descriptors do not fit the control buffer",
+            ));
+        }
+        let bytes = text.as_bytes();
+        let sent = rustix::net::sendmsg(
+            stream,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )?;
+        stream.write_all(&bytes[sent..])?;
+    }
+    stream.write_all(b"END\n")?;
+    Ok(())
+}
+
+/// Reads the answer to `FLOWS` (see [`send_flows`]): the flows, each with
+/// its descriptor. A line that does not parse closes its descriptor.
+fn receive_flows(stream: &UnixStream) -> io::Result<Vec<Carried>> {
+    stream.set_read_timeout(Some(FLOWS_LIMIT))?;
+    let mut flows = Vec::new();
+    let mut fds = std::collections::VecDeque::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buffer = vec![0u8; MAX_TEXT];
+    let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    loop {
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let received = rustix::net::recvmsg(
+            stream,
+            &mut [IoSliceMut::new(&mut buffer)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = message {
+                fds.extend(rights);
+            }
+        }
+        if received.flags.contains(ReturnFlags::CTRUNC) {
+            return Err(io::Error::other("too many descriptors (truncated)"));
+        }
+        if received.bytes == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        pending.extend_from_slice(&buffer[..received.bytes]);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..=end);
+            if line == "END" {
+                return Ok(flows);
+            }
+            // Each line came with its descriptor, in order.
+            let Some(fd) = fds.pop_front() else {
+                return Err(io::Error::other("a flow line without its descriptor"));
+            };
+            match Carried::parse(&line, fd) {
+                Some(flow) => flows.push(flow),
+                None => {
+                    tracing::warn!(line = %line, "handoff: a QUIC flow line that does not parse; closed")
+                }
+            }
+        }
+        if pending.len() > MAX_TEXT {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+    }
 }
 
 /// Sorts the taken sockets for the new process's config: listeners by
@@ -864,6 +991,7 @@ mod tests {
             server: Predecessor::this(std::time::SystemTime::now()),
             moved,
             admin_stopped: None,
+            carriers: Default::default(),
         };
         (Mutex::new(Some(offer)), moved_rx)
     }

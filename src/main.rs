@@ -489,6 +489,7 @@ fn serve(config: Config, after_handoff: AfterHandoff) -> Result<(), ServerError>
         let stats = app.stats().clone();
         app.reload_on(hangup);
         let exit = app.exit_handle();
+        let carriers = app.quic_carriers();
         // This process's handoff socket, bound under a staging name now so
         // that it takes the path the moment the previous server says BYE.
         let bound = match handoff::bind(&handoff_path) {
@@ -515,7 +516,12 @@ fn serve(config: Config, after_handoff: AfterHandoff) -> Result<(), ServerError>
                 if let Some(taken) = taken {
                     let predecessor = taken.predecessor.clone();
                     let farewell = match tokio::task::spawn_blocking(move || taken.serving()).await {
-                        Ok(Ok(farewell)) => Some(farewell),
+                        Ok(Ok((farewell, flows))) => {
+                            if !flows.is_empty() {
+                                carriers.import(flows);
+                            }
+                            Some(farewell)
+                        }
                         // The previous server went away or broke off after
                         // handing over: this one serves, alone or beside it.
                         Ok(Err(e)) => {

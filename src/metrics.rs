@@ -824,6 +824,16 @@ impl QuicMetrics {
         self.closed[outcome.index()].inc();
     }
 
+    /// An open flow handed to a new process (no longer held here).
+    pub fn handed_over(&self) {
+        self.active.dec();
+    }
+
+    /// An open flow taken from the previous process.
+    pub fn taken_over(&self) {
+        self.active.inc();
+    }
+
     /// A client the firewall refused (no flow was made).
     pub fn blocked(&self, reason: BlockReason) {
         self.closed[Outcome::Blocked(reason).index()].inc();

@@ -262,6 +262,9 @@ pub struct App {
     moved: watch::Sender<bool>,
     /// The admin API stopped with every call answered (for a handoff).
     admin_stopped: Option<watch::Receiver<bool>>,
+    /// The way to the QUIC listener tasks, for carrying flows over a
+    /// handoff.
+    carriers: proxy::quic::Carriers,
 }
 
 /// Sockets handed in to [`App::build_inherited`] instead of bound.
@@ -551,6 +554,7 @@ impl App {
             handoff,
             moved,
             admin_stopped: config.grpc.as_ref().map(|_| admin_stopped_rx),
+            carriers: proxy::quic::Carriers::default(),
         })
     }
 
@@ -563,7 +567,15 @@ impl App {
             server: handoff::Predecessor::this(self.stats.started_at),
             moved: self.moved.clone(),
             admin_stopped: self.admin_stopped.clone(),
+            carriers: self.carriers.clone(),
         }
+    }
+
+    /// The way to this server's QUIC listener tasks (they register as
+    /// [`App::run`] starts them): where flows a previous process handed
+    /// over are taken in.
+    pub fn quic_carriers(&self) -> proxy::quic::Carriers {
+        self.carriers.clone()
     }
 
     /// A handle on the store (after a handoff, [`Store::reload`] picks up
@@ -668,8 +680,9 @@ impl App {
             certs,
             balancer,
             handoff: unused_copies,
-            moved: _moved,
+            moved,
             admin_stopped: _,
+            carriers,
         } = self;
         // Copies not offered for a handoff would keep the listening
         // sockets open past their accept loops: close them now.
@@ -706,6 +719,8 @@ impl App {
                     udp,
                     listener.clone(),
                     flows.clone(),
+                    &carriers,
+                    moved.subscribe(),
                     drain.clone(),
                 ));
             }

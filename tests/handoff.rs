@@ -874,33 +874,42 @@ async fn a_handoff_under_traffic_on_a_proxy_protocol_listener_with_an_l7_route()
 }
 
 /// A UDP backend that answers each datagram with `name` and the
-/// datagram's first 8 bytes (not a long header: the proxy learns no CID).
-async fn udp_echo(name: &'static str) -> SocketAddr {
+/// datagram's first 8 bytes (not a long header: the proxy learns no CID);
+/// records where each came from.
+async fn udp_echo(name: &'static str) -> (SocketAddr, Arc<std::sync::Mutex<Vec<SocketAddr>>>) {
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
+    let sources: Arc<std::sync::Mutex<Vec<SocketAddr>>> = Arc::default();
+    let seen = sources.clone();
     tokio::spawn(async move {
         let mut buffer = vec![0u8; 65_535];
         while let Ok((n, from)) = socket.recv_from(&mut buffer).await {
+            seen.lock().unwrap().push(from);
             let mut reply = name.as_bytes().to_vec();
             reply.extend_from_slice(&buffer[..n.min(8)]);
             let _ = socket.send_to(&reply, from).await;
         }
     });
-    addr
+    (addr, sources)
 }
 
-/// A new QUIC flow (a client Initial for `sni`) to `addr`: the first reply.
-async fn quic_flow(addr: SocketAddr, sni: &str, dcid: u8) -> Result<Vec<u8>, String> {
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let initial = wire::quic::build::Client::new(wire::quic::Version::V1, &[dcid; 8], &[7; 4])
-        .datagram(&hello_message(Some(sni), 0));
+/// A client Initial for `sni` with DCID `[dcid; 8]`.
+fn initial(sni: &str, dcid: u8) -> Vec<u8> {
+    wire::quic::build::Client::new(wire::quic::Version::V1, &[dcid; 8], &[7; 4])
+        .datagram(&hello_message(Some(sni), 0))
+}
+
+/// Sends `datagram` from `client` to `addr` until a reply comes (at most
+/// 20 tries, 250 ms apart): the first reply.
+async fn exchange(
+    client: &tokio::net::UdpSocket,
+    addr: SocketAddr,
+    datagram: &[u8],
+) -> Result<Vec<u8>, String> {
     let mut reply = vec![0u8; 2048];
-    // Resent like a client's Initial until an answer comes.
     for _ in 0..20 {
         client
-            .send_to(&initial, addr)
+            .send_to(datagram, addr)
             .await
             .map_err(|e| e.to_string())?;
         if let Ok(Ok(n)) =
@@ -910,43 +919,79 @@ async fn quic_flow(addr: SocketAddr, sni: &str, dcid: u8) -> Result<Vec<u8>, Str
             return Ok(reply);
         }
     }
-    Err(format!("no reply for {sni} from {addr}"))
+    Err(format!("no reply from {addr}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_quic_listeners_udp_socket_is_handed_over_on_the_same_port() {
+async fn a_quic_listeners_socket_and_its_open_flows_are_carried_over() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = udp_echo("Q:").await;
+    let (backend, sources) = udp_echo("Q:").await;
     let toml = handoff_config_with(
         dir.path(),
         &format!(
             "[[listeners]]\naddr = \"127.0.0.1:0\"\nquic = true\n{}\n",
             route("q.test", backend)
         ),
+    )
+    // Flows end 3 s after their last datagram (the drain waits for them).
+    .replace(
+        "shutdown_timeout = \"60s\"",
+        "shutdown_timeout = \"60s\"\nidle_timeout = \"3s\"",
     );
     let mut old = Proxy::start(dir.path(), &toml);
     let addr = old.addr();
     old.wait_log(&["handoff socket listening"], Duration::from_secs(10));
     assert!(old.log_text().contains("quic=true"), "{}", old.log_text());
-    let reply = quic_flow(addr, "q.test", 1).await.unwrap();
+    // A flow through the old process.
+    let carried = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let reply = exchange(&carried, addr, &initial("q.test", 1))
+        .await
+        .unwrap();
     assert_eq!(&reply[..2], b"Q:");
+    let flow_source = sources.lock().unwrap()[0];
 
     let mut new = take_over(dir.path(), &old.config).await;
     new.wait_log(&["quic=1"], Duration::from_secs(10));
-    assert_exit_0(&mut old, "the old process");
-    // The same UDP port, now served by the new process only.
-    let reply = quic_flow(addr, "q.test", 2).await.unwrap();
-    assert_eq!(&reply[..2], b"Q:");
-    assert_eq!(
-        &reply[2..],
-        &wire::quic::build::Client::new(wire::quic::Version::V1, &[2; 8], &[7; 4])
-            .datagram(&hello_message(Some("q.test"), 0))[..8]
+    new.wait_log(
+        &["handoff: QUIC flows taken over", "flows=1", "closed=0"],
+        Duration::from_secs(10),
     );
+    assert_exit_0(&mut old, "the old process");
+    assert!(
+        old.log_text().contains("handoff: QUIC flows handed over"),
+        "{}",
+        old.log_text()
+    );
+    // The same flow goes on through the new process: a short-header
+    // datagram reaches the backend from the flow's own socket (the same
+    // source port as before) and the reply comes back.
+    let short = [0x40u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+    let reply = exchange(&carried, addr, &short).await.unwrap();
+    assert_eq!(reply, [&b"Q:"[..], &short[..8]].concat());
+    assert_eq!(sources.lock().unwrap().last(), Some(&flow_source));
+
+    // New flows: served by the new process on the same port.
+    let fresh = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let reply = exchange(&fresh, addr, &initial("q.test", 2)).await.unwrap();
+    assert_eq!(&reply[2..], &initial("q.test", 2)[..8]);
     let listening = new.wait_log(
         &["listening", "inherited=true", "quic=true"],
         Duration::from_secs(5),
     );
     assert!(listening.contains("inherited=true"), "{listening}");
+    // The carried flow ends in the new process, with the bytes of its
+    // whole life.
     new.signal("TERM");
     assert_exit_0(&mut new, "the new process");
+    let line = new
+        .log_text()
+        .lines()
+        .find(|l| {
+            l.contains("flow closed")
+                && l.contains(&format!("client={}", carried.local_addr().unwrap()))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no line for the carried flow:\n{}", new.log_text()));
+    assert!(line.contains("up=1211"), "{line}");
+    assert!(line.contains("sni=q.test"), "{line}");
 }

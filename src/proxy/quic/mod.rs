@@ -41,7 +41,10 @@
 //! [`PENDING_BYTES`]. The datagram path allocates nothing: one receive
 //! buffer per listener, reused.
 
+mod carry;
 mod table;
+
+pub use carry::{Carried, Carriers};
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -54,17 +57,18 @@ use rustix::event::epoll;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use wire::quic::{self, InitialHello, InitialReader, PacketKind, Parse, Peek};
 
 use crate::balance::{self, Lease};
 use crate::config::{BindAddr, ListenAddr};
 use crate::metrics::{QuicDrop, QuicMetrics};
 use crate::outcome::Outcome;
-use crate::routes::Mode;
+use crate::routes::{Hostname, Mode};
 use crate::shutdown::Shutdown;
 
 use super::listener::Listener;
+use carry::Control;
 use table::{FlowId, Table};
 
 /// Datagram bytes one pending flow may keep (its ClientHello's CRYPTO data
@@ -72,9 +76,16 @@ use table::{FlowId, Table};
 pub const PENDING_FLOW_BYTES: usize = quic::MAX_CRYPTO_LEN + 16 * 1024;
 
 /// Datagram bytes all of one listener's pending flows may keep at once
-/// (about 13,000 one-datagram hellos). Beyond it new flows' datagrams are
-/// dropped (`pending_limit`) until pending flows complete or expire.
+/// (about 13,000 one-datagram partial hellos). A flow whose hello is still
+/// incomplete when they are over it ends (`pending_limit`); one whose first
+/// datagram holds the whole hello never waits, so it is never refused by
+/// this.
 pub const PENDING_BYTES: usize = 16 * 1024 * 1024;
+
+/// Refused flows one listener keeps to absorb their clients' retransmits
+/// ([`State::Refused`]); beyond it a refused flow is forgotten at once (its
+/// retransmits are then refused, and logged, again).
+pub const MAX_REFUSED: usize = 4096;
 
 /// Datagrams read from one socket before the task looks at the others.
 const BATCH: usize = 64;
@@ -231,14 +242,39 @@ struct Engine {
     pending_bytes: usize,
     scratch: Vec<u8>,
     resolved: mpsc::UnboundedSender<(FlowId, io::Result<SocketAddr>)>,
+    /// The server drains: no new flows; the open ones run to their end.
+    draining: bool,
+    /// Flows in [`State::Refused`].
+    refused: usize,
 }
 
-/// Serves a `quic = true` listener's UDP socket until the server drains;
-/// then every flow ends (`outcome=shutdown`). See the module docs.
-pub async fn serve(
+/// Serves a `quic = true` listener's UDP socket. See the module docs.
+///
+/// Ends: when a handoff asks for the flows ([`Carriers::export`]: the open
+/// ones are handed over, the rest end); or, once the server drains, at once
+/// if a new process has taken over (`moved`: it reads the socket now),
+/// else when the last flow has ended or the drain is forced.
+///
+/// The task is registered with `carriers` when this is called (not when
+/// first polled), so that flows handed over right after the start find it.
+pub fn serve(
     socket: UdpSocket,
     listener: Arc<Listener>,
     budget: Arc<FlowBudget>,
+    carriers: &Carriers,
+    moved: watch::Receiver<bool>,
+    shutdown: Shutdown,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let control = carriers.register(listener.routes.addr());
+    run(socket, listener, budget, control, moved, shutdown)
+}
+
+async fn run(
+    socket: UdpSocket,
+    listener: Arc<Listener>,
+    budget: Arc<FlowBudget>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    moved: watch::Receiver<bool>,
     shutdown: Shutdown,
 ) {
     let addr = listener.routes.addr().to_string();
@@ -272,14 +308,38 @@ pub async fn serve(
         pending_bytes: 0,
         scratch: Vec::new(),
         resolved,
+        draining: false,
+        refused: 0,
     };
     let mut buffer = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let draining = shutdown.draining().cancelled();
-    tokio::pin!(draining);
+    let forced = shutdown.forced().cancelled();
+    tokio::pin!(draining, forced);
     loop {
+        if engine.draining && engine.table.len() == 0 {
+            break;
+        }
         tokio::select! {
             biased;
-            () = &mut draining => break,
+            () = &mut forced => break,
+            () = &mut draining, if !engine.draining => {
+                if *moved.borrow() {
+                    break;
+                }
+                engine.draining = true;
+            }
+            Some(asked) = control.recv() => match asked {
+                Control::Export(answer) => {
+                    engine.clock();
+                    let flows = engine.export(poller.get_ref());
+                    let _ = answer.send(flows);
+                    break;
+                }
+                Control::Import(flows) => {
+                    engine.clock();
+                    engine.import(flows, poller.get_ref());
+                }
+            },
             ready = socket.readable() => {
                 if let Err(e) = ready {
                     tracing::error!(listener = %addr, error = %e, "QUIC: listening socket failed");
@@ -356,6 +416,9 @@ impl Engine {
     /// A datagram from nobody known: a new flow if it is a client's first
     /// Initial and the client is admitted.
     fn start(&mut self, datagram: &[u8], from: SocketAddr, poller: &OwnedFd) {
+        if self.draining {
+            return self.metrics.dropped(QuicDrop::NoFlow);
+        }
         let header = match quic::peek(datagram) {
             Peek::Long(header) if header.kind == PacketKind::Initial => header,
             _ => return self.metrics.dropped(QuicDrop::NoFlow),
@@ -387,10 +450,6 @@ impl Engine {
                 engine.listener.firewall.release_flow(ip);
             }
         };
-        if self.pending_bytes + datagram.len() > PENDING_BYTES {
-            release(self);
-            return self.metrics.dropped(QuicDrop::PendingLimit);
-        }
         if !self.budget.take() {
             release(self);
             return self.metrics.dropped(QuicDrop::FlowLimit);
@@ -415,7 +474,7 @@ impl Engine {
             counted,
             replied: false,
         };
-        let id = self.table.insert(from, header.dcid, flow);
+        let id = self.table.insert(from, Some(header.dcid), flow);
         self.forward(id, datagram, poller);
     }
 
@@ -453,9 +512,6 @@ impl Engine {
                 ),
             );
         }
-        if self.pending_bytes + datagram.len() > PENDING_BYTES {
-            return self.metrics.dropped(QuicDrop::PendingLimit);
-        }
         pending.datagrams.extend_from_slice(datagram);
         pending.ends.push(pending.datagrams.len() as u32);
         self.pending_bytes += datagram.len();
@@ -463,9 +519,21 @@ impl Engine {
             return;
         }
         match pending.reader.read(datagram, &mut self.scratch) {
+            Ok(Parse::NeedMore | Parse::Skipped(_)) if self.pending_bytes > PENDING_BYTES => {
+                self.metrics.dropped(QuicDrop::PendingLimit);
+                self.close(
+                    id,
+                    End::because(
+                        Outcome::HelloTimeout,
+                        "pending flows over their byte budget with this hello incomplete",
+                    ),
+                );
+            }
             Ok(Parse::NeedMore | Parse::Skipped(_)) => {}
             Ok(Parse::Done(hello)) => self.route(id, hello, poller),
-            Err(reject) => self.refuse(id, End::because(Outcome::BadHello, reject.to_string())),
+            // Not kept: a datagram that does not decrypt or parse is
+            // cheap to send, and its sender is no client to wait for.
+            Err(reject) => self.close(id, End::because(Outcome::BadHello, reject.to_string())),
         }
     }
 
@@ -673,6 +741,129 @@ impl Engine {
         self.close(id, End::because(outcome, e.to_string()));
     }
 
+    /// Hands the open flows over (a handoff): each leaves the table with
+    /// its socket; pending and refused ones end here (`shutdown`).
+    fn export(&mut self, poller: &OwnedFd) -> Vec<Carried> {
+        let listener = self.listener.routes.addr().to_string();
+        let mut carried = Vec::new();
+        for id in self.table.ids() {
+            let open = self
+                .table
+                .get(id)
+                .is_some_and(|flow| matches!(flow.state, State::Open(_)));
+            if !open {
+                self.close(id, End::new(Outcome::Shutdown));
+                continue;
+            }
+            let [client_cid, server_cid] = self.table.cids(id);
+            let Some((client, flow)) = self.table.remove(id) else {
+                continue;
+            };
+            if let Some(ip) = flow.counted {
+                self.listener.firewall.release_flow(ip);
+            }
+            self.budget.give_back();
+            self.metrics.handed_over();
+            let (Some(route), Some(backend)) = (
+                flow.route.as_ref().map(|route| route.name.to_string()),
+                flow.backend().map(|member| member.backend().to_string()),
+            ) else {
+                continue;
+            };
+            let State::Open(socket) = flow.state else {
+                continue;
+            };
+            let _ = epoll::delete(poller, &socket);
+            carried.push(Carried {
+                listener: listener.clone(),
+                client,
+                client_cid,
+                server_cid,
+                sni: flow.sni.as_deref().map(str::to_string),
+                route,
+                backend,
+                up: flow.up,
+                down: flow.down,
+                age: flow.started.elapsed(),
+                replied: flow.replied,
+                socket: OwnedFd::from(socket),
+            });
+        }
+        tracing::info!(listener = %listener, flows = carried.len(), "handoff: QUIC flows handed over");
+        carried
+    }
+
+    /// Takes in flows a previous process handed over: each back in the
+    /// table with its socket, its route and backend found again by name (a
+    /// flow whose route or backend is gone is closed).
+    fn import(&mut self, flows: Vec<Carried>, poller: &OwnedFd) {
+        let count = flows.len();
+        let mut taken = 0;
+        for carried in flows {
+            let route = Hostname::parse(&carried.route)
+                .ok()
+                .and_then(|hostname| self.listener.routes.route(&hostname))
+                .filter(|route| !matches!(route.target.mode, Mode::L7(_)));
+            let Some(route) = route else { continue };
+            let Some(member) = route
+                .pool
+                .members()
+                .iter()
+                .position(|m| m.backend().to_string() == carried.backend)
+            else {
+                continue;
+            };
+            if !self.budget.take() {
+                continue;
+            }
+            let socket = StdUdpSocket::from(carried.socket);
+            let lease = route.pool.members()[member].lease();
+            let flow = Flow {
+                state: State::Open(socket),
+                started: Instant::now()
+                    .checked_sub(carried.age)
+                    .unwrap_or_else(Instant::now),
+                since: self.now,
+                last: self.now,
+                up: carried.up,
+                down: carried.down,
+                route: Some(route.clone()),
+                member: member as u8,
+                lease: Some(lease),
+                sni: carried.sni.map(String::into_boxed_str),
+                counted: None,
+                replied: carried.replied,
+            };
+            let id = self.table.insert(carried.client, carried.client_cid, flow);
+            if let Some(cid) = carried.server_cid {
+                self.table.set_server_cid(id, cid);
+            }
+            let watched = match self.table.get(id).map(|flow| &flow.state) {
+                Some(State::Open(socket)) => epoll::add(
+                    poller,
+                    socket,
+                    epoll::EventData::new_u64(id.pack()),
+                    epoll::EventFlags::IN,
+                )
+                .is_ok(),
+                _ => false,
+            };
+            if !watched {
+                self.table.remove(id);
+                self.budget.give_back();
+                continue;
+            }
+            self.metrics.taken_over();
+            taken += 1;
+        }
+        tracing::info!(
+            listener = %self.listener.routes.addr(),
+            flows = taken,
+            closed = count - taken,
+            "handoff: QUIC flows taken over"
+        );
+    }
+
     /// Ends the flows whose time is up.
     fn sweep(&mut self) {
         let timeouts = &self.listener.timeouts;
@@ -737,8 +928,12 @@ impl Engine {
 
     /// Ends a pending flow that cannot go anywhere: its line and count now,
     /// its datagrams dropped; it stays in the table ([`State::Refused`])
-    /// until `handshake_timeout` after its start.
+    /// until `handshake_timeout` after its start, unless [`MAX_REFUSED`]
+    /// are kept already.
     fn refuse(&mut self, id: FlowId, end: End) {
+        if self.refused >= MAX_REFUSED {
+            return self.close(id, end);
+        }
         self.report(id, &end);
         let Some(flow) = self.table.get_mut(id) else {
             return;
@@ -747,6 +942,7 @@ impl Engine {
             self.pending_bytes -= pending.datagrams.len();
         }
         flow.lease = None;
+        self.refused += 1;
     }
 
     /// Takes the flow out of the table and gives back what it held.
@@ -754,8 +950,10 @@ impl Engine {
         let Some((_, flow)) = self.table.remove(id) else {
             return;
         };
-        if let State::Pending(pending) = &flow.state {
-            self.pending_bytes -= pending.datagrams.len();
+        match &flow.state {
+            State::Pending(pending) => self.pending_bytes -= pending.datagrams.len(),
+            State::Refused => self.refused -= 1,
+            State::Open(_) => {}
         }
         if let Some(ip) = flow.counted {
             self.listener.firewall.release_flow(ip);
@@ -838,4 +1036,20 @@ fn log_line(
         error = error.map(tracing::field::display),
         "flow closed"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an established flow holds in the table (its slot; the map
+    /// entries and the kernel's socket come on top): kept small, since
+    /// `max_quic_flows` of them may be held (SPEC §6.5: a few hundred
+    /// bytes a flow).
+    #[test]
+    fn a_flow_slot_stays_small() {
+        let flow = std::mem::size_of::<Flow>();
+        eprintln!("Flow: {flow} bytes");
+        assert!(flow <= 160, "Flow is {flow} bytes");
+    }
 }

@@ -85,10 +85,10 @@ impl<F> Default for Table<F> {
 }
 
 impl<F> Table<F> {
-    /// Files a new flow under `addr` and the client's `dcid`. An address or
-    /// CID another flow already has stays that flow's (the new flow is then
-    /// found by the other key only).
-    pub fn insert(&mut self, addr: SocketAddr, dcid: ConnectionId, flow: F) -> FlowId {
+    /// Files a new flow under `addr` and the client's `dcid` (if any). An
+    /// address or CID another flow already has stays that flow's (the new
+    /// flow is then found by the other key only).
+    pub fn insert(&mut self, addr: SocketAddr, dcid: Option<ConnectionId>, flow: F) -> FlowId {
         let slot = match self.free.pop() {
             Some(slot) => slot,
             None => {
@@ -106,13 +106,13 @@ impl<F> Table<F> {
             generation: entry.generation,
         };
         self.by_addr.entry(addr).or_insert(slot);
-        let client = match self.by_cid.entry(dcid) {
+        let client = dcid.and_then(|dcid| match self.by_cid.entry(dcid) {
             std::collections::hash_map::Entry::Vacant(vacant) => {
                 vacant.insert(slot);
                 Some(dcid)
             }
             std::collections::hash_map::Entry::Occupied(_) => None,
-        };
+        });
         entry.flow = Some((
             Keys {
                 addr,
@@ -153,6 +153,16 @@ impl<F> Table<F> {
 
     pub fn get_mut(&mut self, id: FlowId) -> Option<&mut F> {
         self.slot_mut(id).map(|(_, flow)| flow)
+    }
+
+    /// The flow's client CID and server CID, as filed.
+    pub fn cids(&self, id: FlowId) -> [Option<ConnectionId>; 2] {
+        self.slot(id).map_or([None, None], |(keys, _)| keys.cids)
+    }
+
+    /// Flows in the table.
+    pub fn len(&self) -> usize {
+        self.len
     }
 
     /// The address the flow's replies go to.
@@ -316,7 +326,7 @@ mod tests {
     #[test]
     fn a_flow_is_found_by_address_client_dcid_and_server_cid() {
         let mut table = Table::default();
-        let id = table.insert(addr(1), cid(&[1; 8]), "a");
+        let id = table.insert(addr(1), Some(cid(&[1; 8])), "a");
         assert_eq!(table.by_addr(&addr(1)), Some(id));
         assert_eq!(table.by_datagram(&long(&[1; 8])), Some(id));
         assert_eq!(table.by_datagram(&short(&[2; 5])), None);
@@ -333,15 +343,15 @@ mod tests {
     #[test]
     fn removal_leaves_no_key_and_a_stale_id_reaches_nothing() {
         let mut table = Table::default();
-        let id = table.insert(addr(1), cid(&[1; 8]), 1);
+        let id = table.insert(addr(1), Some(cid(&[1; 8])), 1);
         table.set_server_cid(id, cid(&[2; 8]));
         assert!(table.move_addr(id, addr(2)));
         assert_eq!(table.remove(id), Some((addr(2), 1)));
         assert_eq!(table.keys(), (0, 0));
-        assert_eq!(table.len, 0);
+        assert_eq!(table.len(), 0);
         assert_eq!(table.by_datagram(&short(&[2; 8])), None);
         // The slot's next flow is not reached by the old id.
-        let next = table.insert(addr(3), cid(&[4; 8]), 2);
+        let next = table.insert(addr(3), Some(cid(&[4; 8])), 2);
         assert_ne!(next, id);
         assert_eq!(table.get(id), None);
         assert_eq!(table.remove(id), None);
@@ -352,8 +362,8 @@ mod tests {
     #[test]
     fn rebinding_moves_the_address_and_keys_of_other_flows_stay_theirs() {
         let mut table = Table::default();
-        let a = table.insert(addr(1), cid(&[1; 8]), 'a');
-        let b = table.insert(addr(2), cid(&[1; 8]), 'b');
+        let a = table.insert(addr(1), Some(cid(&[1; 8])), 'a');
+        let b = table.insert(addr(2), Some(cid(&[1; 8])), 'b');
         // b's DCID was a's: b is found by address only.
         assert_eq!(table.by_datagram(&long(&[1; 8])), Some(a));
         table.set_server_cid(a, cid(&[9; 8]));
@@ -372,7 +382,7 @@ mod tests {
     #[test]
     fn hostile_datagrams_find_nothing() {
         let mut table = Table::default();
-        let id = table.insert(addr(1), cid(&[1; 8]), ());
+        let id = table.insert(addr(1), Some(cid(&[1; 8])), ());
         table.set_server_cid(id, cid(&[2; 20]));
         for datagram in [
             &[][..],
