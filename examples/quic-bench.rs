@@ -144,6 +144,9 @@ struct Args {
     /// latency: samples per target and repetition.
     #[arg(long, default_value_t = 2000)]
     lat_samples: usize,
+    /// latency: comma-separated targets (a subset, to profile one path).
+    #[arg(long, default_value = "udp-direct,udp-proxy,tcp-direct,tcp-proxy")]
+    lat_targets: String,
     /// latency: message size (UDP payload, TCP write).
     #[arg(long, default_value_t = 64)]
     lat_size: usize,
@@ -559,6 +562,8 @@ struct Proxy {
     /// TCP and UDP.
     addr: SocketAddr,
     quic: bool,
+    /// The metrics endpoint.
+    metrics: Option<SocketAddr>,
     _dir: tempfile::TempDir,
 }
 
@@ -568,6 +573,7 @@ fn start_proxy(bin: &Path, backend_port: u16, max_flows: usize) -> Result<Proxy>
         "[database]\npath = \"{db}\"\n\n[log]\nlevel = \"info\"\n\n\
          [proxy]\nconnect_timeout = \"2s\"\nhandshake_timeout = \"30s\"\nidle_timeout = \"600s\"\n\
          shutdown_timeout = \"1s\"\nmax_quic_flows = {max_flows}\n\n\
+         [metrics]\naddr = \"127.0.0.1:0\"\n\n\
          [[listeners]]\naddr = \"127.0.0.1:0\"\nquic = true\n\
          \x20 [[listeners.routes]]\n  hostname = \"{HOST}\"\n  backend = \"127.0.0.1:{backend_port}\"\n",
         db = dir.path().join("mc-proxy.db").display()
@@ -603,10 +609,20 @@ fn start_proxy(bin: &Path, backend_port: u16, max_flows: usize) -> Result<Proxy>
                 .and_then(|a| a.parse().ok())
                 .with_context(|| format!("no addr= in {line:?}"))?;
             let quic = field(&line, "quic") == Some("true");
+            let metrics = text
+                .lines()
+                .map(strip_ansi)
+                .find(|l| l.contains("metrics endpoint listening"))
+                .and_then(|l| field(&l, "addr")?.parse().ok());
+            if metrics.is_none() && started.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
             return Ok(Proxy {
                 proc,
                 addr,
                 quic,
+                metrics,
                 _dir: dir,
             });
         }
@@ -615,6 +631,60 @@ fn start_proxy(bin: &Path, backend_port: u16, max_flows: usize) -> Result<Proxy>
             bail!("no listening line in 30 s:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `mc_proxy_quic_datagrams_dropped_total` by reason, from the metrics
+/// endpoint (empty if there is none).
+fn quic_drops(metrics: Option<SocketAddr>) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(addr) = metrics else {
+        return out;
+    };
+    let text = (|| -> io::Result<String> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })()
+    .unwrap_or_default();
+    for line in text.lines() {
+        if !line.starts_with("mc_proxy_quic_datagrams_dropped") {
+            continue;
+        }
+        let reason = line
+            .split("reason=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        let value = line
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        *out.entry(reason.to_string()).or_default() += value as u64;
+    }
+    out
+}
+
+/// What grew between two [`quic_drops`] readings, as `reason=n` text.
+fn drops_between(
+    a: &std::collections::BTreeMap<String, u64>,
+    b: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let grew: Vec<String> = b
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(a.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| format!("{k}={d}"))
+        })
+        .collect();
+    if grew.is_empty() {
+        "0".into()
+    } else {
+        grew.join(" ")
     }
 }
 
@@ -1123,8 +1193,8 @@ fn throughput_phase(
          received; `ends` = client + backend.\n",
         args.reps, args.secs, args.size, args.ack_every, windows
     ));
-    report.line("| rep | window | dir | path | sent | received | loss % | stalls | MiB/s | datagrams/s | proxy CPU s/GiB | ends CPU s/GiB | proxy µs/datagram | proxy % of a core | machine rcvbuf errors | proxy drops: listening socket | proxy drops: flow sockets | foreign % |");
-    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    report.line("| rep | window | dir | path | sent | received | loss % | stalls | MiB/s | datagrams/s | proxy CPU s/GiB | ends CPU s/GiB | proxy µs/datagram | proxy % of a core | machine rcvbuf errors | proxy drops: listening socket | proxy drops: flow sockets | proxy's own drop counters | foreign % |");
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // (window, dir, path) → per-rep (MiB/s, loss %, proxy s/GiB, ends s/GiB, proxy µs/dg)
     let mut results: std::collections::BTreeMap<(u64, &str, &str), Vec<[f64; 8]>> =
         Default::default();
@@ -1144,6 +1214,8 @@ fn throughput_phase(
                         &ours,
                     );
                     drain(&path.sock);
+                    let metrics = proxy.as_ref().and_then(|p| p.metrics);
+                    let counted0 = quic_drops(metrics);
                     let a = meter.snap();
                     let (sent, got, bytes, stalls) = match dir {
                         "down" => {
@@ -1189,6 +1261,11 @@ fn throughput_phase(
                         }
                     };
                     let b = meter.snap();
+                    let counted = if path.name == "proxy" {
+                        drops_between(&counted0, &quic_drops(metrics))
+                    } else {
+                        "–".into()
+                    };
                     let span = Span::between(a, b, procfs.ncpu);
                     let gib = bytes as f64 / (1u64 << 30) as f64;
                     let mibs = bytes as f64 / (1u64 << 20) as f64 / span.secs;
@@ -1197,7 +1274,7 @@ fn throughput_phase(
                     let ends_per_gib = (span.client + span.backend) / gib;
                     let proxy_us = span.proxy * 1e6 / got.max(1) as f64;
                     report.line(format!(
-                        "| {} | {window} | {dir} | {} | {sent} | {got} | {loss:.3} | {} | {mibs:.1} | {:.0} | {} | {ends_per_gib:.2} | {} | {:.0} | {} | {} | {} | {:.1} |",
+                        "| {} | {window} | {dir} | {} | {sent} | {got} | {loss:.3} | {} | {mibs:.1} | {:.0} | {} | {ends_per_gib:.2} | {} | {:.0} | {} | {} | {} | {counted} | {:.1} |",
                         rep + 1,
                         path.name,
                         stalls.map_or("(backend)".into(), |s| s.to_string()),
@@ -1377,9 +1454,16 @@ fn latency_phase(
          µs; added = proxy − direct in the same repetition.\n",
         args.lat_reps, args.lat_samples
     ));
-    let mut names: Vec<&str> = vec!["udp-direct", "tcp-direct"];
-    if proxy.is_some() {
-        names = vec!["udp-direct", "udp-proxy", "tcp-direct", "tcp-proxy"];
+    let names: Vec<&str> = args
+        .lat_targets
+        .split(',')
+        .map(str::trim)
+        .filter(|n| proxy.is_some() || n.ends_with("-direct"))
+        .collect();
+    for name in &names {
+        if !["udp-direct", "udp-proxy", "tcp-direct", "tcp-proxy"].contains(name) {
+            bail!("unknown latency target {name:?}");
+        }
     }
     report.line("| rep | target | p50 | p99 | mean | added p50 | added p99 | errors |");
     report.line("|---|---|---|---|---|---|---|---|");
