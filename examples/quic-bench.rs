@@ -1052,15 +1052,24 @@ fn run(args: Args) -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let sysctl = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
     report.line(format!(
         "# quic-bench {date}\n\nbinary `{}`, HEAD {commit}, {} CPUs, RLIMIT_NOFILE {nofile}, \
-         load average at start {}, args: `{}`\n",
+         load average at start {}, net.core.rmem_default {} (a socket's receive buffer unless \
+         it sets one: the proxy's flow sockets), rmem_max {} (the proxy's listening socket and \
+         the benchmark's endpoints ask for 4 MiB), args: `{}`\n",
         bin.display(),
         procfs.ncpu,
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
             .join(" "),
+        sysctl("rmem_default"),
+        sysctl("rmem_max"),
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     ));
     let mut quiet = Quiet {
