@@ -386,10 +386,20 @@ impl App {
                 source: e,
             };
             let handed = inherited.iter().position(|(name, _)| name == text);
+            let handed_quic = inherited_quic.iter().position(|(name, _)| name == text);
+            // A quic listener on port 0 binds TCP and UDP together (the
+            // port TCP got may be taken on UDP: both are tried again).
+            let mut fresh_quic = None;
             let socket = match handed {
                 Some(i) => {
                     let (_, socket) = inherited.swap_remove(i);
                     socket.set_nonblocking(true).map(|()| socket)
+                }
+                None if listener.quic && handed_quic.is_none() => {
+                    proxy::quic::bind_pair(&listener.addr).map(|(tcp, udp)| {
+                        fresh_quic = Some(udp);
+                        tcp
+                    })
                 }
                 None => proxy::bind(&listener.addr),
             }
@@ -409,13 +419,13 @@ impl App {
             let stats = stats.listener(text).cloned().ok_or_else(missing)?;
             // A quic listener's UDP socket: same address, the port TCP got.
             let quic = if listener.quic {
-                let handed = inherited_quic.iter().position(|(name, _)| name == text);
-                let socket = match handed {
-                    Some(i) => {
+                let socket = match (handed_quic, fresh_quic) {
+                    (Some(i), _) => {
                         let (_, socket) = inherited_quic.swap_remove(i);
                         socket.set_nonblocking(true).map(|()| socket)
                     }
-                    None => proxy::quic::bind(&listener.addr, local_addr.port()),
+                    (None, Some(socket)) => Ok(socket),
+                    (None, None) => proxy::quic::bind(&listener.addr, local_addr.port()),
                 }
                 .and_then(tokio::net::UdpSocket::from_std)
                 .map_err(cannot_listen)?;

@@ -211,7 +211,7 @@ async fn answer_after_retransmits(addr: SocketAddr, sni: &str, dcid: u8) -> Vec<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusing_and_a_silent_backend_are_marked_down_and_the_retransmit_goes_to_the_live_one() {
+async fn a_backend_refusing_or_silent_to_quic_is_picked_last_for_quic_only() {
     let dir = tempfile::tempdir().unwrap();
     let refusing = refusing_backend();
     let (silent, _silent_socket) = silent_backend();
@@ -227,8 +227,9 @@ async fn a_refusing_and_a_silent_backend_are_marked_down_and_the_retransmit_goes
     );
     let addr = proxy.addr();
 
-    // ICMP port unreachable: the flow ends at once, the backend is marked
-    // down, and the client's next Initial is a new flow to the live one.
+    // ICMP port unreachable: the flow ends at once, the backend is picked
+    // last for QUIC, and the client's next Initial is a new flow to the
+    // live one.
     let answer = answer_after_retransmits(addr, "refuse.test", 1).await;
     assert!(answer.starts_with(b"L:"), "{answer:?}");
     let line = wait_flows(
@@ -241,8 +242,8 @@ async fn a_refusing_and_a_silent_backend_are_marked_down_and_the_retransmit_goes
     );
     assert!(line[0].contains("refused"), "{line:?}");
 
-    // Silence: the flow ends after connect_timeout, the backend is marked
-    // down, and the retransmit goes to the live one.
+    // Silence: the flow ends after connect_timeout, the backend is picked
+    // last for QUIC, and the retransmit goes to the live one.
     let answer = answer_after_retransmits(addr, "silent.test", 2).await;
     assert!(answer.starts_with(b"L:"), "{answer:?}");
     let line = wait_flows(
@@ -253,31 +254,48 @@ async fn a_refusing_and_a_silent_backend_are_marked_down_and_the_retransmit_goes
     assert!(line[0].contains("connect_timeout"), "{line:?}");
     assert!(received.lock().unwrap().len() >= 2);
 
-    // Both were marked down (passive health, as a failed TCP connect;
-    // the backoff may have ended by now, so the log says it).
+    // Both are picked after the others for new flows now: four new flows
+    // in a row are answered by the live backend at their first Initial
+    // (round robin alone would give every other one to the failed one).
     for backend in [refusing, silent] {
         proxy.wait_log(
-            &["backend down", &format!("backend={backend}")],
+            &[
+                "QUIC: backend gave no answer",
+                &format!("backend={backend}"),
+            ],
             Duration::from_secs(5),
         );
     }
+    for (i, sni) in ["refuse.test", "silent.test", "refuse.test", "silent.test"]
+        .into_iter()
+        .enumerate()
+    {
+        let client = Client::new(Version::V1, &[20 + i as u8; 8], &[9; 4]);
+        let socket = client_socket().await;
+        socket
+            .send_to(&client.datagram(&hello_message(Some(sni), 0)), addr)
+            .await
+            .unwrap();
+        let reply = reply_within(&socket, Duration::from_secs(2)).await;
+        assert!(
+            reply.as_deref().is_some_and(|r| r.starts_with(b"L:")),
+            "{sni}: {reply:?}"
+        );
+    }
+    // A QUIC failure is not a TCP failure: the backends' health (what TCP
+    // connections are balanced by) is untouched.
+    assert!(
+        !proxy.log_text().contains("backend down"),
+        "{}",
+        proxy.log_text()
+    );
     let (code, out, err) = proxy.cli(&["backends", "list", "--json"]);
     assert_eq!(code, 0, "{err}");
     let backends: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let last_error = |hostname: &str, addr: SocketAddr| {
-        backends
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["hostname"] == hostname && b["backend"] == addr.to_string())
-            .map(|b| b["last_error"].as_str().unwrap_or_default().to_string())
-            .unwrap_or_default()
-    };
-    assert!(
-        last_error("refuse.test", refusing).contains("refused"),
-        "{out}"
-    );
-    assert!(last_error("silent.test", silent).contains("QUIC"), "{out}");
+    for row in backends.as_array().unwrap() {
+        assert_eq!(row["healthy"], true, "{out}");
+        assert_eq!(row["last_error"], "", "{out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -528,3 +528,32 @@ pub fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// [`run_python`] with its own time limit (a long transfer).
+pub fn run_python_within(
+    test: &str,
+    script: &str,
+    args: &[&str],
+    limit: Duration,
+) -> Option<Output> {
+    let mut command = Command::new("python3");
+    command.arg(python_script(script)).args(args);
+    let output = match output_within(&mut command, limit) {
+        Ok(output) => output,
+        Err(err) => {
+            skip(test, &format!("cannot run python3: {err}"));
+            return None;
+        }
+    };
+    if output.status.code() == Some(3) {
+        skip(
+            test,
+            &format!(
+                "a Python module is missing (.ci/run installs it): {}",
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        );
+        return None;
+    }
+    Some(output)
+}

@@ -87,6 +87,14 @@ pub const PENDING_BYTES: usize = 16 * 1024 * 1024;
 /// retransmits are then refused, and logged, again).
 pub const MAX_REFUSED: usize = 4096;
 
+/// How long a backend that refused QUIC (ICMP port unreachable) or gave
+/// no answer within `connect_timeout` is picked after the others for new
+/// flows. Kept by the listener's task, apart from the backend's TCP health:
+/// a QUIC failure never marks a backend down for TCP (a TCP-only backend
+/// behind a `quic` listener is normal, and a client could send QUIC to any
+/// name on purpose).
+const QUIC_BACKOFF: Duration = Duration::from_secs(10);
+
 /// Datagrams read from one socket before the task looks at the others.
 const BATCH: usize = 64;
 
@@ -154,6 +162,29 @@ pub fn bind(addr: &ListenAddr, port: u16) -> io::Result<StdUdpSocket> {
     socket.bind(&sockaddr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Binds a `quic = true` listener's TCP and UDP sockets together: for a
+/// fixed port, both on it; for port 0, TCP on a port the kernel picks and
+/// UDP on the same number, picked again (at most 32 times) while that
+/// number is taken on UDP.
+pub fn bind_pair(addr: &ListenAddr) -> io::Result<(std::net::TcpListener, StdUdpSocket)> {
+    let mut tries = 0;
+    loop {
+        let tcp = super::bind(addr)?;
+        let port = tcp.local_addr()?.port();
+        match bind(addr, port) {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse
+                    && addr.bind.socket_addr().port() == 0
+                    && tries < 32 =>
+            {
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A flow's state.
@@ -246,6 +277,9 @@ struct Engine {
     draining: bool,
     /// Flows in [`State::Refused`].
     refused: usize,
+    /// Backends that failed QUIC, until when (ms since the epoch): see
+    /// [`QUIC_BACKOFF`].
+    failing: std::collections::HashMap<SocketAddr, u64>,
 }
 
 /// Serves a `quic = true` listener's UDP socket. See the module docs.
@@ -310,6 +344,7 @@ async fn run(
         resolved,
         draining: false,
         refused: 0,
+        failing: std::collections::HashMap::new(),
     };
     let mut buffer = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let draining = shutdown.draining().cancelled();
@@ -559,8 +594,23 @@ impl Engine {
             );
         }
         let members = route.pool.members();
-        let Some(member) = route.pool.attempts(attempts).next() else {
+        // The balance rule's order, members that failed QUIC lately last.
+        let now = self.now;
+        let failing = &self.failing;
+        let failed = |m: &balance::Member| {
+            m.backend()
+                .socket_addr()
+                .and_then(|addr| failing.get(&addr))
+                .is_some_and(|&until| until > now)
+        };
+        let mut order = route.pool.attempts(attempts);
+        let Some(first) = order.next() else {
             return self.close(id, End::new(Outcome::NoRoute));
+        };
+        let member = if failed(first) {
+            order.find(|m| !failed(m)).unwrap_or(first)
+        } else {
+            first
         };
         let index = members
             .iter()
@@ -591,12 +641,7 @@ impl Engine {
     fn resolved(&mut self, id: FlowId, result: io::Result<SocketAddr>, poller: &OwnedFd) {
         match result {
             Ok(addr) => self.open(id, addr, poller),
-            Err(e) => {
-                if let Some(member) = self.table.get(id).and_then(Flow::backend) {
-                    member.node().connect_failed(&e.to_string());
-                }
-                self.close(id, End::because(Outcome::BackendUnreachable, e.to_string()))
-            }
+            Err(e) => self.close(id, End::because(Outcome::BackendUnreachable, e.to_string())),
         }
     }
 
@@ -699,10 +744,13 @@ impl Engine {
             let datagram = &buffer[..n];
             flow.last = self.now;
             flow.down += n as u64;
-            if !flow.replied {
-                flow.replied = true;
-                if let Some(member) = flow.backend() {
-                    member.node().connected();
+            let first_reply = !flow.replied;
+            flow.replied = true;
+            if first_reply && !self.failing.is_empty() {
+                if let Ok(backend) = backend.peer_addr() {
+                    if self.failing.remove(&backend).is_some() {
+                        tracing::info!(listener = %self.listener.routes.addr(), backend = %backend, "QUIC: backend answers again");
+                    }
                 }
             }
             self.metrics.down(n);
@@ -733,12 +781,35 @@ impl Engine {
         let outcome = if flow.replied {
             Outcome::Relayed
         } else {
-            if let Some(member) = flow.backend() {
-                member.node().connect_failed(&e.to_string());
-            }
+            self.quic_failed(id, &e.to_string());
             Outcome::BackendUnreachable
         };
         self.close(id, End::because(outcome, e.to_string()));
+    }
+
+    /// The flow's backend refused QUIC or did not answer: new flows try the
+    /// route's other backends first for [`QUIC_BACKOFF`].
+    fn quic_failed(&mut self, id: FlowId, why: &str) {
+        let Some(State::Open(socket)) = self.table.get(id).map(|flow| &flow.state) else {
+            return;
+        };
+        let Ok(backend) = socket.peer_addr() else {
+            return;
+        };
+        let until = self.now + QUIC_BACKOFF.as_millis() as u64;
+        if self
+            .failing
+            .insert(backend, until)
+            .is_none_or(|was| was <= self.now)
+        {
+            tracing::warn!(
+                listener = %self.listener.routes.addr(),
+                backend = %backend,
+                error = why,
+                backoff_ms = QUIC_BACKOFF.as_millis() as u64,
+                "QUIC: backend gave no answer; other backends first for new flows"
+            );
+        }
     }
 
     /// Hands the open flows over (a handoff): each leaves the table with
@@ -903,14 +974,11 @@ impl Engine {
         });
         for (id, end) in ended {
             if end.outcome == Outcome::BackendUnreachable {
-                if let Some(member) = self.table.get(id).and_then(Flow::backend) {
-                    member
-                        .node()
-                        .connect_failed("no reply to QUIC within connect_timeout");
-                }
+                self.quic_failed(id, "no reply within connect_timeout");
             }
             self.close(id, end);
         }
+        self.failing.retain(|_, until| *until > now);
         for id in refused {
             self.release(id);
         }
@@ -1051,5 +1119,21 @@ mod tests {
         let flow = std::mem::size_of::<Flow>();
         eprintln!("Flow: {flow} bytes");
         assert!(flow <= 160, "Flow is {flow} bytes");
+    }
+
+    /// Port 0: TCP and UDP on the same number even when the number TCP got
+    /// is taken on UDP (500 UDP ports held: about 7 of 400 binds meet one).
+    #[tokio::test]
+    async fn a_port_0_quic_listener_gets_one_port_for_tcp_and_udp() {
+        let held: Vec<_> = (0..500)
+            .map(|_| StdUdpSocket::bind("127.0.0.1:0").expect("udp"))
+            .collect();
+        let addr = ListenAddr::parse("127.0.0.1:0").expect("address");
+        for _ in 0..400 {
+            let (tcp, udp) = bind_pair(&addr).expect("bind_pair");
+            let port = tcp.local_addr().expect("tcp").port();
+            assert_eq!(udp.local_addr().expect("udp").port(), port);
+        }
+        drop(held);
     }
 }
