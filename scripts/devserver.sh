@@ -11,6 +11,10 @@
 #              (marked down, skipped: `backends list` shows it)
 #   web.test   L7: TLS ends in mc-proxy (web.test's certificate), HTTP goes on
 #              to the first backend over TLS, verified against the demo CA
+# The listener has quic = true: with Python's aioquic installed
+# (pip install aioquic==1.7.2), two demo HTTP/3 backends listen on UDP 18443
+# and 18444 and demo.test is reachable over QUIC through the same route:
+#   python3 tests/python/quic_h3.py get https://demo.test:8443/ --ca srv/certs/ca.pem
 # Try it from another terminal:
 #   curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/
 #   curl --cacert srv/certs/ca.pem --resolve web.test:8443:127.0.0.1 https://web.test:8443/ -v
@@ -47,6 +51,8 @@ path = "mc-proxy.db"
 
 [[listeners]]
 addr = "127.0.0.1:8443"
+# Also UDP 8443: QUIC (HTTP/3) flows routed by SNI to the same routes' backends.
+quic = true
   # L4: the TLS stream is relayed untouched to a backend of the pool. No
   # one listens on 18445: the health check marks it down and connections
   # go to the other two (`mc-proxy backends list` shows it).
@@ -87,10 +93,21 @@ for port in 18443 18444; do
     -www -quiet >/dev/null 2>&1 &
   backends+=("$!")
 done
+quic_demo="off (pip install aioquic==1.7.2 to see demo.test over HTTP/3)"
+if python3 -c 'import aioquic' 2>/dev/null; then
+  for port in 18443 18444; do
+    python3 tests/python/quic_h3.py serve --cert "$certs/demo.pem" --key "$certs/demo.key" \
+      --name "h3-$port" --port "$port" >/dev/null 2>&1 &
+    backends+=("$!")
+  done
+  quic_demo="on: HTTP/3 backends on UDP 18443 and 18444"
+fi
 trap 'kill "${backends[@]}" 2>/dev/null || true' EXIT INT TERM
 
 echo "devserver: demo backends on 127.0.0.1:18443 and :18444, mc-proxy on 127.0.0.1:8443 (Ctrl-C stops all)"
 echo "devserver: curl --cacert srv/certs/ca.pem --resolve demo.test:8443:127.0.0.1 https://demo.test:8443/   (L4)"
 echo "devserver: curl --cacert srv/certs/ca.pem --resolve web.test:8443:127.0.0.1 https://web.test:8443/    (L7)"
 echo "devserver: $bin backends list -c $srv/mc-proxy.toml                              (the pool's health)"
+echo "devserver: QUIC $quic_demo"
+echo "devserver: python3 tests/python/quic_h3.py get https://demo.test:8443/ --ca srv/certs/ca.pem   (HTTP/3, QUIC passthrough)"
 "$bin" server -c "$srv/mc-proxy.toml"

@@ -761,6 +761,7 @@ impl App {
         tracing::info!(
             signal,
             active_connections = stats.active_connections(),
+            quic_flows = flows.held(),
             shutdown_timeout_ms = config.proxy.shutdown_timeout.as_millis() as u64,
             "shutting down: listeners closed, draining"
         );

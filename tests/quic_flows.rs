@@ -422,3 +422,32 @@ async fn a_pending_flow_is_capped_in_bytes_and_in_time() {
         Some(0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_clients_retransmits_get_nothing_and_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, received) = udp_backend("A").await;
+    let toml = quic_config(dir.path(), &route("a.test", backend), "")
+        + "[firewall]\nblocked_ips = [\"127.0.0.2\"]\n";
+    let proxy = Proxy::start(dir.path(), &toml);
+    let addr = proxy.addr();
+    let client = Client::new(Version::V1, &[8; 8], &[9; 4]);
+    let initial = client.datagram(&hello_message(Some("a.test"), 0));
+    let socket = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    for _ in 0..5 {
+        socket.send_to(&initial, addr).await.unwrap();
+        assert_eq!(
+            reply_within(&socket, Duration::from_millis(200)).await,
+            None
+        );
+    }
+    let lines: Vec<_> = flow_lines(&proxy)
+        .into_iter()
+        .filter(|l| l.contains("outcome=blocked:ip"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(received.lock().unwrap().is_empty());
+    // Another client is served.
+    let reply = answer_after_retransmits(addr, "a.test", 9).await;
+    assert!(reply.starts_with(b"A:"), "{reply:?}");
+}

@@ -280,6 +280,10 @@ struct Engine {
     /// Backends that failed QUIC, until when (ms since the epoch): see
     /// [`QUIC_BACKOFF`].
     failing: std::collections::HashMap<SocketAddr, u64>,
+    /// Client addresses the firewall refused lately, until when: their
+    /// retransmitted Initials are dropped without asking it again or a line
+    /// each (at most [`MAX_REFUSED`], for `handshake_timeout`).
+    blocked: std::collections::HashMap<SocketAddr, u64>,
 }
 
 /// Serves a `quic = true` listener's UDP socket. See the module docs.
@@ -345,6 +349,7 @@ async fn run(
         draining: false,
         refused: 0,
         failing: std::collections::HashMap::new(),
+        blocked: std::collections::HashMap::new(),
     };
     let mut buffer = vec![0u8; MAX_DATAGRAM].into_boxed_slice();
     let draining = shutdown.draining().cancelled();
@@ -427,25 +432,36 @@ impl Engine {
         }
     }
 
+    /// A client's datagram: its flow by connection ID first (one client
+    /// address and port may carry several connections: a QUIC endpoint
+    /// reuses its socket), else a new flow if it is an Initial, else the
+    /// flow of its address.
     fn client_datagram(&mut self, datagram: &[u8], from: SocketAddr, poller: &OwnedFd) {
-        if let Some(id) = self.table.by_addr(&from) {
+        if let Some(id) = self.table.by_datagram(datagram) {
+            if self.table.addr(id) != Some(from) {
+                // A known connection ID from another address: NAT
+                // rebinding. Only an established flow follows (a pending
+                // one has nothing to follow yet); replies go to the new
+                // address unless another flow has it.
+                let open = self
+                    .table
+                    .get(id)
+                    .is_some_and(|flow| matches!(flow.state, State::Open(_)));
+                if !open {
+                    return self.metrics.dropped(QuicDrop::NoFlow);
+                }
+                self.table.move_addr(id, from);
+            }
             return self.forward(id, datagram, poller);
         }
-        if let Some(id) = self.table.by_datagram(datagram) {
-            // A known connection ID from a new address: NAT rebinding. Only
-            // an established flow moves (a pending one has nothing to
-            // follow yet).
-            let open = self
-                .table
-                .get(id)
-                .is_some_and(|flow| matches!(flow.state, State::Open(_)));
-            if open && self.table.move_addr(id, from) {
-                return self.forward(id, datagram, poller);
-            }
-            self.metrics.dropped(QuicDrop::NoFlow);
-            return;
+        if matches!(quic::peek(datagram), Peek::Long(header) if header.kind == PacketKind::Initial)
+        {
+            return self.start(datagram, from, poller);
         }
-        self.start(datagram, from, poller);
+        match self.table.by_addr(&from) {
+            Some(id) => self.forward(id, datagram, poller),
+            None => self.metrics.dropped(QuicDrop::NoFlow),
+        }
     }
 
     /// A datagram from nobody known: a new flow if it is a client's first
@@ -461,10 +477,22 @@ impl Engine {
         if datagram.len() < quic::MIN_INITIAL_DATAGRAM_LEN {
             return self.metrics.dropped(QuicDrop::ShortInitial);
         }
+        if self
+            .blocked
+            .get(&from)
+            .is_some_and(|&until| until > self.now)
+        {
+            return;
+        }
         let client = SocketAddr::new(from.ip().to_canonical(), from.port());
         let counted = match self.listener.firewall.admit_flow(client.ip()) {
             Ok(counted) => counted.then_some(client.ip()),
             Err(reason) => {
+                if self.blocked.len() < MAX_REFUSED {
+                    let until =
+                        self.now + self.listener.timeouts.handshake_timeout.as_millis() as u64;
+                    self.blocked.insert(from, until);
+                }
                 self.metrics.blocked(reason);
                 log_line(
                     &self.listener,
@@ -523,15 +551,8 @@ impl Engine {
         flow.last = now;
         let pending = match &mut flow.state {
             State::Open(socket) => {
-                match socket.send(datagram) {
-                    Ok(n) => {
-                        flow.up += n as u64;
-                        self.metrics.up(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.metrics.dropped(QuicDrop::SendFailed);
-                    }
-                    Err(e) => self.backend_failed(id, e),
+                if let Err(e) = send_up(socket, datagram, &mut flow.up, &self.metrics) {
+                    self.backend_failed(id, e);
                 }
                 return;
             }
@@ -675,18 +696,9 @@ impl Engine {
         for &end in &pending.ends {
             let datagram = &pending.datagrams[start..end as usize];
             start = end as usize;
-            match socket.send(datagram) {
-                Ok(n) => {
-                    flow.up += n as u64;
-                    self.metrics.up(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.metrics.dropped(QuicDrop::SendFailed);
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+            if let Err(e) = send_up(socket, datagram, &mut flow.up, &self.metrics) {
+                failed = Some(e);
+                break;
             }
         }
         if let Some(e) = failed {
@@ -979,6 +991,7 @@ impl Engine {
             self.close(id, end);
         }
         self.failing.retain(|_, until| *until > now);
+        self.blocked.retain(|_, until| *until > now);
         for id in refused {
             self.release(id);
         }
@@ -1059,6 +1072,30 @@ impl Engine {
 #[allow(deprecated)]
 fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+}
+
+/// Sends one client datagram on a flow's socket, counted in `up`; a full
+/// send buffer drops it (counted, as on a congested path: QUIC resends).
+/// An error is the socket's failure (ECONNREFUSED after an ICMP port
+/// unreachable, and the like).
+fn send_up(
+    socket: &StdUdpSocket,
+    datagram: &[u8],
+    up: &mut u64,
+    metrics: &QuicMetrics,
+) -> io::Result<()> {
+    match socket.send(datagram) {
+        Ok(n) => {
+            *up += n as u64;
+            metrics.up(n);
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            metrics.dropped(QuicDrop::SendFailed);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A flow's own socket: unbound (the kernel picks the port), connected to
