@@ -116,8 +116,9 @@ struct Args {
     /// directory).
     #[arg(long)]
     bin: Option<PathBuf>,
-    /// Comma-separated phases: throughput, latency, flows.
-    #[arg(long, default_value = "throughput,latency,flows")]
+    /// Comma-separated phases: throughput, latency, latency-busy (the same
+    /// with one CPU kept busy), flows.
+    #[arg(long, default_value = "throughput,latency,latency-busy,flows")]
     phases: String,
     /// Measure the direct baseline only (no proxy started).
     #[arg(long)]
@@ -1084,7 +1085,14 @@ fn run(args: Args) -> Result<()> {
             "throughput" => {
                 throughput_phase(&args, &bin, &procfs, &mut quiet, &mut report, &mut summary)?
             }
-            "latency" => latency_phase(&args, &bin, &mut quiet, &mut report, &mut summary)?,
+            "latency" | "latency-busy" => latency_phase(
+                &args,
+                &bin,
+                phase == "latency-busy",
+                &mut quiet,
+                &mut report,
+                &mut summary,
+            )?,
             "flows" => {
                 if args.direct_only {
                     report.line("(flows: skipped, --direct-only)\n");
@@ -1437,13 +1445,54 @@ impl Pinger {
     }
 }
 
+/// A thread of this process spinning on one CPU while it lives.
+struct Spinner {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        Spinner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `spin`: one CPU kept busy by a spinning thread of this process during
+/// the samples (on an idle machine, every hop's wake-up of an idle
+/// virtual CPU is in the figures; with one CPU busy the three processes
+/// mostly share the other, and the figures are the path's own work).
 fn latency_phase(
     args: &Args,
     bin: &Path,
+    spin: bool,
     quiet: &mut Quiet,
     report: &mut Report,
     summary: &mut Summary,
 ) -> Result<()> {
+    let cond = if spin {
+        ", one CPU busy"
+    } else {
+        ", idle machine"
+    };
     let mut backend = start_backend()?;
     let backend_addr = SocketAddr::from(([127, 0, 0, 1], backend.port));
     let mut proxy = if args.direct_only {
@@ -1456,12 +1505,18 @@ fn latency_phase(
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let size = args.lat_size.max(HDR);
     report.line(format!(
-        "## latency: sequential ping-pong of {size}-byte messages on established paths\n\n\
-         {} repetitions × {} samples per target, sample by sample across the targets (their \
+        "## latency{cond}: sequential ping-pong of {size}-byte messages on established paths\n\n\
+         {}{} repetitions × {} samples per target, sample by sample across the targets (their \
          order rotated each repetition); UDP: one datagram each way over an established flow; \
          TCP: one kept-alive connection (ClientHello first, through the proxy's L4 route). \
          µs; added = proxy − direct in the same repetition.\n",
-        args.lat_reps, args.lat_samples
+        if spin {
+            "A thread of the benchmark spins on one CPU throughout (no idle CPU to wake). "
+        } else {
+            "Nothing else runs: each hop may wake an idle CPU. "
+        },
+        args.lat_reps,
+        args.lat_samples
     ));
     let names: Vec<&str> = args
         .lat_targets
@@ -1512,6 +1567,7 @@ fn latency_phase(
             }
         }
         quiet.wait(&format!("latency rep {}", rep + 1), &ours);
+        let spinner = spin.then(Spinner::start);
         let n = names.len();
         let mut samples = vec![Vec::with_capacity(args.lat_samples); n];
         let mut errors = vec![0u64; n];
@@ -1524,6 +1580,7 @@ fn latency_phase(
                 }
             }
         }
+        drop(spinner);
         let stats: Vec<(f64, f64, f64)> = samples
             .iter_mut()
             .map(|s| {
@@ -1588,11 +1645,11 @@ fn latency_phase(
             median(&get(&added99, &format!("{t}-proxy"))),
         );
         summary.rows.push(format!(
-            "| {label} round trip p50 (µs) | {x50:.1} | {d50:.1} | {:.3} (added {a50:.1} µs) | |",
+            "| {label} round trip p50{cond} (µs) | {x50:.1} | {d50:.1} | {:.3} (added {a50:.1} µs) | |",
             x50 / d50,
         ));
         summary.rows.push(format!(
-            "| {label} round trip p99 (µs) | {x99:.1} | {d99:.1} | {:.3} (added {a99:.1} µs) | |",
+            "| {label} round trip p99{cond} (µs) | {x99:.1} | {d99:.1} | {:.3} (added {a99:.1} µs) | |",
             x99 / d99,
         ));
     }
@@ -1609,7 +1666,7 @@ fn latency_phase(
             .collect();
         let met = q <= t;
         summary.rows.push(format!(
-            "| added p50: QUIC − TCP L4 (µs) | {:.1} | | | QUIC added p50 ≤ TCP added p50 ({q:.1} vs {t:.1} µs; per repetition QUIC − TCP: {}): **{}** |",
+            "| added p50{cond}: QUIC − TCP L4 (µs) | {:.1} | | | QUIC added p50 ≤ TCP added p50 ({q:.1} vs {t:.1} µs; per repetition QUIC − TCP: {}): **{}** |",
             q - t,
             spread(&paired, 1),
             if met { "met" } else { "missed" }
