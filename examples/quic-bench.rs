@@ -43,6 +43,11 @@
 //!   L4 route (one kept-alive connection: ClientHello, then echo). p50/p99
 //!   per repetition; *added* is proxy minus direct within the same
 //!   repetition. The issue's target: QUIC added p50 ≤ TCP added p50.
+//! - `latency-busy`: the same with a thread of this program spinning on
+//!   one CPU throughout. On an idle machine every proxied round trip (TCP
+//!   as much as UDP) also carries the wake-up of a process on an idle
+//!   (virtual) CPU, tens of µs that the direct paths do not show; with one
+//!   CPU busy the figures are the path's own work.
 //! - `flows`: a fresh proxy; `--flows` client sockets (bound on distinct
 //!   127.77.X.Y addresses so ports never run short), each sending one
 //!   Initial with its own DCID and waiting for its echo (batches of
@@ -64,6 +69,11 @@
 //! target/release/examples/quic-bench --out bench/results-quic-….md     # ~3 min
 //! target/release/examples/quic-bench --direct-only --phases throughput,latency   # the baseline alone
 //! ```
+//!
+//! `QUIC_BENCH_DEBUG=1` makes the backend log every command and download.
+//! `--lat-targets udp-proxy` (or `tcp-proxy`) times one path alone, for a
+//! profile of the proxy (e.g. `--bin` a wrapper that runs it under
+//! `strace -f`).
 //!
 //! `--bin` defaults to `mc-proxy` next to this program's `examples/`
 //! directory (the same target directory). Children get SIGKILL if this
