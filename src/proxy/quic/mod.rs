@@ -83,7 +83,7 @@ pub const PENDING_FLOW_BYTES: usize = quic::MAX_CRYPTO_LEN + 16 * 1024;
 pub const PENDING_BYTES: usize = 16 * 1024 * 1024;
 
 /// Refused flows one listener keeps to absorb their clients' retransmits
-/// ([`State::Refused`]); beyond it a refused flow is forgotten at once (its
+/// (`State::Refused`); beyond it a refused flow is forgotten at once (its
 /// retransmits are then refused, and logged, again).
 pub const MAX_REFUSED: usize = 4096;
 
