@@ -122,26 +122,7 @@ const SCRIPT_LIMIT: Duration = Duration::from_secs(90);
 /// `None` (after [`skip`]) when python3 is missing or the script exits 3
 /// (a module is missing).
 pub fn run_python(test: &str, script: &str, args: &[&str]) -> Option<Output> {
-    let mut command = Command::new("python3");
-    command.arg(python_script(script)).args(args);
-    let output = match output_within(&mut command, SCRIPT_LIMIT) {
-        Ok(output) => output,
-        Err(err) => {
-            skip(test, &format!("cannot run python3: {err}"));
-            return None;
-        }
-    };
-    if output.status.code() == Some(3) {
-        skip(
-            test,
-            &format!(
-                "a Python module is missing (.ci/run installs it): {}",
-                String::from_utf8_lossy(&output.stderr)
-            ),
-        );
-        return None;
-    }
-    Some(output)
+    run_python_within(test, script, args, SCRIPT_LIMIT)
 }
 
 /// The one JSON object a script printed on stdout; panics with its stderr
