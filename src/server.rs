@@ -847,6 +847,22 @@ fn connection_capacity(
                      near it accepts fail with EMFILE (and back off); raise LimitNOFILE or lower max_connections"
                 );
             }
+            // QUIC flows hold a descriptor each, beside the TCP budget.
+            let tcp = 2 * plan.max_connections as u64 + plan.pipes as u64 * 2;
+            let left = budget.limit.saturating_sub(budget.in_use + tcp);
+            let quic = u64::from(config.proxy.max_quic_flows);
+            if config.listeners.iter().any(|l| l.quic) && quic > left {
+                tracing::warn!(
+                    max_quic_flows = quic,
+                    max_connections = plan.max_connections,
+                    fd_limit = budget.limit,
+                    fds_left_for_quic = left,
+                    "proxy.max_quic_flows is more than RLIMIT_NOFILE leaves beside the TCP connections \
+                     (one descriptor a flow): near it new QUIC flows fail (backend_unreachable, \
+                     \"Too many open files\") and accepts back off; raise LimitNOFILE or lower \
+                     max_quic_flows (or max_connections)"
+                );
+            }
             tracing::debug!(
                 ?plan,
                 fd_limit = budget.limit,

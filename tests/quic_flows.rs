@@ -451,3 +451,27 @@ async fn a_blocked_clients_retransmits_get_nothing_and_one_line() {
     let reply = answer_after_retransmits(addr, "a.test", 9).await;
     assert!(reply.starts_with(b"A:"), "{reply:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_descriptor_limit_too_low_for_max_quic_flows_is_said_at_start() {
+    let (backend, _) = udp_backend("A").await;
+    let warning = "proxy.max_quic_flows is more than RLIMIT_NOFILE leaves";
+    // 1,024 descriptors, about 900 of them for TCP: 100,000 flows (the
+    // default) cannot fit; 20 can.
+    for (flows, warned) in [(None, true), (Some(20), false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let proxy_lines = flows.map_or(String::new(), |n| format!("max_quic_flows = {n}"));
+        let toml = quic_config(dir.path(), &route("a.test", backend), &proxy_lines);
+        let proxy = Proxy::start_with_nofile(dir.path(), &toml, 1024);
+        proxy.wait_log(&["mc-proxy started"], Duration::from_secs(10));
+        assert_eq!(
+            proxy.log_text().contains(warning),
+            warned,
+            "{flows:?}:\n{}",
+            proxy.log_text()
+        );
+        // Served either way.
+        let reply = answer_after_retransmits(proxy.addr(), "a.test", 30).await;
+        assert!(reply.starts_with(b"A:"), "{reply:?}");
+    }
+}
