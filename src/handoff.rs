@@ -50,7 +50,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{AdminAddr, Config};
-use crate::proxy::quic::Carried;
+use crate::proxy::quic::{Carried, FlowLine};
 
 /// The handoff socket's file name, beside the database.
 pub const SOCKET_NAME: &str = "mc-proxy.handoff.sock";
@@ -624,6 +624,33 @@ fn give(mut stream: UnixStream, offer: &Mutex<Option<Offer>>) -> io::Result<bool
     while std::time::Instant::now() < deadline && matches!(stream.read(&mut rest), Ok(n) if n > 0) {
     }
     Ok(true)
+}
+
+/// The properties of the handoff's line parsers, for the `handoff_lines`
+/// fuzz target and the replay of its corpus: any bytes, taken as lines;
+/// each line read as a socket line, a `server` line and a `flow` line never
+/// panics, and whatever parses writes a line that parses back to the same.
+pub fn check_lines(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    for line in text.lines() {
+        if let Some(kind) = Kind::parse(line) {
+            let again = kind.line();
+            assert_eq!(Kind::parse(&again), Some(kind), "{line:?} -> {again:?}");
+        }
+        if let Some(server) = line.strip_prefix("server ").and_then(Predecessor::parse) {
+            let again = server.line();
+            let back = again.strip_prefix("server ").and_then(Predecessor::parse);
+            assert_eq!(back, Some(server), "{line:?} -> {again:?}");
+        }
+        if let Some(flow) = FlowLine::parse(line) {
+            let again = flow.line();
+            assert_eq!(
+                again.as_deref().and_then(FlowLine::parse),
+                Some(flow),
+                "{line:?} -> {again:?}"
+            );
+        }
+    }
 }
 
 /// Flows per `sendmsg` (their descriptors go with the first byte).

@@ -129,6 +129,13 @@ fn check_balance(data: &[u8]) {
     mc_proxy::balance::checks::exercise(data);
 }
 
+/// The handoff's line parsers: the `handoff_lines` fuzz target's own checks
+/// (`mc_proxy::handoff::check_lines`: what parses writes a line that parses
+/// back to the same).
+fn check_handoff_lines(data: &[u8]) {
+    mc_proxy::handoff::check_lines(data);
+}
+
 macro_rules! replay {
     ($($target:ident => $check:expr;)*) => {
         $(
@@ -148,4 +155,5 @@ replay! {
     authority => check_authority;
     http_request => check_http_request;
     balance => check_balance;
+    handoff_lines => check_handoff_lines;
 }

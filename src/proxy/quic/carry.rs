@@ -18,9 +18,17 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use wire::quic::ConnectionId;
 
-/// One established flow, as handed over.
+/// One established flow, as handed over: its line and its socket.
 #[derive(Debug)]
 pub struct Carried {
+    pub flow: FlowLine,
+    /// The flow's own socket, connected to the backend.
+    pub socket: OwnedFd,
+}
+
+/// What a `flow` line says of a flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowLine {
     /// The listener's `addr` as written in the config.
     pub listener: String,
     /// Where the client's datagrams come from and replies go.
@@ -37,8 +45,6 @@ pub struct Carried {
     /// How long the flow has existed.
     pub age: Duration,
     pub replied: bool,
-    /// The flow's own socket, connected to the backend.
-    pub socket: OwnedFd,
 }
 
 fn cid_text(cid: Option<&ConnectionId>) -> String {
@@ -65,6 +71,19 @@ fn word(text: &str) -> Option<&str> {
 }
 
 impl Carried {
+    /// The flow's line (see [`FlowLine::line`]).
+    pub fn line(&self) -> Option<String> {
+        self.flow.line()
+    }
+
+    /// A `flow` line and the descriptor that came with it. `None` (the
+    /// descriptor closed) if the line does not parse.
+    pub fn parse(line: &str, socket: OwnedFd) -> Option<Carried> {
+        FlowLine::parse(line).map(|flow| Carried { flow, socket })
+    }
+}
+
+impl FlowLine {
     /// `flow LISTENER CLIENT CLIENT_CID SERVER_CID SNI ROUTE BACKEND UP DOWN AGE_MS REPLIED`
     /// (`-` for an absent CID or SNI). `None` if a field cannot be written
     /// on one line (a listener text with a space).
@@ -85,9 +104,9 @@ impl Carried {
         ))
     }
 
-    /// A `flow` line and the descriptor that came with it. `None` (the
-    /// descriptor closed) if the line does not parse.
-    pub fn parse(line: &str, socket: OwnedFd) -> Option<Carried> {
+    /// A `flow` line; `None` if it does not parse (a field missing, extra,
+    /// empty or out of range).
+    pub fn parse(line: &str) -> Option<FlowLine> {
         let mut fields = line.strip_prefix("flow ")?.split(' ');
         let mut next = || fields.next().and_then(word);
         let listener = next()?.to_string();
@@ -111,7 +130,7 @@ impl Carried {
         if next().is_some() {
             return None;
         }
-        Some(Carried {
+        Some(FlowLine {
             listener,
             client,
             client_cid,
@@ -123,7 +142,6 @@ impl Carried {
             down,
             age,
             replied,
-            socket,
         })
     }
 }
@@ -185,7 +203,10 @@ impl Carriers {
         let mut by_listener: Vec<(usize, Vec<Carried>)> = Vec::new();
         let mut dropped = 0;
         for flow in flows {
-            match tasks.iter().position(|(text, _)| *text == flow.listener) {
+            match tasks
+                .iter()
+                .position(|(text, _)| *text == flow.flow.listener)
+            {
                 Some(i) => match by_listener.iter_mut().find(|(j, _)| *j == i) {
                     Some((_, list)) => list.push(flow),
                     None => by_listener.push((i, vec![flow])),
@@ -220,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_flow_line_round_trips() {
-        let flow = Carried {
+        let flow = FlowLine {
             listener: "[::1]:443".into(),
             client: "[2001:db8::1]:5000".parse().unwrap(),
             client_cid: ConnectionId::new(&[1, 2, 3, 4, 5, 6, 7, 8]),
@@ -232,7 +253,6 @@ mod tests {
             down: 3_000_000_000,
             age: Duration::from_millis(1234),
             replied: true,
-            socket: fd(),
         };
         let line = flow.line().unwrap();
         assert_eq!(
@@ -240,6 +260,7 @@ mod tests {
             "flow [::1]:443 [2001:db8::1]:5000 0102030405060708 - a.example *.example backend.internal:443 12 3000000000 1234 1"
         );
         let back = Carried::parse(&line, fd()).unwrap();
+        assert_eq!(back.flow, flow);
         assert_eq!(back.line().unwrap(), line);
     }
 

@@ -44,7 +44,7 @@
 mod carry;
 mod table;
 
-pub use carry::{Carried, Carriers};
+pub use carry::{Carried, Carriers, FlowLine};
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
@@ -873,17 +873,19 @@ impl Engine {
             };
             let _ = epoll::delete(poller, &socket);
             carried.push(Carried {
-                listener: listener.clone(),
-                client,
-                client_cid,
-                server_cid,
-                sni: flow.sni.as_deref().map(str::to_string),
-                route,
-                backend,
-                up: flow.up,
-                down: flow.down,
-                age: flow.started.elapsed(),
-                replied: flow.replied,
+                flow: FlowLine {
+                    listener: listener.clone(),
+                    client,
+                    client_cid,
+                    server_cid,
+                    sni: flow.sni.as_deref().map(str::to_string),
+                    route,
+                    backend,
+                    up: flow.up,
+                    down: flow.down,
+                    age: flow.started.elapsed(),
+                    replied: flow.replied,
+                },
                 socket: OwnedFd::from(socket),
             });
         }
@@ -897,7 +899,11 @@ impl Engine {
     fn import(&mut self, flows: Vec<Carried>, poller: &OwnedFd) {
         let count = flows.len();
         let mut taken = 0;
-        for carried in flows {
+        for Carried {
+            flow: carried,
+            socket,
+        } in flows
+        {
             let route = Hostname::parse(&carried.route)
                 .ok()
                 .and_then(|hostname| self.listener.routes.route(&hostname))
@@ -914,7 +920,7 @@ impl Engine {
             if !self.budget.take() {
                 continue;
             }
-            let socket = StdUdpSocket::from(carried.socket);
+            let socket = StdUdpSocket::from(socket);
             let lease = route.pool.members()[member].lease();
             let flow = Flow {
                 state: State::Open(socket),
