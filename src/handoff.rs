@@ -815,51 +815,62 @@ pub fn sort(config: &Config, sockets: Vec<(Kind, OwnedFd)>) -> Received {
             }
         }
     }
-    for socket in by_addr {
-        let local = socket.local_addr().ok();
-        let taken = |text: &str, listeners: &[(String, TcpListener)]| {
-            listeners.iter().any(|(t, _)| t == text)
-        };
-        let named = local.and_then(|local| {
-            config
-                .listeners
-                .iter()
-                .find(|l| {
-                    crate::proxy::activation::names(l, local) && !taken(&l.addr.text, &listeners)
-                })
-                .map(|l| l.addr.text.clone())
-        });
-        match named {
-            Some(text) => listeners.push((text, socket)),
-            None => received.unused.push(format!(
-                "listener {}",
-                local.map_or_else(|| "?".to_string(), |a| a.to_string())
-            )),
-        }
-    }
-    for socket in quic_by_addr {
-        let local = socket.local_addr().ok();
-        let named = local.and_then(|local| {
-            config
-                .listeners
-                .iter()
-                .find(|l| {
-                    l.quic
-                        && crate::proxy::activation::names(l, local)
-                        && !received.quic.iter().any(|(t, _)| *t == l.addr.text)
-                })
-                .map(|l| l.addr.text.clone())
-        });
-        match named {
-            Some(text) => received.quic.push((text, socket)),
-            None => received.unused.push(format!(
-                "quic {}",
-                local.map_or_else(|| "?".to_string(), |a| a.to_string())
-            )),
-        }
-    }
+    place_by_addr(
+        config,
+        by_addr,
+        |s| s.local_addr().ok(),
+        |_| true,
+        &mut listeners,
+        &mut received.unused,
+        "listener",
+    );
+    place_by_addr(
+        config,
+        quic_by_addr,
+        |s| s.local_addr().ok(),
+        |l| l.quic,
+        &mut received.quic,
+        &mut received.unused,
+        "quic",
+    );
     received.listeners = listeners;
     received
+}
+
+/// Places sockets handed over under a name no listener of the config has,
+/// by the address they are bound to: each goes to the first listener that
+/// `wants` it, names that address and has no socket in `placed` yet; the
+/// rest are closed and listed in `unused` as `WORD ADDR`.
+fn place_by_addr<S>(
+    config: &Config,
+    sockets: Vec<S>,
+    local: impl Fn(&S) -> Option<SocketAddr>,
+    wants: impl Fn(&crate::config::ListenerConfig) -> bool,
+    placed: &mut Vec<(String, S)>,
+    unused: &mut Vec<String>,
+    word: &str,
+) {
+    for socket in sockets {
+        let local = local(&socket);
+        let named = local.and_then(|local| {
+            config
+                .listeners
+                .iter()
+                .find(|l| {
+                    wants(l)
+                        && crate::proxy::activation::names(l, local)
+                        && !placed.iter().any(|(t, _)| *t == l.addr.text)
+                })
+                .map(|l| l.addr.text.clone())
+        });
+        match named {
+            Some(text) => placed.push((text, socket)),
+            None => unused.push(format!(
+                "{word} {}",
+                local.map_or_else(|| "?".to_string(), |a| a.to_string())
+            )),
+        }
+    }
 }
 
 /// Whether the configured TCP address `wanted` names a socket handed over
@@ -1074,5 +1085,35 @@ mod tests {
         assert_eq!(texts, ["127.0.0.1:0", two_addr.to_string().as_str()]);
         assert_eq!(received.unused.len(), 2, "{:?}", received.unused);
         assert!(received.metrics.is_none());
+    }
+
+    #[test]
+    fn quic_sockets_are_sorted_by_text_then_by_bound_address_to_quic_listeners_only() {
+        let udp = || UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (one, two, plain, stray) = (udp(), udp(), udp(), udp());
+        let two_addr = two.local_addr().unwrap();
+        let plain_addr = plain.local_addr().unwrap();
+        let cfg = config(&format!(
+            "[database]\npath = \"/srv/x/mc-proxy.db\"\n\n\
+             [[listeners]]\naddr = \"127.0.0.1:0\"\nquic = true\n\n\
+             [[listeners]]\naddr = \"{two_addr}\"\nquic = true\n\n\
+             [[listeners]]\naddr = \"{plain_addr}\"\n"
+        ));
+        let received = sort(
+            &cfg,
+            vec![
+                (Kind::Quic("127.0.0.1:0".into()), OwnedFd::from(one)),
+                // Configured as :0 before, named by its port now.
+                (Kind::Quic("127.0.0.2:0".into()), OwnedFd::from(two)),
+                // Its listener no longer has quic = true.
+                (Kind::Quic("127.0.0.4:0".into()), OwnedFd::from(plain)),
+                (Kind::Quic("127.0.0.3:0".into()), OwnedFd::from(stray)),
+            ],
+        );
+        let texts: Vec<&str> = received.quic.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, ["127.0.0.1:0", two_addr.to_string().as_str()]);
+        assert!(received.listeners.is_empty());
+        assert_eq!(received.unused.len(), 2, "{:?}", received.unused);
+        assert!(received.unused.iter().all(|u| u.starts_with("quic ")));
     }
 }

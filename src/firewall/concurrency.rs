@@ -93,14 +93,8 @@ impl ConnLimiter {
         })
     }
 
-    /// [`try_acquire`](Self::try_acquire) without a guard, for a holder of
-    /// many counts (the QUIC flow table): `true` when counted, and the
-    /// caller gives it back with [`uncount`](Self::uncount).
-    pub fn try_count(&self, ip: IpAddr) -> bool {
-        self.try_acquire(ip).map(std::mem::forget).is_some()
-    }
-
-    /// Gives back a count taken by [`try_count`](Self::try_count).
+    /// Gives back a count whose [`ConnSlot`] was forgotten (the QUIC flow
+    /// table holds many counts without a guard each).
     pub fn uncount(&self, ip: IpAddr) {
         let client = Client::of(ip);
         self.release(client, self.shard_of(client));

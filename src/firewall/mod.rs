@@ -304,14 +304,9 @@ impl Firewall {
     /// itself: `Ok(true)` when a per-client count was taken, to be given
     /// back with [`release_flow`](Self::release_flow) when the flow ends.
     pub fn admit_flow(&self, ip: IpAddr) -> Result<bool, BlockReason> {
-        if let Verdict::Block(reason) = self.check(ip) {
-            return Err(reason);
-        }
-        match &self.conns {
-            None => Ok(false),
-            Some(conns) if conns.try_count(ip) => Ok(true),
-            Some(_) => Err(BlockReason::ConnLimit),
-        }
+        // The count stays taken: the slot is forgotten, not dropped.
+        self.admit(ip)
+            .map(|slot| slot.map(std::mem::forget).is_some())
     }
 
     /// Gives back the per-client count of a flow [`admit_flow`](Self::admit_flow) counted.

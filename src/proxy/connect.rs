@@ -44,16 +44,7 @@ pub async fn connect(backend: &Backend, timeout: Duration) -> io::Result<TcpStre
     if let Some(addr) = backend.socket_addr() {
         return connect_one(addr, deadline, timeout).await;
     }
-    let addrs = match tokio::time::timeout_at(deadline, resolve(backend)).await {
-        Ok(resolved) => resolved?,
-        Err(_) => {
-            let (host, _) = backend.host_port();
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("resolving {host} did not finish within connect_timeout ({timeout:?})"),
-            ));
-        }
-    };
+    let addrs = resolve_by(backend, deadline, timeout).await?;
     connect_any(&addrs, deadline, timeout).await
 }
 
@@ -160,21 +151,32 @@ pub async fn resolve_one(backend: &Backend, timeout: Duration) -> io::Result<Soc
     if let Some(addr) = backend.socket_addr() {
         return Ok(addr);
     }
-    let addrs = tokio::time::timeout(timeout, resolve(backend))
-        .await
-        .map_err(|_| {
-            let (host, _) = backend.host_port();
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("resolving {host} did not finish within connect_timeout ({timeout:?})"),
-            )
-        })??;
+    let addrs = resolve_by(backend, Instant::now() + timeout, timeout).await?;
     addrs.first().copied().ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             "backend name resolved to no address",
         )
     })
+}
+
+/// [`resolve`] by `deadline`; `timeout` (what the deadline came from) is
+/// for the error text.
+async fn resolve_by(
+    backend: &Backend,
+    deadline: Instant,
+    timeout: Duration,
+) -> io::Result<Vec<SocketAddr>> {
+    match tokio::time::timeout_at(deadline, resolve(backend)).await {
+        Ok(resolved) => resolved,
+        Err(_) => {
+            let (host, _) = backend.host_port();
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("resolving {host} did not finish within connect_timeout ({timeout:?})"),
+            ))
+        }
+    }
 }
 
 /// Resolves a backend name with the system resolver (`getaddrinfo`: hosts

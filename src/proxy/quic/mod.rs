@@ -457,9 +457,10 @@ impl Engine {
             }
             return self.forward(id, datagram, poller);
         }
-        if matches!(quic::peek(datagram), Peek::Long(header) if header.kind == PacketKind::Initial)
-        {
-            return self.start(datagram, from, poller);
+        if let Peek::Long(header) = quic::peek(datagram) {
+            if header.kind == PacketKind::Initial {
+                return self.start(datagram, header.dcid, from, poller);
+            }
         }
         match self.table.by_addr(&from) {
             Some(id) => self.forward(id, datagram, poller),
@@ -467,16 +468,18 @@ impl Engine {
         }
     }
 
-    /// A datagram from nobody known: a new flow if it is a client's first
-    /// Initial and the client is admitted.
-    fn start(&mut self, datagram: &[u8], from: SocketAddr, poller: &OwnedFd) {
+    /// A client Initial (DCID `dcid`) that no flow knows: a new flow, if
+    /// the client is admitted.
+    fn start(
+        &mut self,
+        datagram: &[u8],
+        dcid: quic::ConnectionId,
+        from: SocketAddr,
+        poller: &OwnedFd,
+    ) {
         if self.draining {
             return self.metrics.dropped(QuicDrop::NoFlow);
         }
-        let header = match quic::peek(datagram) {
-            Peek::Long(header) if header.kind == PacketKind::Initial => header,
-            _ => return self.metrics.dropped(QuicDrop::NoFlow),
-        };
         if datagram.len() < quic::MIN_INITIAL_DATAGRAM_LEN {
             return self.metrics.dropped(QuicDrop::ShortInitial);
         }
@@ -540,7 +543,7 @@ impl Engine {
             counted,
             replied: false,
         };
-        let id = self.table.insert(from, Some(header.dcid), flow);
+        let id = self.table.insert(from, Some(dcid), flow);
         self.forward(id, datagram, poller);
     }
 
